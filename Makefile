@@ -1,0 +1,41 @@
+# Gorgon: `make serve` and `make test` work from a fresh clone; both install first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# Machines without CUDA get the CPU build of torch (a bare `torch` pulls a multi-GB CUDA
+# build); a machine with an NVIDIA driver keeps or gets PyPI's CUDA build.
+TORCH_CPU_SPEC ?= torch==2.13.0
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+PYTEST_ARGS ?=
+
+.PHONY: install serve test test-fast fetch-model bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+ifneq ($(HAS_CUDA),yes)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU_SPEC)
+endif
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+fetch-model: install
+	$(PY) -m models.fetch
+
+serve: fetch-model
+	$(PY) -m server --host $(HOST) --port $(PORT)
+
+# The whole suite, slow tests included (what CI runs).
+test: install fetch-model
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The quick inner loop: everything but @pytest.mark.slow.
+test-fast: install fetch-model
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

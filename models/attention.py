@@ -1,0 +1,201 @@
+"""Attention metadata, the paged KV-cache pool and the PyTorch attention backend.
+
+One forward of the model runs over a *packed* batch: the tokens of every sequence laid end
+to end. Causal (prefill) sequences come first, then tree sequences (decode steps and
+speculative trees). Every new token's key and value are written to the cache slot named in
+`slot_mapping`; attention then reads each sequence's keys through its block table. A query
+of a causal sequence sees every key up to its own position; a query of a tree sequence sees
+the sequence's cached history and, among the step's new tokens, those whose bit is set in
+its `tree_mask` word (its ancestors and itself).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+PAD_SLOT = -1  # slot_mapping / block_tables sentinel: a padding row, nothing read or written
+MAX_TREE_TOKENS = 64  # tree_mask is one int64 word per query token
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where one step writes keys and values and which keys each query may see."""
+    slot_mapping: torch.Tensor   # [T] int64: cache slot (block * block_size + offset); -1 = padding
+    block_tables: torch.Tensor   # [B, max_blocks] int32: -1 past a sequence's blocks
+    seq_lens: torch.Tensor       # [B] int32: keys of each sequence once this step's are written
+    cu_seqlens_q: torch.Tensor   # [B + 1] int32: sequence b's queries are rows cu[b]:cu[b+1]
+    num_prefills: int            # sequences [0, num_prefills) are causal, the rest trees
+    tree_mask: torch.Tensor | None  # [T - num_prefill_tokens] int64: bit j = may see new token j
+    # Host copies (plain lists), so the backends plan without device-to-host syncs.
+    seq_lens_host: tuple[int, ...]
+    query_lens_host: tuple[int, ...]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_host)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(self.query_lens_host[: self.num_prefills])
+
+    @property
+    def max_seqlen_q(self) -> int:
+        return max(self.query_lens_host, default=0)
+
+    @property
+    def max_seqlen_k(self) -> int:
+        return max(self.seq_lens_host, default=0)
+
+
+def build_metadata(
+    query_lens: list[int],
+    seq_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    num_prefills: int,
+    tree_masks: list[list[int]] | None = None,
+    positions: list[list[int]] | None = None,
+    device: torch.device | str = "cpu",
+) -> AttentionMetadata:
+    """Turn per-sequence Python lists into the step's metadata tensors.
+
+    A sequence's new tokens occupy its key slots seq_len - query_len .. seq_len - 1 (tree
+    tokens too: a node's cache slot is its index in the tree, its RoPE position its depth).
+    `tree_masks[b]` holds, for each query of tree sequence b, the bitmask of the new tokens
+    it may see (ancestors and itself); None means a causal chain.
+    """
+    if not (len(query_lens) == len(seq_lens) == len(block_tables)):
+        raise ValueError("query_lens, seq_lens and block_tables must have one entry per sequence")
+    slots: list[int] = []
+    for q_len, s_len, table in zip(query_lens, seq_lens, block_tables):
+        for index in range(s_len - q_len, s_len):
+            slots.append(table[index // block_size] * block_size + index % block_size)
+    width = max((len(t) for t in block_tables), default=0)
+    tables = [t + [PAD_SLOT] * (width - len(t)) for t in block_tables]
+    cu = [0]
+    for q_len in query_lens:
+        cu.append(cu[-1] + q_len)
+    tree_mask = None
+    if num_prefills < len(query_lens):
+        words: list[int] = []
+        for b in range(num_prefills, len(query_lens)):
+            q_len = query_lens[b]
+            if q_len > MAX_TREE_TOKENS:
+                raise ValueError(f"a tree holds at most {MAX_TREE_TOKENS} tokens, got {q_len}")
+            mask = tree_masks[b - num_prefills] if tree_masks else None
+            words.extend(mask if mask is not None else [(1 << (i + 1)) - 1 for i in range(q_len)])
+        # int64 words: bit 63 set reads as a negative number; keep the two's complement value.
+        tree_mask = torch.tensor([w - (1 << 64) if w >= 1 << 63 else w for w in words],
+                                 dtype=torch.int64, device=device)
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        block_tables=torch.tensor(tables, dtype=torch.int32, device=device).reshape(len(tables), width),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+        num_prefills=num_prefills,
+        tree_mask=tree_mask,
+        seq_lens_host=tuple(seq_lens),
+        query_lens_host=tuple(query_lens),
+    )
+
+
+class KVCache:
+    """One preallocated pool of key/value blocks for all layers; layers use views."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
+
+    def move_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy keys and values from slots `src` to slots `dst` in every layer ([N] int64 each)."""
+        for pool in (self.k, self.v):
+            flat = pool.view(pool.shape[0], -1, *pool.shape[3:])
+            flat[:, dst] = flat[:, src]
+
+
+class TorchAttention:
+    """Reference attention over the paged cache: gather keys by slot, then masked SDPA.
+
+    Built once per step from the metadata (the gather indices and masks are shared by all
+    layers), then called once per layer.
+    """
+
+    def __init__(self, metadata: AttentionMetadata, kv_cache: KVCache):
+        self.kv_cache = kv_cache
+        device = metadata.slot_mapping.device
+        slot_mapping = metadata.slot_mapping
+        self.write_rows = torch.nonzero(slot_mapping != PAD_SLOT).squeeze(1)
+        self.write_slots = slot_mapping[self.write_rows]
+        block_size = kv_cache.block_size
+        tables = metadata.block_tables
+        cu = [0]
+        for q_len in metadata.query_lens_host:
+            cu.append(cu[-1] + q_len)
+        # Each group: (query rows [b, mq], key slots [b, mk], mask [b, 1, mq, mk], valid [b, mq]).
+        self.groups = []
+        prefills = range(metadata.num_prefills)
+        trees = range(metadata.num_prefills, metadata.num_seqs)
+        tree_offset = metadata.num_prefill_tokens
+        for b in prefills:  # one group per prompt chunk: no padding waste on long prompts
+            self.groups.append(self._group([b], metadata, cu, tables, block_size, tree_offset, device))
+        if len(trees):
+            self.groups.append(self._group(list(trees), metadata, cu, tables, block_size, tree_offset, device))
+        self.num_tokens = cu[-1]
+
+    @staticmethod
+    def _group(seqs, metadata, cu, tables, block_size, tree_offset, device):
+        q_lens = [metadata.query_lens_host[b] for b in seqs]
+        k_lens = [metadata.seq_lens_host[b] for b in seqs]
+        mq, mk = max(q_lens), max(k_lens)
+        qi = torch.arange(mq, device=device)
+        ki = torch.arange(mk, device=device)
+        starts = torch.tensor([cu[b] for b in seqs], device=device)
+        q_len_t = torch.tensor(q_lens, device=device)
+        k_len_t = torch.tensor(k_lens, device=device)
+        valid = qi[None, :] < q_len_t[:, None]                            # [b, mq]
+        rows = torch.where(valid, starts[:, None] + qi[None, :], 0)
+        blocks = tables[seqs][:, : (mk + block_size - 1) // block_size].long()
+        key_slots = (blocks[:, ki // block_size] * block_size + ki % block_size)
+        key_valid = ki[None, :] < k_len_t[:, None]                        # [b, mk]
+        key_slots = torch.where(key_valid, key_slots, 0)
+        prefix = (k_len_t - q_len_t)[:, None, None]                        # [b, 1, 1]
+        new_index = ki[None, None, :] - prefix                            # [b, 1, mk]
+        if seqs[0] < metadata.num_prefills:
+            visible = new_index <= qi[None, :, None]
+        else:
+            tree_rows = torch.where(valid, rows - tree_offset, 0)
+            words = torch.where(valid, metadata.tree_mask[tree_rows], 0)
+            bit = torch.bitwise_left_shift(torch.ones_like(new_index), new_index.clamp(0, 63))
+            visible = (torch.bitwise_and(words[:, :, None], bit) != 0)
+        mask = ((new_index < 0) | visible) & key_valid[:, None, :] & valid[:, :, None]
+        mask[:, :, 0] |= ~valid  # padding queries see one key, so softmax stays finite
+        return rows, key_slots, mask[:, None], valid
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, Hq, D], k and v [T, Hkv, D] -> output [T, Hq, D]; writes k and v to the cache."""
+        k_cache = self.kv_cache.k[layer].view(-1, *k.shape[1:])
+        v_cache = self.kv_cache.v[layer].view(-1, *v.shape[1:])
+        k_cache[self.write_slots] = k[self.write_rows]
+        v_cache[self.write_slots] = v[self.write_rows]
+        out = torch.empty_like(q)
+        scale = q.shape[-1] ** -0.5
+        for rows, key_slots, mask, valid in self.groups:
+            qg = q[rows].transpose(1, 2)                                   # [b, Hq, mq, D]
+            kg = k_cache[key_slots].transpose(1, 2)                        # [b, Hkv, mk, D]
+            vg = v_cache[key_slots].transpose(1, 2)
+            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale,
+                                                enable_gqa=True)
+            og = og.transpose(1, 2)                                        # [b, mq, Hq, D]
+            out[rows[valid]] = og[valid]
+        return out

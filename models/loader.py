@@ -1,0 +1,75 @@
+"""Load a Llama-family model from a Hugging Face-style directory (config.json + safetensors)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from models.config import ModelConfig
+from models.llama import LlamaForCausalLM, RotaryEmbedding
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(sorted(DTYPES))}")
+    return DTYPES[name]
+
+
+def read_config(model_dir: Path) -> ModelConfig:
+    path = Path(model_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: --model must be a Hugging Face-style directory "
+                                "with config.json, *.safetensors and tokenizer files")
+    try:
+        return ModelConfig.from_hf(json.loads(path.read_text()))
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{path} is not a valid model config ({e!r})") from e
+
+
+def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+    state = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f} is corrupt or unreadable ({e}); download or convert it again") from e
+    return state
+
+
+def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32",
+               device: str | torch.device = "cpu") -> LlamaForCausalLM:
+    """Build the model from a directory; every parameter must be present with its shape."""
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    dtype = parse_dtype(dtype)
+    state = {k: v for k, v in read_state_dict(model_dir).items() if not k.endswith(IGNORED_SUFFIXES)}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    expected = {k: p.shape for k, p in model.named_parameters(remove_duplicate=True)}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"weights in {model_dir} do not match the config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    for name, shape in expected.items():
+        if state[name].shape != shape:
+            raise ValueError(f"{name} has shape {tuple(state[name].shape)}, the config implies {tuple(shape)}")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = RotaryEmbedding(config)  # its buffer was built on the meta device
+    return model.to(device).eval().requires_grad_(False)

@@ -1,0 +1,74 @@
+"""Tokenizer and chat template (Hugging Face `transformers`), and streaming detokenization."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class Tokenizer:
+    """Encodes text and chat messages to token ids and decodes them back."""
+
+    def __init__(self, model_dir: str | Path, eos_token_ids: tuple[int, ...] = ()):
+        from transformers import AutoTokenizer
+
+        try:
+            self.hf = AutoTokenizer.from_pretrained(str(model_dir))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"no usable tokenizer in {model_dir} ({e})") from e
+        eos = set(eos_token_ids)
+        if self.hf.eos_token_id is not None:
+            eos.add(self.hf.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return self.hf.convert_ids_to_tokens(ids)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.hf.chat_template)
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        """Token ids of the conversation followed by the assistant's turn opening."""
+        if not self.has_chat_template:
+            raise ValueError("this model has no chat template; use /v1/completions instead")
+        out = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas that are safe to stream.
+
+    Decoding token by token breaks multi-byte characters and drops the spaces some
+    tokenizers attach to a token's neighbour. Instead we decode a short window ending at the
+    newest token and emit only what the window adds beyond its already-emitted part, holding
+    back text that still ends in an incomplete character (U+FFFD).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = list(prompt_ids or [])[-6:]  # context so the first token decodes right
+        self.prefix_offset = 0              # window start
+        self.read_offset = len(self.ids)    # ids before this are already emitted
+        self.text = ""
+
+    def add(self, new_ids: list[int]) -> str:
+        """Append token ids; return the newly completed text (maybe empty)."""
+        self.ids.extend(new_ids)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return ""
+        delta = full[len(prefix):]
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+        self.text += delta
+        return delta

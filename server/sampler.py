@@ -1,0 +1,47 @@
+"""Turning logits into a distribution (temperature, top-k, top-p) and drawing from it."""
+from __future__ import annotations
+
+import torch
+
+from server.sampling_params import SamplingParams
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits [N, vocab] -> probabilities [N, vocab] after temperature, top-k and top-p.
+
+    Greedy requests get a one-hot distribution on the argmax.
+    """
+    logits = logits.float()
+    if params.is_greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already reach top_p
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits.softmax(-1)
+
+
+def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
+    if params.seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(params.seed)
+    return generator
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """probs [N, vocab] -> token ids [N]."""
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row: argmax at temperature 0, else a draw from the filtered distribution."""
+    if params.is_greedy:
+        return logits.argmax(-1)
+    return sample(probabilities(logits, params), generator)

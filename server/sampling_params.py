@@ -1,0 +1,46 @@
+"""How one request wants its tokens chosen and when it stops. Validated once, at the edge."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Typical acceptance (Medusa): accept a drafted token x when p(x) > min(epsilon, delta * exp(-H(p))).
+TYPICAL_EPSILON = 0.09
+TYPICAL_DELTA = 0.3
+ACCEPTANCE_RULES = ("typical", "rejection")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                      # 0 = no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    acceptance: str = "typical"         # rule for drafted tokens when temperature > 0
+    typical_epsilon: float = TYPICAL_EPSILON
+    typical_delta: float = TYPICAL_DELTA
+    speculate: bool = True              # False: one token per step for this request
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature must be between 0 and 2, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be 0 (off) or positive, got {self.top_k}")
+        if self.acceptance not in ACCEPTANCE_RULES:
+            raise ValueError(f"acceptance must be one of {ACCEPTANCE_RULES}, got {self.acceptance!r}")
+        if not 0.0 <= self.typical_epsilon <= 1.0 or not 0.0 <= self.typical_delta <= 1.0:
+            raise ValueError("typical_epsilon and typical_delta must be between 0 and 1")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0

@@ -1,0 +1,54 @@
+"""Sampling: temperature, top-k, top-p, seeds, and parameter validation."""
+import pytest
+import torch
+
+from server.sampler import make_generator, pick, probabilities
+from server.sampling_params import SamplingParams
+
+LOGITS = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.10]]))
+
+
+def test_greedy_is_one_hot_argmax():
+    probs = probabilities(LOGITS, SamplingParams(temperature=0.0))
+    assert probs.tolist() == [[1.0, 0.0, 0.0, 0.0]]
+
+
+def test_top_k_keeps_the_k_best_renormalized():
+    probs = probabilities(LOGITS, SamplingParams(temperature=1.0, top_k=2))[0]
+    assert torch.allclose(probs, torch.tensor([2 / 3, 1 / 3, 0.0, 0.0]))
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = probabilities(LOGITS, SamplingParams(temperature=1.0, top_p=0.7))[0]
+    assert torch.allclose(probs, torch.tensor([2 / 3, 1 / 3, 0.0, 0.0]))
+    probs = probabilities(LOGITS, SamplingParams(temperature=1.0, top_p=0.5))[0]
+    assert probs.tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_temperature_sharpens():
+    hot = probabilities(LOGITS, SamplingParams(temperature=2.0))[0]
+    cold = probabilities(LOGITS, SamplingParams(temperature=0.5))[0]
+    assert cold[0] > 0.5 > hot[0]
+
+
+def test_same_seed_same_draws():
+    params = SamplingParams(temperature=1.0, seed=1234)
+    logits = torch.randn(1, 1000)
+    a = [int(pick(logits, params, g)) for g in [make_generator(params)] for _ in range(20)]
+    b = [int(pick(logits, params, g)) for g in [make_generator(params)] for _ in range(20)]
+    assert a == b and len(set(a)) > 1
+
+
+def test_draws_follow_the_distribution():
+    params = SamplingParams(temperature=1.0, seed=0)
+    generator = make_generator(params)
+    draws = torch.stack([pick(LOGITS, params, generator) for _ in range(4000)])
+    freq = torch.bincount(draws.flatten(), minlength=4).float() / 4000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.25, 0.15, 0.10]), atol=0.03)
+
+
+@pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-1),
+                                 dict(acceptance="maybe"), dict(stop=("",))])
+def test_invalid_parameters_raise_value_error(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
