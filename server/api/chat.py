@@ -1,0 +1,83 @@
+"""POST /v1/chat/completions: messages through the model's chat template, streamed or not."""
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from server.api.errors import bad_request
+from server.api.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+                                 ChatCompletionResponse, ChatResponseMessage, DeltaMessage, UsageInfo)
+from server.api.serving import ENGINE_ERRORS, Batch, Serving, engine_errors, new_request_id, record, to_api_error
+from server.api.streams import SSE_DONE, SSEResponse, prepend, sse, until_disconnect
+from server.outputs import RequestOutput
+
+
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, serving: Serving) -> Response:
+    model = serving.check_model(body)
+    try:
+        prompt_ids = serving.llm.tokenizer.apply_chat_template([m.as_template_message() for m in body.messages])
+    except ValueError as e:
+        raise bad_request(str(e), param="messages") from e
+    max_tokens = serving.check_context(len(prompt_ids), body.requested_max_tokens, "messages")
+    params = serving.params(body, max_tokens)
+    batch = Batch(new_request_id("chatcmpl"), [prompt_ids], body.n)
+    record(request, batch)
+
+    outputs = serving.submit(batch, params)
+    if body.stream:
+        with engine_errors():
+            first = await until_disconnect(request, anext(outputs))
+        events = chat_events(first, outputs, batch, model, body.include_usage, request)
+        return SSEResponse(events, headers={"X-Request-Id": batch.request_id})
+
+    async def collect():
+        async for i, out in outputs:
+            batch.choices[i].add(out)
+
+    with engine_errors():
+        await until_disconnect(request, collect())
+    record(request, batch)
+    failure = batch.failure()
+    if failure is not None:
+        raise failure
+    response = ChatCompletionResponse(
+        id=batch.request_id, model=model,
+        choices=[ChatChoice(index=i, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason)
+                 for i, c in enumerate(batch.choices)],
+        usage=UsageInfo.of(batch.num_prompt_tokens, batch.num_completion_tokens))
+    return JSONResponse(response.model_dump(), headers={"X-Request-Id": batch.request_id})
+
+
+async def chat_events(first: tuple[int, RequestOutput], rest: AsyncIterator[tuple[int, RequestOutput]],
+                      batch: Batch, model: str, include_usage: bool, request: Request) -> AsyncIterator[str]:
+    """SSE: a role chunk per choice, content deltas, a finish chunk per choice, usage, [DONE]."""
+    def chunk(index: int, delta: DeltaMessage, finish_reason: str | None = None) -> str:
+        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)
+        return sse(ChatCompletionChunk(id=batch.request_id, model=model, choices=[choice]))
+
+    try:
+        for i in range(len(batch.choices)):
+            yield chunk(i, DeltaMessage(role="assistant", content=""))
+        async for i, out in prepend(first, rest):
+            batch.choices[i].add(out)
+            record(request, batch)
+            failure = batch.failure()
+            if failure is not None:
+                yield sse(failure.body())
+                break
+            if out.text:
+                yield chunk(i, DeltaMessage(content=out.text))
+            if out.is_finished:
+                yield chunk(i, DeltaMessage(), out.finish_reason)
+        else:
+            if include_usage:
+                usage = UsageInfo.of(batch.num_prompt_tokens, batch.num_completion_tokens)
+                yield sse(ChatCompletionChunk(id=batch.request_id, model=model, choices=[], usage=usage))
+        yield SSE_DONE
+    except ENGINE_ERRORS as e:  # an admission error of a later choice
+        yield sse(to_api_error(e).body())
+        yield SSE_DONE
+    finally:
+        await rest.aclose()

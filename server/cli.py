@@ -1,0 +1,139 @@
+"""`gorgon serve` (also `python -m server`) and `gorgon train-heads`.
+
+Every serve flag can also come from an environment variable: `--max-num-seqs` from
+GORGON_MAX_NUM_SEQS, `--no-speculation` from GORGON_NO_SPECULATION=1, and so on. A flag on
+the command line wins over the environment; defaults come from EngineConfig.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import fields
+
+import uvicorn
+
+from server.api.app import create_app
+from server.async_engine import AsyncEngine
+from server.config import EngineConfig
+
+ENGINE_DEFAULTS = {f.name: f.default for f in fields(EngineConfig)}
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+# flag, type, default, help (the env var is GORGON_ + the flag in capitals)
+SERVE_OPTIONS = [
+    ("--host", str, "127.0.0.1", "address to listen on"),
+    ("--port", int, 8000, "port to listen on"),
+    ("--model", str, None, "Hugging Face-style model directory (default: SmolLM2-135M-Instruct, fetched on first use)"),
+    ("--heads", str, None, "head checkpoint (default: the shipped heads; 'none': no heads)"),
+    ("--tree-budget", int, None, "fixed candidate-tree size in nodes (default: adapts to load)"),
+    ("--api-key", str, None, "require 'Authorization: Bearer <key>' on /v1 routes"),
+    ("--max-num-seqs", int, ENGINE_DEFAULTS["max_num_seqs"], "most requests running at once"),
+    ("--max-model-len", int, None, "context length: prompt + max_tokens (default: the model's)"),
+    ("--max-num-batched-tokens", int, ENGINE_DEFAULTS["max_num_batched_tokens"], "most tokens in one step"),
+    ("--max-queue-size", int, ENGINE_DEFAULTS["max_queue_size"], "waiting requests beyond this get HTTP 503"),
+    ("--kv-cache-memory-gb", float, ENGINE_DEFAULTS["kv_cache_memory_gb"], "memory for the paged KV cache"),
+    ("--dtype", str, ENGINE_DEFAULTS["dtype"], "float32 | bfloat16 | float16"),
+    ("--device", str, ENGINE_DEFAULTS["device"], "auto | cpu | cuda[:N]"),
+    ("--attention-backend", str, ENGINE_DEFAULTS["attention_backend"], "auto | torch | triton"),
+    ("--shutdown-timeout", float, 20.0, "seconds in-flight requests may finish after SIGTERM"),
+    ("--log-level", str, "info", "debug | info | warning | error"),
+]
+ENV_ALIASES = {"kv_cache_memory_gb": ("GORGON_KV_CACHE_MEMORY",)}  # docker-compose's name
+
+
+def env_name(dest: str) -> str:
+    return "GORGON_" + dest.upper()
+
+
+def env_value(dest: str) -> str | None:
+    for name in (env_name(dest), *ENV_ALIASES.get(dest, ())):
+        value = os.environ.get(name)
+        if value:  # an empty variable counts as unset (docker-compose passes those)
+            return value
+    return None
+
+
+def env_flag(dest: str) -> bool:
+    value = (env_value(dest) or "").strip().lower()
+    if value not in TRUE + FALSE:
+        raise SystemExit(f"{env_name(dest)} must be one of {TRUE + FALSE[:-1]}, got {value!r}")
+    return value in TRUE
+
+
+def add_serve_options(parser: argparse.ArgumentParser) -> None:
+    for flag, kind, default, help_text in SERVE_OPTIONS:
+        dest = flag[2:].replace("-", "_")
+        from_env = env_value(dest)
+        parser.add_argument(flag, type=kind, default=default if from_env is None else from_env,
+                            help=f"{help_text} [env {env_name(dest)}; default {default}]")
+    parser.add_argument("--no-speculation", action="store_true", default=env_flag("no_speculation"),
+                        help="plain one-token-per-step decoding with the same engine [env GORGON_NO_SPECULATION]")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(model=args.model, heads=args.heads, speculation=not args.no_speculation,
+                        tree_budget=args.tree_budget, dtype=args.dtype, device=args.device,
+                        attention_backend=args.attention_backend, max_num_seqs=args.max_num_seqs,
+                        max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
+                        max_queue_size=args.max_queue_size, kv_cache_memory_gb=args.kv_cache_memory_gb)
+
+
+def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+    try:
+        config = engine_config(args)
+    except ValueError as e:
+        parser.error(str(e))
+    engine = AsyncEngine(config)
+    app = create_app(engine, api_key=args.api_key, shutdown_timeout=args.shutdown_timeout)
+    uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
+                                    log_level=args.log_level.lower(), timeout_graceful_shutdown=args.shutdown_timeout)
+    server = GorgonServer(engine, uvicorn_config)
+    server.run()
+    if engine.load_error is not None:
+        logging.getLogger("gorgon").error("exiting: the model failed to load (%s)", engine.load_error)
+        return 1
+    return 0 if server.started else 1
+
+
+class GorgonServer(uvicorn.Server):
+    """uvicorn's server that refuses new requests at once on SIGTERM/SIGINT and exits if loading fails."""
+
+    def __init__(self, engine: AsyncEngine, config: uvicorn.Config):
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig, frame) -> None:
+        self.engine.stop_accepting()   # /health turns 503 and new requests are refused
+        super().handle_exit(sig, frame)  # uvicorn drains open connections, then the lifespan shuts the engine
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.engine.load_error is not None:
+            return True
+        return await super().on_tick(counter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gorgon", description="Gorgon: speculative multi-head decoding server")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
+                                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_serve_options(serve_parser)
+    commands.add_parser("train-heads", help="train Medusa-style heads for a base model (see train-heads --help)",
+                        add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        argv = ["serve", *argv]  # `python -m server --port 9000` means serve (also for --help)
+    if argv[0] == "train-heads":
+        from models.train_heads import main as train_heads_main
+        return train_heads_main(argv[1:]) or 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return serve(args, parser)

@@ -1,0 +1,52 @@
+"""`gorgon serve` / `python -m server` flags and their GORGON_* environment mirrors."""
+import subprocess
+import sys
+
+import pytest
+
+from server.cli import SERVE_OPTIONS, build_parser, engine_config, env_name
+
+
+def parse(argv, monkeypatch, **env):
+    for key in [k for k in __import__("os").environ if k.startswith("GORGON_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_defaults_come_from_engine_config(monkeypatch):
+    args = parse([], monkeypatch)
+    config = engine_config(args)
+    assert (args.host, args.port, args.api_key) == ("127.0.0.1", 8000, None)
+    assert config.speculation and config.max_num_seqs == 64 and config.model is None
+
+
+def test_environment_mirrors_every_flag(monkeypatch):
+    env = {"GORGON_PORT": "9001", "GORGON_MAX_NUM_SEQS": "3", "GORGON_NO_SPECULATION": "1",
+           "GORGON_API_KEY": "k", "GORGON_KV_CACHE_MEMORY": "0.5", "GORGON_MODEL": "", "GORGON_TREE_BUDGET": "8"}
+    args = parse([], monkeypatch, **env)
+    config = engine_config(args)
+    assert args.port == 9001 and args.api_key == "k"
+    assert config.max_num_seqs == 3 and not config.speculation and config.kv_cache_memory_gb == 0.5
+    assert config.model is None and config.tree_budget == 8
+    assert {env_name(flag[2:].replace("-", "_")) for flag, *_ in SERVE_OPTIONS} >= {
+        "GORGON_HOST", "GORGON_PORT", "GORGON_MODEL", "GORGON_HEADS", "GORGON_API_KEY", "GORGON_MAX_NUM_SEQS",
+        "GORGON_MAX_MODEL_LEN", "GORGON_MAX_QUEUE_SIZE", "GORGON_DTYPE", "GORGON_DEVICE", "GORGON_LOG_LEVEL"}
+
+
+def test_flags_win_over_the_environment(monkeypatch):
+    args = parse(["--port", "7000", "--max-num-seqs", "5"], monkeypatch, GORGON_PORT="9001", GORGON_MAX_NUM_SEQS="3")
+    assert args.port == 7000 and args.max_num_seqs == 5
+
+
+def test_bad_values_are_refused(monkeypatch):
+    with pytest.raises(SystemExit):
+        parse([], monkeypatch, GORGON_PORT="eighty")
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        engine_config(parse(["--max-num-seqs", "0"], monkeypatch))
+
+
+def test_python_dash_m_server_is_serve():
+    out = subprocess.run([sys.executable, "-m", "server", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--no-speculation" in out.stdout and "GORGON_PORT" in out.stdout

@@ -1,0 +1,147 @@
+"""The HTTP layer's shapes (SSE framing, chunks, errors, auth) against a fake engine, in process.
+
+The same behaviour is checked end to end against the real engine in test_server_*.py.
+"""
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api_fakes import FakeEngine
+from server.api.app import create_app
+from server.api.protocol import ChatCompletionChunk, ChatChunkChoice, CompletionRequest, DeltaMessage
+from server.api.streams import SSE_DONE, sse
+from server.async_engine import AsyncEngine
+from server.config import EngineConfig
+
+KEY = "sk-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def client():
+    engine = AsyncEngine(EngineConfig(max_queue_size=4), engine_factory=FakeEngine)
+    with TestClient(create_app(engine, api_key=KEY, shutdown_timeout=1)) as c:
+        assert engine.wait_until_loaded(5)
+        c.engine = engine
+        yield c
+
+
+def events(response) -> list:
+    """Parse an SSE body strictly: every event is `data: ...` followed by a blank line."""
+    body = response.text
+    assert body.endswith("\n\n")
+    out = []
+    for block in body[:-2].split("\n\n"):
+        assert block.startswith("data: ") and "\n" not in block, block
+        payload = block[len("data: "):]
+        out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def test_sse_framing():
+    assert sse({"a": 1}) == 'data: {"a":1}\n\n'
+    assert SSE_DONE == "data: [DONE]\n\n"
+    chunk = ChatCompletionChunk(id="x", model="m", choices=[ChatChunkChoice(index=0, delta=DeltaMessage(content="hi"))])
+    data = json.loads(sse(chunk)[6:])
+    assert data["choices"][0] == {"index": 0, "delta": {"content": "hi"}, "logprobs": None, "finish_reason": None}
+    assert data["object"] == "chat.completion.chunk" and data["usage"] is None
+
+
+def test_sampling_params_from_request():
+    body = CompletionRequest(prompt="x", seed=5, n=3, stop="END", temperature=0, top_k=-1)
+    params = [body.sampling_params(7, i) for i in range(3)]
+    assert [p.seed for p in params] == [5, 6, 7]
+    assert params[0].stop == ("END",) and params[0].top_k == 0 and params[0].is_greedy
+    assert CompletionRequest(prompt=[1, 2]).prompt == [1, 2]
+    assert CompletionRequest(prompt=[[1], [2, 3]]).prompt == [[1], [2, 3]]
+
+
+def test_completion_and_usage(client):
+    r = client.post("/v1/completions", headers=AUTH, json={"prompt": "one two", "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"] == [{"index": 0, "text": " one two three", "logprobs": None, "finish_reason": "length"}]
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    assert body["object"] == "text_completion" and body["model"] == "fake-model"
+
+
+def test_completion_stream_echo_n_and_usage(client):
+    r = client.post("/v1/completions", headers=AUTH, json={
+        "prompt": ["one", "two three"], "max_tokens": 2, "n": 2, "echo": True, "stream": True,
+        "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    evs = events(r)
+    assert evs[-1] == "[DONE]"
+    usage = evs[-2]
+    assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11}
+    texts = {}
+    for e in evs[:-2]:
+        for c in e["choices"]:
+            texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+    assert texts == {0: "one one two", 1: "one one two", 2: "two three one two", 3: "two three one two"}
+    finals = [c for e in evs[:-2] for c in e["choices"] if c["finish_reason"]]
+    assert sorted(c["index"] for c in finals) == [0, 1, 2, 3]
+
+
+def test_chat_stream_shape(client):
+    r = client.post("/v1/chat/completions", headers=AUTH, json={
+        "model": "fake-model", "messages": [{"role": "user", "content": "two"}], "max_completion_tokens": 2,
+        "stream": True})
+    evs = events(r)
+    assert evs[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [e["choices"][0]["delta"] for e in evs[1:-2]] == [{"content": " one"}, {"content": " two"}]
+    assert evs[-2]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
+    assert evs[-1] == "[DONE]"
+
+
+@pytest.mark.parametrize("headers, status", [({}, 401), ({"Authorization": "Bearer nope"}, 401), (AUTH, 200)])
+def test_api_key(client, headers, status):
+    r = client.get("/v1/models", headers=headers)
+    assert r.status_code == status
+    if status == 401:
+        assert r.json()["error"]["code"] == "invalid_api_key"
+    assert client.get("/health").status_code == 200 and client.get("/metrics").status_code == 200
+
+
+@pytest.mark.parametrize("kwargs, status, param", [
+    ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, None),
+    ({"json": {"prompt": "x", "max_tokens": 0}}, 400, "max_tokens"),
+    ({"json": {"prompt": "x", "temperature": 9}}, 400, "temperature"),
+    ({"json": {"max_tokens": 2}}, 400, "prompt"),
+    ({"json": {"prompt": "x", "model": "gpt-4"}}, 404, "model"),
+    ({"json": {"prompt": "x", "logprobs": 2}}, 400, "logprobs"),
+    ({"json": {"prompt": "x", "stop": [""]}}, 400, None),
+    ({"json": {"prompt": "one two", "max_tokens": 63}}, 400, "max_tokens"),
+    ({"json": {"prompt": [99999]}}, 400, "prompt"),
+])
+def test_errors_have_openai_shape(client, kwargs, status, param):
+    kwargs.setdefault("headers", {}).update(AUTH)
+    r = client.post("/v1/completions", **kwargs)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    assert client.post("/v1/completions", headers=AUTH, json={"prompt": "one", "max_tokens": 1}).status_code == 200
+
+
+def test_context_error_states_the_numbers(client):
+    r = client.post("/v1/completions", headers=AUTH, json={"prompt": "one two", "max_tokens": 63})
+    assert "64 tokens" in r.json()["error"]["message"] and "65 tokens (2 in the prompt, 63" in r.json()["error"]["message"]
+
+
+def test_queue_full_is_503_with_retry_after(client):
+    engine = client.engine.engine
+    engine.waiting = 4
+    try:
+        r = client.post("/v1/completions", headers=AUTH, json={"prompt": "one"})
+    finally:
+        engine.waiting = 0
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "queue_full"
+
+
+def test_openapi_docs(client):
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"} <= set(spec["paths"])
