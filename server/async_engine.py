@@ -106,15 +106,30 @@ class AsyncEngine:
         deadline = time.monotonic() + timeout
         while self._streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        leftover = self.abort_all()
+        if leftover:
+            logger.warning("shutdown: aborted %d unfinished request(s)", leftover)
         with self._cond:
-            leftover = list(self._streams)
-            self._aborts.extend(leftover)
             self._stop = True
             self._cond.notify()
-        if leftover:
-            logger.warning("shutdown: aborting %d unfinished request(s)", len(leftover))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30.0)
+
+    def abort_all(self) -> int:
+        """Abort every request; each one's stream ends with a finish_reason "abort" output."""
+        with self._cond:
+            leftover = list(self._streams.items())
+            self._streams.clear()
+            self._inbox.clear()
+            self._aborts.extend(request_id for request_id, _ in leftover)
+            self._cond.notify()
+        for request_id, stream in leftover:
+            out = RequestOutput(request_id, "", [], "abort", 0, 0, error="the server is shutting down")
+            try:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+            except RuntimeError:  # its loop is closed
+                pass
+        return len(leftover)
 
     # ---- requests (event-loop side) --------------------------------------------------
     async def generate(self, request_id: str, prompt_ids: list[int],

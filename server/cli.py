@@ -7,6 +7,7 @@ the command line wins over the environment; defaults come from EngineConfig.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -21,6 +22,7 @@ from server.config import EngineConfig
 ENGINE_DEFAULTS = {f.name: f.default for f in fields(EngineConfig)}
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+SHUTDOWN_GRACE_S = 5.0  # after the drain timeout, time for aborted streams to end before uvicorn cancels them
 
 # flag, type, default, help (the env var is GORGON_ + the flag in capitals)
 SERVE_OPTIONS = [
@@ -89,9 +91,11 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(str(e))
     engine = AsyncEngine(config)
     app = create_app(engine, api_key=args.api_key, shutdown_timeout=args.shutdown_timeout)
+    # uvicorn's own graceful timeout is a backstop: our drain aborts what is left first
     uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
-                                    log_level=args.log_level.lower(), timeout_graceful_shutdown=args.shutdown_timeout)
-    server = GorgonServer(engine, uvicorn_config)
+                                    log_level=args.log_level.lower(),
+                                    timeout_graceful_shutdown=args.shutdown_timeout + SHUTDOWN_GRACE_S)
+    server = GorgonServer(engine, uvicorn_config, drain_timeout=args.shutdown_timeout)
     server.run()
     if engine.load_error is not None:
         logging.getLogger("gorgon").error("exiting: the model failed to load (%s)", engine.load_error)
@@ -100,15 +104,31 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 class GorgonServer(uvicorn.Server):
-    """uvicorn's server that refuses new requests at once on SIGTERM/SIGINT and exits if loading fails."""
+    """uvicorn's server with Gorgon's shutdown: on SIGTERM/SIGINT refuse new requests at once,
+    let running ones finish for `drain_timeout` s, then abort the rest (their streams end
+    cleanly with an error event and [DONE]); exit when the model fails to load."""
 
-    def __init__(self, engine: AsyncEngine, config: uvicorn.Config):
+    def __init__(self, engine: AsyncEngine, config: uvicorn.Config, drain_timeout: float):
         super().__init__(config)
         self.engine = engine
+        self.drain_timeout = drain_timeout
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
 
     def handle_exit(self, sig, frame) -> None:
-        self.engine.stop_accepting()   # /health turns 503 and new requests are refused
-        super().handle_exit(sig, frame)  # uvicorn drains open connections, then the lifespan shuts the engine
+        if not self.should_exit and self.loop is not None:
+            self.engine.stop_accepting()   # /health turns 503; new requests are refused
+            self.loop.call_soon_threadsafe(self.loop.call_later, self.drain_timeout, self._abort_the_rest)
+        super().handle_exit(sig, frame)    # uvicorn stops listening and waits for open connections
+
+    def _abort_the_rest(self) -> None:
+        aborted = self.engine.abort_all()
+        if aborted:
+            logging.getLogger("gorgon").warning("shutdown: aborted %d request(s) still running after %.0f s",
+                                                aborted, self.drain_timeout)
 
     async def on_tick(self, counter: int) -> bool:
         if self.engine.load_error is not None:

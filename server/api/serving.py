@@ -37,8 +37,8 @@ class Choice:
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.text
-        self.num_prompt_tokens = out.num_prompt_tokens
-        self.num_output_tokens = out.num_output_tokens
+        self.num_prompt_tokens = max(self.num_prompt_tokens, out.num_prompt_tokens)  # an abort output carries 0
+        self.num_output_tokens = max(self.num_output_tokens, out.num_output_tokens)
         if out.is_finished:
             self.finish_reason = out.finish_reason
             self.error = out.error
