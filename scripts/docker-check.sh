@@ -329,6 +329,20 @@ done
 [ -z "$missing_flags" ] || die "python -m server serve --help lacks:$missing_flags"
 ok "image: non-root user, /data volume, GORGON_* defaults, healthcheck, CPU torch, 'python -m server serve --help' lists the contract flags"
 
+# The shipped head checkpoints are package data: make sure `pip install .` put them in the image.
+if compgen -G "models/heads_data/*/*" >/dev/null; then
+  (cd models && find heads_data -type f ! -name '*.pyc' ! -path '*/__pycache__/*' | LC_ALL=C sort) >"$WORK/heads.repo"
+  "$DOCKER" run --rm --network none --entrypoint python "$IMAGE" -c \
+    "import os, models; r = os.path.dirname(models.__file__); print('\n'.join(sorted(os.path.relpath(os.path.join(d, f), r) for d, _, fs in os.walk(os.path.join(r, 'heads_data')) for f in fs if not f.endswith('.pyc') and '__pycache__' not in d)))" \
+    >"$WORK/heads.image"
+  if ! diff -u "$WORK/heads.repo" "$WORK/heads.image"; then
+    die "the image lacks shipped head files from models/heads_data (package-data in pyproject.toml?)"
+  fi
+  ok "image carries the shipped heads ($(wc -l <"$WORK/heads.repo") files under models/heads_data)"
+else
+  skip "shipped heads in the image (the repository has no models/heads_data yet)"
+fi
+
 if [ "$MODE" = build ]; then
   skip "compose up, server, Prometheus and Grafana (--build-only)"
   STATUS=pass
