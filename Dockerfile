@@ -54,10 +54,11 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://pypi.org/simple
 ARG WHEELS_DIR=deploy/wheels
 COPY ${WHEELS_DIR}/ /tmp/wheels/
+# Fails the build if a CPU-only torch slipped in (e.g. a +cpu wheel left in WHEELS_DIR).
 RUN --mount=type=secret,id=pip_cert,mode=0444 \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
  && pip install --find-links /tmp/wheels --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
- && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+ && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda); assert torch.version.cuda, 'torch is a CPU-only build'"
 # Dependencies first, in a layer of their own: editing the source does not reinstall them.
 COPY deploy/docker/pyproject-requirements.py pyproject.toml /tmp/deps/
 ARG GORGON_EXTRAS=
