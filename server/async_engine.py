@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from server.engine import LLMEngine
 
 logger = logging.getLogger("gorgon.engine")
+IDLE_STEP_PAUSE_S = 0.001
 
 
 class QueueFullError(RuntimeError):
@@ -234,6 +235,8 @@ class AsyncEngine:
                                                          error=f"engine step failed: {e}")))
             self._deliver(failed)
             return
+        if not outputs:
+            time.sleep(IDLE_STEP_PAUSE_S)  # nothing progressed (e.g. all blocked on KV space): don't spin
         self._deliver([(out.request_id, out) for out in outputs])
 
     def _deliver(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:

@@ -21,6 +21,7 @@ from server.config import EngineConfig
 
 ENGINE_DEFAULTS = {f.name: f.default for f in fields(EngineConfig)}
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 SHUTDOWN_GRACE_S = 5.0  # after the drain timeout, time for aborted streams to end before uvicorn cancels them
 
@@ -84,6 +85,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.log_level.upper() not in LOG_LEVELS:
+        parser.error(f"--log-level must be one of {', '.join(LOG_LEVELS).lower()}, got {args.log_level!r}")
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
     try:
         config = engine_config(args)

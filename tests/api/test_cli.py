@@ -50,3 +50,9 @@ def test_bad_values_are_refused(monkeypatch):
 def test_python_dash_m_server_is_serve():
     out = subprocess.run([sys.executable, "-m", "server", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--no-speculation" in out.stdout and "GORGON_PORT" in out.stdout
+
+
+def test_a_bad_log_level_is_a_usage_error():
+    out = subprocess.run([sys.executable, "-m", "server", "--log-level", "loud"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "--log-level must be one of" in out.stderr
