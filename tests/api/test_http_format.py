@@ -145,3 +145,27 @@ def test_openapi_docs(client):
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"} <= set(spec["paths"])
+
+
+def test_chat_content_parts_and_n_streams(client):
+    r = client.post("/v1/chat/completions", headers=AUTH, json={
+        "messages": [{"role": "system", "content": None},
+                     {"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": " two"}]}],
+        "max_tokens": 1, "n": 2, "stream": True})
+    evs = events(r)
+    roles = [e["choices"][0]["index"] for e in evs[:-1] if e["choices"][0]["delta"].get("role")]
+    finishes = [e["choices"][0]["index"] for e in evs[:-1] if e["choices"][0]["finish_reason"]]
+    assert sorted(roles) == [0, 1] and sorted(finishes) == [0, 1] and evs[-1] == "[DONE]"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"stop": [str(i) for i in range(9)]}, "stop"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_unsupported_chat_parameters_are_400(client, body, param):
+    r = client.post("/v1/chat/completions", headers=AUTH,
+                    json={"messages": [{"role": "user", "content": "one"}], "max_tokens": 1, **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
+    assert r.json()["error"]["code"] == "unsupported_parameter"

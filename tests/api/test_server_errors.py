@@ -118,3 +118,19 @@ def test_disconnect_mid_stream_aborts_the_request(server, http, model_name):
                      'finish_reason="abort",status="aborted"')
     assert aborted == aborted_before + 1
     assert_serving(http, model_name)
+
+
+def test_a_non_streamed_request_is_aborted_when_its_client_gives_up(server, http, model_name):
+    aborted_before = metric(httpx.get(server.url + "/metrics").text, "gorgon_requests_total",
+                            'finish_reason="abort",status="aborted"')
+    body = {"model": model_name, "prompt": "Write a long essay.", "max_tokens": 400}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.v1 + "/completions", headers=AUTH, json=body, timeout=3)
+    deadline = time.monotonic() + 60
+    while running_and_waiting(server) != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert running_and_waiting(server) == (0, 0)
+    aborted = metric(httpx.get(server.url + "/metrics").text, "gorgon_requests_total",
+                     'finish_reason="abort",status="aborted"')
+    assert aborted == aborted_before + 1
+    assert_serving(http, model_name)
