@@ -504,8 +504,27 @@ out, dt = call("/v1/chat/completions", {"model": model, "max_tokens": 16, "tempe
 msg = out["choices"][0]["message"]
 assert msg["role"] == "assistant" and msg["content"].strip(), out
 print(f"    /v1/chat/completions ({dt:.1f}s): {msg['content']!r}")
+# A streamed completion: Server-Sent Events through Docker's port forwarding.
+req = urllib.request.Request(base + "/v1/completions", headers={"Content-Type": "application/json"},
+                             data=json.dumps({"model": model, "prompt": "One, two, three,", "max_tokens": 8,
+                                              "temperature": 0, "stream": True}).encode())
+chunks, done, start = [], False, time.time()
+with urllib.request.urlopen(req, timeout=300) as r:
+    assert r.headers.get("Content-Type", "").startswith("text/event-stream"), r.headers.get("Content-Type")
+    for raw in r:
+        line = raw.decode().strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            done = True
+            break
+        chunks.append(json.loads(data)["choices"][0].get("text", ""))
+assert done and "".join(chunks).strip(), (done, chunks)
+print(f"    streamed /v1/completions ({time.time() - start:.1f}s, {len(chunks)} events, ends with [DONE]): "
+      f"{''.join(chunks)!r}")
 EOF
-ok "POST /v1/completions and /v1/chat/completions answered through the published port"
+ok "POST /v1/completions (plain and streamed over SSE) and /v1/chat/completions answered through the published port"
 
 log "Metrics"
 python3 - "$BASE" "$WORK/missing-metrics" <<'EOF' || die "/metrics is not Prometheus text with gorgon_ metrics"
