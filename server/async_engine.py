@@ -190,7 +190,8 @@ class AsyncEngine:
             logger.exception("engine failed to load")
             self._loaded.set()
             return
-        self._accepting = True
+        with self._cond:
+            self._accepting = not self._stop  # a shutdown may have come while loading
         self._loaded.set()
         while True:
             with self._cond:
