@@ -39,3 +39,6 @@ test-fast: install fetch-model
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+include deploy/docker.mk
+-include loadtest/loadtest.mk

@@ -80,3 +80,15 @@ def test_move_slots_compacts_every_layer():
     cache.k.view(3, -1, 1, 2)[:, 5] = 7.0
     cache.move_slots(torch.tensor([5]), torch.tensor([1]))
     assert (cache.k.view(3, -1, 1, 2)[:, 1] == 7.0).all()
+
+
+def test_padding_sequences_with_no_keys_give_zeros_and_leave_others_alone():
+    torch.manual_seed(1)
+    cache = KVCache(1, 4, BLOCK, 1, 4, torch.float32)
+    # a padding prefill, a real decode step, a padding tree step
+    metadata = build_metadata([2, 1, 1], [0, 1, 0], [[], [3], []], BLOCK, num_prefills=1)
+    assert metadata.slot_mapping.tolist() == [-1, -1, 3 * BLOCK, -1]
+    q, k, v = torch.randn(4, 1, 4), torch.randn(4, 1, 4), torch.randn(4, 1, 4)
+    out = TorchAttention(metadata, cache)(0, q, k, v)
+    assert out[[0, 1, 3]].abs().sum() == 0
+    torch.testing.assert_close(out[2], v[2])  # a lone token attends to itself only

@@ -1,0 +1,77 @@
+"""Throughput and inter-token latency under concurrency: plain vs fixed tree vs adaptive.
+
+    python -m benchmarks.batching [--concurrency 1,4,16,32] [--max-tokens 64] [--fixed-tree 16]
+
+For each concurrency c, c requests (evaluation prompts, greedy) are in flight at once in one
+engine; the same engine runs (a) plain decoding (tree of 1), (b) a fixed tree and (c) the
+load-adaptive policy, side by side in one run. Prints generated tokens/s and p50/p99
+inter-token latency (a step that yields k tokens for a request counts k gaps of step/k).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from datetime import date
+
+import torch
+
+from benchmarks.eval_prompts import ALL
+from server.config import EngineConfig
+from server.engine import LLMEngine
+from server.sampling_params import SamplingParams
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run(engine: LLMEngine, prompts: list[list[int]], concurrency: int, max_tokens: int) -> tuple[float, list[float]]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    for i in range(concurrency):
+        engine.add_request(f"r{i}", prompts[i % len(prompts)], params)
+    last: dict[str, float] = {}
+    gaps: list[float] = []
+    tokens = 0
+    started = time.perf_counter()
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            tokens += len(out.token_ids)
+            if out.request_id in last and out.token_ids:
+                gaps += [(now - last[out.request_id]) / len(out.token_ids)] * len(out.token_ids)
+            last[out.request_id] = now
+    return tokens / (time.perf_counter() - started), gaps
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", default="1,4,16,32")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--fixed-tree", type=int, default=16)
+    parser.add_argument("--heads", default=None)
+    args = parser.parse_args(argv)
+    engine = LLMEngine(EngineConfig(heads=args.heads, max_num_seqs=64, max_num_batched_tokens=1024,
+                                    kv_cache_memory_gb=2.0))
+    prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in ALL]
+    modes = [("plain", 1), (f"tree {args.fixed_tree}", args.fixed_tree), ("adaptive", None)]
+    print(f"# {date.today()} {platform.node()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"float32, greedy, {args.max_tokens} new tokens per request")
+    print("| concurrency | mode | tokens/s | p50 ITL ms | p99 ITL ms | vs best fixed |")
+    print("|---|---|---|---|---|---|")
+    for concurrency in [int(c) for c in args.concurrency.split(",")]:
+        rows = []
+        for label, size in modes:
+            engine.set_tree_budget(size)
+            rate, gaps = run(engine, prompts, concurrency, args.max_tokens)
+            rows.append((label, rate, percentile(gaps, 0.5) * 1e3, percentile(gaps, 0.99) * 1e3))
+        best_fixed = max(r[1] for r in rows[:2])
+        for label, rate, p50, p99 in rows:
+            print(f"| {concurrency} | {label} | {rate:.1f} | {p50:.0f} | {p99:.0f} | {rate / best_fixed:.2f}x |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

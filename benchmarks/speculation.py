@@ -1,0 +1,73 @@
+"""Speculation at batch 1: mean accepted length and tokens/s over tree sizes, in one run.
+
+    python -m benchmarks.speculation [--max-tokens 128] [--sizes 1,4,8,16,32,64] [--heads DIR]
+
+Runs every evaluation prompt (chat and code, never training prompts) alone through one
+engine, at temperature 0 and 0.7, for each fixed tree size (1 = plain decoding, the same
+engine) and the adaptive policy; prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from datetime import date
+
+import torch
+
+from benchmarks.eval_prompts import ALL
+from server.config import EngineConfig
+from server.engine import LLMEngine
+from server.sampling_params import SamplingParams
+
+
+def run_one(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams) -> tuple[int, float, int, int]:
+    """-> (generated tokens, seconds, speculation steps, accepted drafted tokens)."""
+    engine.add_request("bench", prompt_ids, params)
+    seq = engine.sequences["bench"]
+    tokens = 0
+    started = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if started is None:  # time decoding only, from the first token on
+                started = time.perf_counter()
+            else:
+                tokens += len(out.token_ids)
+    return tokens, time.perf_counter() - started, seq.spec.steps, seq.spec.accepted
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--sizes", default="1,4,8,16,32,64")
+    parser.add_argument("--temperatures", default="0,0.7")
+    parser.add_argument("--prompts", type=int, default=len(ALL))
+    parser.add_argument("--heads", default=None)
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args(argv)
+    engine = LLMEngine(EngineConfig(heads=args.heads, dtype=args.dtype, max_num_seqs=1))
+    prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in ALL[: args.prompts]]
+    sizes: list[int | None] = [int(s) for s in args.sizes.split(",")] + [None]
+    print(f"# {date.today()} {platform.node()} {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, "
+          f"{len(prompts)} prompts x {args.max_tokens} new tokens")
+    print("| temperature | tree | mean accepted length | tokens/s | speed-up vs plain |")
+    print("|---|---|---|---|---|")
+    for temperature in [float(t) for t in args.temperatures.split(",")]:
+        plain_rate = None
+        for size in sizes:
+            engine.set_tree_budget(size)
+            total_tokens = total_time = steps = accepted = 0
+            for i, ids in enumerate(prompts):
+                params = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, seed=i, ignore_eos=True)
+                t, s, n, a = run_one(engine, ids, params)
+                total_tokens, total_time, steps, accepted = total_tokens + t, total_time + s, steps + n, accepted + a
+            rate = total_tokens / total_time
+            plain_rate = plain_rate or rate
+            label = "adaptive" if size is None else str(size)
+            print(f"| {temperature} | {label} | {1 + accepted / max(steps, 1):.2f} | {rate:.1f} | "
+                  f"{rate / plain_rate:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

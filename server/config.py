@@ -1,0 +1,38 @@
+"""Engine configuration: one dataclass, validated once."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None          # Hugging Face-style directory; None = the default model
+    heads: str | None = None          # head checkpoint; None = the shipped heads; "none" = no heads
+    speculation: bool = True          # False: plain one-token-per-step decoding, same engine
+    tree_budget: int | None = None    # fixed tree size (nodes); None = adaptive to load
+    max_tree_nodes: int = 64
+    dtype: str = "float32"
+    device: str = "auto"              # auto = cuda when available, else cpu
+    attention_backend: str = "auto"   # auto | torch | triton
+    max_num_seqs: int = 64
+    max_model_len: int | None = None  # None = the model's own limit
+    max_num_batched_tokens: int = 512
+    max_queue_size: int = 256         # waiting requests beyond this are refused (HTTP 503)
+    block_size: int = 16
+    kv_cache_memory_gb: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue_size", "block_size", "max_tree_nodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 1 <= self.max_tree_nodes <= 64:
+            raise ValueError(f"max_tree_nodes must be between 1 and 64, got {self.max_tree_nodes}")
+        if self.tree_budget is not None and not 1 <= self.tree_budget <= self.max_tree_nodes:
+            raise ValueError(f"tree_budget must be between 1 and {self.max_tree_nodes}, got {self.tree_budget}")
+        if self.kv_cache_memory_gb <= 0:
+            raise ValueError("kv_cache_memory_gb must be positive")
+        if self.max_num_batched_tokens < self.max_tree_nodes:
+            raise ValueError("max_num_batched_tokens must hold at least one full tree (max_tree_nodes)")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")

@@ -1,0 +1,130 @@
+"""Runs one scheduled step: Python lists in, one forward, accepted tokens and drafts out.
+
+This is the one place where bookkeeping turns into tensors. A decode step verifies each
+sequence's candidate tree (root = its last token, other nodes = its heads' guesses), keeps
+the accepted path (moving its keys and values into place in the cache), and runs the heads
+on the hidden state of the last kept token to draft the next tree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.attention import KVCache, build_metadata
+from models.heads import MedusaHeads
+from models.llama import LlamaForCausalLM
+from server.acceptance import accept_greedy, accept_rejection, accept_typical
+from server.sampler import pick
+from server.scheduler import SchedulerOutput, ScheduledSequence
+from server.tree import Path, tree_of
+
+
+@dataclass
+class StepResult:
+    new_token_ids: list[int]      # accepted drafted tokens then the bonus token (empty mid-prompt)
+    num_cached_tokens: int        # after the commit
+    drafted: int = 0              # tree nodes besides the root
+    accepted: int = 0             # drafted tokens kept
+    draft: list[list[int]] | None = None
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, heads: MedusaHeads | None, kv_cache: KVCache,
+                 attention_cls, tree_paths: tuple[Path, ...]):
+        self.model = model
+        self.heads = heads
+        self.kv_cache = kv_cache
+        self.attention_cls = attention_cls
+        self.tree_paths = tree_paths
+        self.device = model.lm_head.weight.device
+        self.top_k = 1 + max((rank for path in tree_paths for rank in path), default=0)
+
+    def node_tokens(self, item: ScheduledSequence) -> list[int]:
+        seq = item.seq
+        tree = tree_of(self.tree_paths, item.num_new_tokens)
+        return [seq.token_ids[-1]] + [seq.draft[len(p) - 1][p[-1]] for p in tree.paths[1:]]
+
+    @torch.inference_mode()
+    def execute(self, batch: SchedulerOutput) -> list[tuple[ScheduledSequence, StepResult]]:
+        items = batch.prefills + batch.decodes
+        block_size = self.kv_cache.block_size
+        input_ids, positions, tree_masks, logits_rows = [], [], [], []
+        query_lens, seq_lens, tables, first_logit = [], [], [], []
+        for item in items:
+            seq, n = item.seq, item.num_new_tokens
+            start = seq.num_cached_tokens
+            if item.is_prefill:
+                input_ids += seq.token_ids[start:start + n]
+                positions += range(start, start + n)
+                needs_logits = start + n == seq.num_tokens
+            else:
+                tree = tree_of(self.tree_paths, n)
+                input_ids += self.node_tokens(item)
+                positions += [start + d for d in tree.depths]
+                tree_masks.append(list(tree.ancestor_masks))
+                needs_logits = True
+            first_logit.append(len(logits_rows))
+            if needs_logits:
+                row0 = len(positions) - (1 if item.is_prefill else n)
+                logits_rows += range(row0, len(positions))
+            query_lens.append(n)
+            seq_lens.append(start + n)
+            tables.append(seq.block_table)
+        metadata = build_metadata(query_lens, seq_lens, tables, block_size, len(batch.prefills),
+                                  tree_masks, device=self.device)
+        attention = self.attention_cls(metadata, self.kv_cache)
+        logits, hidden = self.model(torch.tensor(input_ids, device=self.device),
+                                    torch.tensor(positions, device=self.device), attention,
+                                    torch.tensor(logits_rows, dtype=torch.long, device=self.device))
+        argmax = logits.argmax(-1).tolist()
+
+        results, moves, head_rows, head_items = [], ([], []), [], []
+        offset = 0
+        for item, row in zip(items, first_logit):
+            seq, n = item.seq, item.num_new_tokens
+            start = seq.num_cached_tokens
+            if item.is_prefill:
+                if start + n < seq.num_tokens:  # a chunk in the middle of the prompt
+                    results.append(StepResult([], start + n))
+                else:
+                    token = argmax[row] if seq.params.is_greedy else int(
+                        pick(logits[row:row + 1], seq.params, seq.generator)[0])
+                    results.append(StepResult([token], start + n))
+                    head_rows.append(offset + n - 1)
+                    head_items.append(len(results) - 1)
+            else:
+                tree = tree_of(self.tree_paths, n)
+                tokens = self.node_tokens(item)
+                if seq.params.is_greedy:
+                    kept, bonus = accept_greedy(tree, tokens, argmax[row:row + n])
+                else:
+                    rule = accept_typical if seq.params.acceptance == "typical" else accept_rejection
+                    kept, bonus = rule(tree, tokens, logits[row:row + n], seq.params, seq.generator)
+                for depth, node in enumerate(kept, start=1):
+                    if node != depth:
+                        moves[0].append(self._slot(seq.block_table, start + node))
+                        moves[1].append(self._slot(seq.block_table, start + depth))
+                results.append(StepResult([tokens[k] for k in kept] + [bonus], start + 1 + len(kept),
+                                          drafted=n - 1, accepted=len(kept)))
+                head_rows.append(offset + (kept[-1] if kept else 0))
+                head_items.append(len(results) - 1)
+            offset += n
+        if moves[0]:
+            self.kv_cache.move_slots(torch.tensor(moves[0], device=self.device),
+                                     torch.tensor(moves[1], device=self.device))
+        if self.heads is not None and head_rows:
+            self._draft(hidden, head_rows, [results[i] for i in head_items])
+        return list(zip(items, results))
+
+    def _slot(self, block_table: list[int], index: int) -> int:
+        size = self.kv_cache.block_size
+        return block_table[index // size] * size + index % size
+
+    def _draft(self, hidden: torch.Tensor, rows: list[int], results: list[StepResult]) -> None:
+        """Each head's top-k guesses after the last kept token of each sequence."""
+        head_hidden = self.heads(hidden[torch.tensor(rows, device=self.device)])   # [N, heads, H]
+        logits = self.heads.logits(head_hidden, self.model.lm_head)              # [N, heads, V]
+        guesses = torch.topk(logits, self.top_k, dim=-1).indices.tolist()        # [N, heads, K]
+        for result, draft in zip(results, guesses):
+            result.draft = draft

@@ -1,0 +1,21 @@
+"""What the engine hands back to the HTTP layer after each step, per request."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    request_id: str
+    text: str                   # new text since the last output (stop strings never included)
+    token_ids: list[int]        # new token ids since the last output
+    finish_reason: str | None   # None while running; else one of FINISH_REASONS
+    num_prompt_tokens: int
+    num_output_tokens: int      # generated so far (all of them, also those cut by a stop string)
+    error: str | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None

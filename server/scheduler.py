@@ -1,0 +1,130 @@
+"""Which sequences run this step, with how many tokens each. Plain Python, no torch.
+
+First come, first served. Running sequences that decode go first, each with a tree whose
+size the speculation policy picks; then prompt chunks (chunked prefill) of running
+sequences, then newly admitted ones, within a per-step token budget and the free KV-cache
+blocks. When blocks run out, the latest arrival is preempted: its blocks are freed and it
+is recomputed later, never lost.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from server.block_manager import BlockManager
+from server.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int    # prompt chunk length, or the tree's node count for decodes
+    is_prefill: bool
+
+
+@dataclass
+class SchedulerOutput:
+    prefills: list[ScheduledSequence] = field(default_factory=list)
+    decodes: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.prefills and not self.decodes
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.prefills + self.decodes)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 choose_tree_sizes):
+        """choose_tree_sizes(seqs, other_tokens, token_limit) -> nodes per sequence."""
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.choose_tree_sizes = choose_tree_sizes
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence and free its blocks at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq.block_table)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        decoding = [s for s in self.running if not s.is_prefilling]
+        pending_prefill = sum(s.num_uncached_tokens for s in self.running if s.is_prefilling) + sum(
+            s.num_uncached_tokens for s in self.waiting)
+        sizes = self.choose_tree_sizes(decoding, min(pending_prefill, budget), budget) if decoding else []
+        for seq, size in zip(decoding, sizes):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted to make room for an earlier arrival
+            if not self._reserve(seq, seq.num_cached_tokens + size, out):
+                continue  # seq itself was preempted
+            out.decodes.append(ScheduledSequence(seq, size, is_prefill=False))
+            budget -= size
+        for seq in [s for s in self.running if s.is_prefilling]:
+            if budget <= 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            chunk = min(seq.num_uncached_tokens, budget)
+            if not self._reserve(seq, seq.num_cached_tokens + chunk, out):
+                continue
+            out.prefills.append(ScheduledSequence(seq, chunk, is_prefill=True))
+            budget -= chunk
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            chunk = min(seq.num_uncached_tokens, budget)
+            # admit only with room for the chunk plus one block of headroom, so admissions
+            # do not immediately force preemptions
+            if not self.block_manager.can_grow(seq.block_table, seq.num_cached_tokens + chunk
+                                               + self.block_manager.block_size):
+                break
+            self.waiting.popleft()
+            self.block_manager.grow(seq.block_table, seq.num_cached_tokens + chunk)
+            seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
+            self.running.append(seq)
+            out.prefills.append(ScheduledSequence(seq, chunk, is_prefill=True))
+            budget -= chunk
+        return out
+
+    def _reserve(self, seq: Sequence, num_slots: int, out: SchedulerOutput) -> bool:
+        """Grow seq's blocks to num_slots, preempting the latest arrivals if needed.
+
+        Returns False when seq itself had to be preempted.
+        """
+        while not self.block_manager.can_grow(seq.block_table, num_slots):
+            victim = max(self.running, key=lambda s: s.arrival_time)
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        self.block_manager.grow(seq.block_table, num_slots)
+        return True
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq.block_table)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+        # a victim already scheduled this step must not run
+        out.decodes = [s for s in out.decodes if s.seq is not seq]
+        out.prefills = [s for s in out.prefills if s.seq is not seq]

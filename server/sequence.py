@@ -1,0 +1,101 @@
+"""A request inside the engine: the one source of truth for its tokens, cache and state."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from server.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class SpeculationStats:
+    steps: int = 0               # decoding steps (each verifies one tree)
+    drafted: int = 0             # tree tokens verified, root excluded
+    accepted: int = 0            # drafted tokens accepted
+    accepted_per_depth: list[int] = field(default_factory=list)
+    # Exponential moving average of (accepted + 1) / expected length under the prior accuracies:
+    # how much better or worse than the tree's estimate this sequence's heads guess.
+    skill: float = 1.0
+
+    def record(self, depth_accepted: int, drafted: int, expected: float) -> None:
+        self.steps += 1
+        self.drafted += drafted
+        self.accepted += depth_accepted
+        while len(self.accepted_per_depth) < depth_accepted:
+            self.accepted_per_depth.append(0)
+        for d in range(depth_accepted):
+            self.accepted_per_depth[d] += 1
+        if drafted:
+            self.skill = 0.8 * self.skill + 0.2 * min(2.0, (1 + depth_accepted) / max(expected, 1.0))
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    token_ids: list[int] = field(default_factory=list)   # prompt + generated
+    status: SequenceStatus = SequenceStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0       # tokens whose keys and values are in the cache
+    draft: list[list[int]] | None = None  # per head, its top-k guesses after the last token
+    spec: SpeculationStats = field(default_factory=SpeculationStats)
+    finish_reason: str | None = None
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    generator: object = None         # torch.Generator for seeded sampling, set by the runner
+    output_state: object = None      # detokenizer and stop-string state, owned by the output processor
+
+    def __post_init__(self):
+        if not self.prompt_ids:
+            raise ValueError("the prompt must hold at least one token")
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_ids):]
+
+    @property
+    def num_uncached_tokens(self) -> int:
+        return self.num_tokens - self.num_cached_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        """More than the last token still needs its keys computed."""
+        return self.num_uncached_tokens > 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def remaining_tokens(self) -> int:
+        return self.params.max_tokens - self.num_output_tokens
+
+    def reset_for_recompute(self) -> None:
+        """After preemption: the cache is gone, every token gets recomputed."""
+        self.num_cached_tokens = 0
+        self.draft = None
+        self.status = SequenceStatus.WAITING

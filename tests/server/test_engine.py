@@ -1,0 +1,153 @@
+"""The engine end to end: speculation is exact, batching is exact, nothing is lost or leaked."""
+import pytest
+import torch
+
+from engine_helpers import PROMPTS, chat_ids, reference, run_to_completion
+from server.config import EngineConfig
+from server.engine import LLMEngine
+from server.sampling_params import SamplingParams
+from server.tree import tree_of
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def engine(random_heads):
+    return LLMEngine(EngineConfig(max_num_batched_tokens=256, kv_cache_memory_gb=0.25), random_heads)
+
+
+@pytest.fixture(scope="module")
+def references(engine):
+    cache = {}
+
+    def get(prompt, params=GREEDY):
+        key = (prompt, params)
+        if key not in cache:
+            cache[key] = reference(engine, chat_ids(engine.tokenizer, prompt), params)
+        return cache[key]
+    return get
+
+
+def check_exact(engine, references, prompts, params=GREEDY):
+    requests = {str(i): (chat_ids(engine.tokenizer, p), params) for i, p in enumerate(prompts)}
+    outputs = run_to_completion(engine, requests)
+    for i, prompt in enumerate(prompts):
+        assert outputs[str(i)] == references(prompt, params), prompt
+
+
+def test_speculative_greedy_equals_plain_greedy_batch_1(engine, references):
+    for prompt in PROMPTS[:3]:
+        check_exact(engine, references, [prompt])
+
+
+def test_batch_of_8_different_lengths_equals_plain_greedy(engine, references):
+    check_exact(engine, references, PROMPTS[3:11])
+
+
+@pytest.mark.slow
+def test_speculative_greedy_exact_on_22_prompts_batch_1_and_8(engine, references):
+    for prompt in PROMPTS:
+        check_exact(engine, references, [prompt])
+    for start in range(0, len(PROMPTS), 8):
+        check_exact(engine, references, PROMPTS[start:start + 8])
+
+
+def test_kv_commit_moves_accepted_rows_into_place(random_heads, monkeypatch):
+    """Heads replaced by an oracle that puts the true continuation at rank 1 (rank 0 is wrong),
+    so accepted paths run through nodes whose tree index differs from their depth and the
+    commit has rows to move. Every committed row must equal a plain prefill's."""
+    engine = LLMEngine(EngineConfig(tree_budget=16, max_num_batched_tokens=64, max_tree_nodes=16,
+                                    kv_cache_memory_gb=0.05), random_heads)
+    ids = chat_ids(engine.tokenizer, PROMPTS[1])
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    expected = reference(engine, ids, params)
+    execute = engine.runner.execute
+    # the deepest tree path that goes through a rank other than 0
+    path = max((p for p in tree_of(engine.runner.tree_paths, 16).paths if any(p)), key=len)
+    assert len(path) >= 2
+
+    def with_oracle_drafts(batch):
+        results = execute(batch)
+        for item, result in results:
+            future = expected[item.seq.num_output_tokens + len(result.new_token_ids):]
+            for head, guesses in enumerate(result.draft or []):
+                if head < len(path) and head < len(future):
+                    wrong = [(future[head] + 1 + r) % engine.model.config.vocab_size for r in range(len(guesses))]
+                    guesses[:] = wrong
+                    guesses[path[head]] = future[head]
+        return results
+
+    monkeypatch.setattr(engine.runner, "execute", with_oracle_drafts)
+    engine.add_request("oracle", ids, params)
+    seq, out, steps = engine.sequences["oracle"], [], 0
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out += o.token_ids
+        steps += 1
+        if not seq.is_finished:
+            check_cache_against_prefill(engine, seq)
+    assert out == expected
+    assert steps <= 2 + len(expected) / (len(path) + 1), "oracle drafts should be accepted several at a time"
+
+
+def check_cache_against_prefill(engine, seq):
+    from models.attention import KVCache, TorchAttention, build_metadata
+    config = engine.model.config
+    n = seq.num_cached_tokens
+    blocks = (n + 15) // 16
+    fresh = KVCache(config.num_hidden_layers, blocks, 16, config.num_key_value_heads, config.head_dim,
+                    engine.kv_cache.k.dtype)
+    metadata = build_metadata([n], [n], [list(range(blocks))], 16, num_prefills=1)
+    with torch.inference_mode():
+        engine.model(torch.tensor(seq.token_ids[:n]), torch.arange(n), TorchAttention(metadata, fresh))
+    size = engine.kv_cache.block_size
+    slots = torch.tensor([seq.block_table[i // size] * size + i % size for i in range(n)])
+    ours = engine.kv_cache.k.view(config.num_hidden_layers, -1, config.num_key_value_heads, config.head_dim)[:, slots]
+    theirs = fresh.k.view(config.num_hidden_layers, -1, config.num_key_value_heads, config.head_dim)[:, :n]
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_abort_frees_blocks_at_once(engine):
+    free = engine.block_manager.num_free_blocks
+    engine.add_request("doomed", chat_ids(engine.tokenizer, PROMPTS[0]), SamplingParams(max_tokens=50))
+    engine.step()
+    assert engine.block_manager.num_free_blocks < free
+    engine.abort_request("doomed")
+    assert engine.block_manager.num_free_blocks == free
+    assert not engine.has_unfinished_requests() and engine.step() == []
+
+
+def test_sampling_with_speculation_is_seeded_and_stops(engine):
+    params = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=11)
+    ids = chat_ids(engine.tokenizer, PROMPTS[5])
+    first = run_to_completion(engine, {"a": (ids, params)})["a"]
+    second = run_to_completion(engine, {"b": (ids, params)})["b"]
+    assert first == second and 0 < len(first) <= 16
+
+
+def test_stop_string_ends_the_request_without_leaking(engine, references):
+    ids = chat_ids(engine.tokenizer, PROMPTS[15])
+    full = engine.tokenizer.decode(references(PROMPTS[15]))
+    stop = full[10:14]
+    engine.add_request("s", ids, SamplingParams(max_tokens=24, temperature=0.0, stop=(stop,)))
+    text, reasons = "", []
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            text += o.text
+            reasons.append(o.finish_reason)
+    assert text == full[: full.index(stop)] and reasons[-1] == "stop"
+
+
+def test_prompt_too_long_is_refused_with_numbers(engine):
+    with pytest.raises(ValueError, match=r"maximum context length is \d+ tokens"):
+        engine.add_request("long", [1] * engine.max_model_len, SamplingParams(max_tokens=1))
+
+
+def test_same_seed_same_text_whatever_the_load(engine):
+    params = SamplingParams(max_tokens=16, temperature=1.0, seed=42, ignore_eos=True)
+    ids = chat_ids(engine.tokenizer, PROMPTS[7])
+    alone = run_to_completion(engine, {"alone": (ids, params)})["alone"]
+    busy = {f"other{i}": (chat_ids(engine.tokenizer, p), SamplingParams(max_tokens=16, temperature=0.0))
+            for i, p in enumerate(PROMPTS[:5])}
+    busy["seeded"] = (ids, params)
+    assert run_to_completion(engine, busy)["seeded"] == alone
