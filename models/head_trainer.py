@@ -1,0 +1,194 @@
+"""Training and evaluating Medusa heads on cached hidden states (Medusa-1: frozen base).
+
+The base model never runs here: the data are its final hidden states and its own tokens
+(models/distill_data.py). Row i of an answer holds the hidden state that produced token i;
+head k (0-based) at row i is trained to guess token i + k + 1, i.e. the token k + 1 steps
+after the one the base model itself picks from that state.
+
+Loss: the sum over heads of 0.8^k x cross-entropy. The shared 49152 x 576 unembedding
+would dominate every step on a CPU, so training restricts the softmax to a *reduced
+vocabulary*: the most frequent target tokens of the training split, enough to cover
+`coverage` of all targets (at most `max_vocab`). Targets outside it are skipped by the
+loss. Evaluation always uses the full vocabulary.
+
+Distillation (`hidden_loss_weight` > 0): each head's output is also pulled towards the base
+model's own hidden state at the position it guesses for (row i + k + 1, the state from
+which the base picks that token), as a relative squared error. It is a dense signal that
+needs no vocabulary at all, so it makes small self-distilled data sets go further.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.heads import HeadsConfig, MedusaHeads
+
+LOSS_DECAY = 0.8
+EVAL_TOP_K = 10
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    num_heads: int = 4
+    num_layers: int = 1
+    shared_unembedding: bool = True
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.05
+    coverage: float = 0.98
+    max_vocab: int = 4096
+    hidden_loss_weight: float = 1.0
+    seed: int = 0
+
+
+def head_targets(tokens: torch.Tensor, offsets: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """tokens [N], offsets [S + 1] -> targets [N, num_heads]: token i + k + 1 of the same
+    answer, -1 where the answer ends first."""
+    n = tokens.shape[0]
+    rows = torch.arange(n)
+    ends = torch.repeat_interleave(offsets[1:], offsets[1:] - offsets[:-1])   # [N]
+    targets = torch.full((n, num_heads), -1, dtype=torch.long)
+    for k in range(num_heads):
+        ahead = rows + k + 1
+        valid = ahead < ends
+        targets[valid, k] = tokens[ahead[valid]]
+    return targets
+
+
+def reduced_vocabulary(targets: torch.Tensor, vocab_size: int, coverage: float, max_vocab: int) -> torch.Tensor:
+    """The most frequent target ids covering `coverage` of targets (<= max_vocab), sorted."""
+    counts = torch.bincount(targets[targets >= 0], minlength=vocab_size)
+    order = counts.argsort(descending=True)
+    cumulative = counts[order].cumsum(0).double() / max(1, int(counts.sum()))
+    size = int((cumulative < coverage).sum()) + 1
+    size = min(size, max_vocab, int((counts > 0).sum()))
+    return order[:size].sort().values
+
+
+class HeadTrainer:
+    """Trains heads on (hidden, targets); resumable through `state_dict`."""
+
+    def __init__(self, config: TrainConfig, base_lm_head: torch.Tensor, vocab_ids: torch.Tensor,
+                 num_rows: int, device: torch.device | str = "cpu"):
+        self.config = config
+        self.device = torch.device(device)
+        hidden_size = base_lm_head.shape[1]
+        torch.manual_seed(config.seed)
+        self.heads = MedusaHeads(HeadsConfig(config.num_heads, config.num_layers, hidden_size,
+                                             base_lm_head.shape[0], config.shared_unembedding)).to(self.device)
+        if self.heads.lm_heads is not None:  # own unembeddings start as copies of the base one
+            for lm_head in self.heads.lm_heads:
+                lm_head.weight.data.copy_(base_lm_head)
+        self.vocab_ids = vocab_ids.to(self.device)
+        self.reduced_lm_head = base_lm_head[vocab_ids].float().to(self.device)   # [V_r, H]
+        self.to_reduced = torch.full((base_lm_head.shape[0],), -1, dtype=torch.long, device=self.device)
+        self.to_reduced[self.vocab_ids] = torch.arange(len(vocab_ids), device=self.device)
+        self.weights = torch.tensor([LOSS_DECAY ** k for k in range(config.num_heads)], device=self.device)
+        self.steps_per_epoch = max(1, num_rows // config.batch_size)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        params = [p for p in self.heads.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        warmup = max(1, int(config.warmup_fraction * self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(
+            (s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / self.total_steps)))))
+        self.step = 0
+
+    def reduced_logits(self, head_hidden: torch.Tensor) -> torch.Tensor:
+        """head_hidden [B, num_heads, H] -> logits over the reduced vocabulary [B, num_heads, V_r]."""
+        if self.heads.lm_heads is None:
+            return head_hidden @ self.reduced_lm_head.T
+        return torch.stack([head_hidden[:, k] @ lm.weight[self.vocab_ids].T
+                            for k, lm in enumerate(self.heads.lm_heads)], dim=1)
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor, future: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [B, H] float, targets [B, K] full-vocab ids (-1 = none), future [B, K, H] the
+        base model's hidden states at the guessed positions -> (loss, per-head CE [K])."""
+        head_hidden = self.heads(hidden)
+        logits = self.reduced_logits(head_hidden)
+        reduced = torch.where(targets >= 0, self.to_reduced[targets.clamp(min=0)], -1)
+        per_head = torch.stack([F.cross_entropy(logits[:, k], reduced[:, k], ignore_index=-1)
+                                if bool((reduced[:, k] >= 0).any()) else logits.new_zeros(())
+                                for k in range(logits.shape[1])])
+        loss = (per_head * self.weights).sum()
+        if future is not None and self.config.hidden_loss_weight > 0:
+            valid = (targets >= 0).float()                                            # [B, K]
+            error = (head_hidden - future).pow(2).mean(-1) / future.pow(2).mean(-1).clamp(min=1e-6)
+            per_head_error = (error * valid).sum(0) / valid.sum(0).clamp(min=1)       # [K]
+            loss = loss + self.config.hidden_loss_weight * (per_head_error * self.weights).sum()
+        return loss, per_head.detach()
+
+    def batch_order(self, epoch: int, num_rows: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
+        return torch.randperm(num_rows, generator=generator)
+
+    def train(self, hidden: torch.Tensor, targets: torch.Tensor, save=None, save_every: int = 100,
+              max_steps: int | None = None) -> list[float]:
+        """Run from self.step to the end (or max_steps more); returns the losses seen."""
+        self.heads.train()
+        losses = []
+        stop = self.total_steps if max_steps is None else min(self.total_steps, self.step + max_steps)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train heads", unit="step")
+        order, order_epoch = None, -1
+        while self.step < stop:
+            epoch, within = divmod(self.step, self.steps_per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = self.batch_order(epoch, hidden.shape[0]), epoch
+            rows = order[within * self.config.batch_size:(within + 1) * self.config.batch_size]
+            ahead = (rows[:, None] + torch.arange(1, targets.shape[1] + 1)).clamp(max=hidden.shape[0] - 1)
+            loss, per_head = self.loss(hidden[rows].to(self.device).float(), targets[rows].to(self.device),
+                                       hidden[ahead].to(self.device).float())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            losses.append(loss.item())
+            bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", head1=f"{float(per_head[0]):.3f}")
+            if save and (self.step % save_every == 0 or self.step == stop):
+                save(self)
+        bar.close()
+        self.heads.eval()
+        return losses
+
+    def state_dict(self) -> dict:
+        return {"config": asdict(self.config), "step": self.step, "heads": self.heads.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "vocab_ids": self.vocab_ids.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["config"] != asdict(self.config):
+            raise ValueError(f"the checkpoint was trained with {state['config']}, not {asdict(self.config)}; "
+                             "use the same settings to resume, or another run directory")
+        if not torch.equal(state["vocab_ids"], self.vocab_ids.cpu()):
+            raise ValueError("the checkpoint's reduced vocabulary differs from this data's; use the same data")
+        self.heads.load_state_dict(state["heads"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+
+
+@torch.inference_mode()
+def evaluate(heads: MedusaHeads, base_lm_head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
+             batch_size: int = 256, top_k: int = EVAL_TOP_K) -> list[list[float]]:
+    """Full-vocabulary accuracy: [head][rank] = share of positions whose rank-r guess is right
+    (so top-5 accuracy is the sum of ranks 0..4)."""
+    device = base_lm_head.weight.device
+    num_heads = heads.config.num_heads
+    hits = torch.zeros(num_heads, top_k, dtype=torch.long)
+    counts = (targets >= 0).sum(0)
+    for start in tqdm(range(0, hidden.shape[0], batch_size), desc="evaluate", unit="batch", leave=False):
+        h = hidden[start:start + batch_size].to(device, base_lm_head.weight.dtype)
+        logits = heads.logits(heads(h), base_lm_head)                        # [B, K, V]
+        guesses = logits.topk(top_k, dim=-1).indices.cpu()                    # [B, K, top_k]
+        hit = guesses == targets[start:start + batch_size, :, None]           # [B, K, top_k]
+        hits += hit.sum(0)
+    return [[int(hits[k, r]) / max(1, int(counts[k])) for r in range(top_k)] for k in range(num_heads)]

@@ -1,0 +1,107 @@
+"""Head training on cached hidden states: targets, reduced vocabulary, loss goes down,
+resuming from a checkpoint continues the same run."""
+import pytest
+import torch
+
+from models.head_trainer import HeadTrainer, TrainConfig, evaluate, head_targets, reduced_vocabulary
+
+HIDDEN, VOCAB = 32, 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on a busy machine their barriers cost 20x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_head_targets_look_ahead_within_each_answer():
+    tokens = torch.tensor([10, 11, 12, 13, 20, 21])
+    offsets = torch.tensor([0, 4, 6])
+    targets = head_targets(tokens, offsets, num_heads=2)
+    assert targets.tolist() == [[11, 12], [12, 13], [13, -1], [-1, -1], [21, -1], [-1, -1]]
+
+
+def test_reduced_vocabulary_covers_the_frequent_targets():
+    targets = torch.tensor([[1, 1], [1, 2], [2, 3], [-1, 1]])
+    assert reduced_vocabulary(targets, 10, coverage=0.99, max_vocab=100).tolist() == [1, 2, 3]
+    assert reduced_vocabulary(targets, 10, coverage=0.5, max_vocab=100).tolist() == [1]
+    assert reduced_vocabulary(targets, 10, coverage=1.0, max_vocab=2).tolist() == [1, 2]
+
+
+def synthetic_data(n=256, seed=0):
+    """Hidden states from which the future tokens are learnable: a fixed permutation chain."""
+    generator = torch.Generator().manual_seed(seed)
+    lm_head = 2 * torch.linalg.qr(torch.randn(HIDDEN, VOCAB, generator=generator))[0].T  # [V, H]
+    tokens = torch.randint(0, VOCAB, (n,), generator=generator)
+    hidden = (lm_head[tokens] + 0.05 * torch.randn(n, HIDDEN, generator=generator)).half()
+    # the "answer" is a fixed permutation chain, so future tokens follow from the current one
+    chain = torch.randperm(VOCAB, generator=generator)
+    targets = torch.stack([tokens := chain[tokens] for _ in range(3)], dim=1)
+    return lm_head, hidden, targets
+
+
+def loss_of(trainer, hidden, targets) -> float:
+    with torch.no_grad():
+        return trainer.loss(hidden.float(), targets)[0].item()
+
+
+def make_trainer(lm_head, num_rows, shared=True):
+    config = TrainConfig(num_heads=3, num_layers=1, shared_unembedding=shared, epochs=8, batch_size=32,
+                         lr=3e-2, coverage=1.0, max_vocab=VOCAB, seed=1)
+    return HeadTrainer(config, lm_head, torch.arange(VOCAB), num_rows)
+
+
+def test_tiny_training_lowers_the_loss_and_learns():
+    lm_head, hidden, targets = synthetic_data()
+    trainer = make_trainer(lm_head, len(hidden))
+    before = loss_of(trainer, hidden, targets)
+    trainer.train(hidden, targets)
+    after = loss_of(trainer, hidden, targets)
+    assert after < 0.5 * before
+    linear = torch.nn.Linear(HIDDEN, VOCAB, bias=False)
+    linear.weight.data.copy_(lm_head)
+    accuracy = evaluate(trainer.heads, linear, hidden, targets)
+    assert accuracy[0][0] > 0.5 and len(accuracy) == 3 and len(accuracy[0]) == 10
+
+
+def test_own_unembedding_heads_train_too():
+    lm_head, hidden, targets = synthetic_data()
+    trainer = make_trainer(lm_head, len(hidden), shared=False)
+    before = loss_of(trainer, hidden, targets)
+    trainer.train(hidden, targets, max_steps=16)
+    assert loss_of(trainer, hidden, targets) < before
+
+
+def test_training_resumes_from_its_checkpoint(tmp_path):
+    lm_head, hidden, targets = synthetic_data()
+    straight = make_trainer(lm_head, len(hidden))
+    straight.train(hidden, targets)
+
+    first = make_trainer(lm_head, len(hidden))
+    saved = []
+    first.train(hidden, targets, save=lambda t: torch.save(t.state_dict(), tmp_path / "c.pt") or saved.append(t.step),
+                save_every=5, max_steps=13)
+    assert first.step == 13 and saved == [5, 10, 13]
+    resumed = make_trainer(lm_head, len(hidden))
+    resumed.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True))
+    assert resumed.step == 13
+    resumed.train(hidden, targets)
+    assert resumed.step == straight.step == straight.total_steps
+    for a, b in zip(straight.heads.parameters(), resumed.heads.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    lm_head, hidden, targets = synthetic_data(n=128)
+    trainer = make_trainer(lm_head, len(hidden))
+    state = trainer.state_dict()
+    state["config"]["lr"] = 1.0
+    try:
+        trainer.load_state_dict(state)
+    except ValueError as e:
+        assert "same settings" in str(e)
+    else:
+        raise AssertionError("a checkpoint with other settings was accepted")
