@@ -10,7 +10,7 @@ TORCH_CPU_SPEC ?= torch==2.13.0
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-fast fetch-model bench clean
+.PHONY: install serve test test-slow test-all fetch-model clean
 
 install: $(VENV)/.installed
 
@@ -29,13 +29,17 @@ fetch-model: install
 serve: fetch-model
 	$(PY) -m server --host $(HOST) --port $(PORT)
 
-# The whole suite, slow tests included (what CI runs).
+# The default suite: everything but the tests marked @pytest.mark.slow.
 test: install fetch-model
-	$(PY) -m pytest $(PYTEST_ARGS)
-
-# The quick inner loop: everything but @pytest.mark.slow.
-test-fast: install fetch-model
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The heavy tests only (CI runs them after `make test`).
+test-slow: install fetch-model
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# Everything.
+test-all: install fetch-model
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

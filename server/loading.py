@@ -61,8 +61,11 @@ def load_components(config: EngineConfig, heads_override=None) -> Components:
     logger.info("loaded %s (%s) in %.1f s", model_dir, dtype, time.perf_counter() - started)
     checkpoint = heads_override
     if checkpoint is None and config.speculation and config.heads != "none":
-        from models.head_checkpoint import DEFAULT_HEADS_DIR, load_heads
+        from models.head_checkpoint import DEFAULT_HEADS_DIR, load_heads, model_checksum
         checkpoint = load_heads(config.heads or DEFAULT_HEADS_DIR, model.config, dtype, device)
+        if checkpoint.base_checksum and checkpoint.base_checksum != model_checksum(model_dir):
+            logger.warning("the heads were trained for another base model (%s); they will guess poorly "
+                           "but output stays exact", checkpoint.base_model)
     heads = checkpoint.heads.to(device=device, dtype=dtype).eval() if checkpoint is not None else None
     return Components(
         model=model, tokenizer=tokenizer, heads=heads,

@@ -25,6 +25,14 @@ def test_chunked_prefill_equals_one_shot_prefill(random_heads):
     assert outputs["long"] == reference(engine, ids, PARAMS)
 
 
+def test_4_concurrent_requests_equal_each_alone(plain_engine):
+    prompts = [chat_ids(plain_engine.tokenizer, p) for p in PROMPTS[16:20]]
+    together = run_to_completion(plain_engine, {str(i): (ids, PARAMS) for i, ids in enumerate(prompts)})
+    for i, ids in enumerate(prompts):
+        assert together[str(i)] == reference(plain_engine, ids, PARAMS)
+
+
+@pytest.mark.slow
 def test_16_concurrent_requests_equal_each_alone(plain_engine):
     prompts = [chat_ids(plain_engine.tokenizer, p) for p in PROMPTS[:16]]
     together = run_to_completion(plain_engine, {str(i): (ids, PARAMS) for i, ids in enumerate(prompts)})
@@ -37,8 +45,8 @@ def test_preempted_requests_finish_with_the_same_output(random_heads):
     engine = LLMEngine(EngineConfig(kv_cache_memory_gb=8 * 16 * 30 * 2 * 3 * 64 * 4 / 2**30, block_size=16,
                                     max_num_batched_tokens=64, max_tree_nodes=16), random_heads)
     assert engine.block_manager.num_blocks == 8
-    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
-    prompts = [chat_ids(engine.tokenizer, p)[-30:] for p in PROMPTS[:4]]  # 30-token prompts
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompts = [chat_ids(engine.tokenizer, p)[-40:] for p in PROMPTS[:4]]  # 40-token prompts
     from server import metrics
     before = metrics.num_preemptions._value.get()
     outputs = run_to_completion(engine, {str(i): (ids, params) for i, ids in enumerate(prompts)})
