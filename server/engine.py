@@ -155,7 +155,7 @@ class LLMEngine:
 
     # ---- bookkeeping -------------------------------------------------------------------
     def _record_speculation(self, seq: Sequence, nodes: int, accepted: int) -> None:
-        seq.spec.record(accepted, nodes - 1, self.policy.prior_length(nodes))
+        seq.spec.record(accepted, nodes - 1, self.policy.prior_length(nodes) - 1.0)
         metrics.spec_steps.inc()
         metrics.spec_draft_tokens.inc(nodes - 1)
         metrics.spec_accepted_tokens.inc(accepted)

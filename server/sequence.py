@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from server.sampling_params import SamplingParams
 
 
+SKILL_FLOOR = 0.02
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -20,20 +23,22 @@ class SpeculationStats:
     drafted: int = 0             # tree tokens verified, root excluded
     accepted: int = 0            # drafted tokens accepted
     accepted_per_depth: list[int] = field(default_factory=list)
-    # Exponential moving average of (accepted + 1) / expected length under the prior accuracies:
-    # how much better or worse than the tree's estimate this sequence's heads guess.
+    # Exponential moving average of accepted / expected drafted tokens under the prior
+    # accuracies: how much better or worse than the tree's estimate this sequence's heads
+    # guess. Kept above a floor so that a sequence whose heads went quiet still probes.
     skill: float = 1.0
 
-    def record(self, depth_accepted: int, drafted: int, expected: float) -> None:
+    def record(self, accepted: int, drafted: int, expected_gain: float) -> None:
         self.steps += 1
         self.drafted += drafted
-        self.accepted += depth_accepted
-        while len(self.accepted_per_depth) < depth_accepted:
+        self.accepted += accepted
+        while len(self.accepted_per_depth) < accepted:
             self.accepted_per_depth.append(0)
-        for d in range(depth_accepted):
+        for d in range(accepted):
             self.accepted_per_depth[d] += 1
         if drafted:
-            self.skill = 0.8 * self.skill + 0.2 * min(2.0, (1 + depth_accepted) / max(expected, 1.0))
+            ratio = min(3.0, accepted / max(expected_gain, 0.05))
+            self.skill = max(SKILL_FLOOR, 0.8 * self.skill + 0.2 * ratio)
 
 
 @dataclass

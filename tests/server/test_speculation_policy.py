@@ -1,0 +1,72 @@
+"""The load-adaptive policy against hand-made cost models and acceptance histories."""
+from server.cost_model import StepCostModel
+from server.sampling_params import SamplingParams
+from server.sequence import Sequence
+from server.speculation_policy import SpeculationPolicy
+from server.tree import expand_tree
+
+ACCURACIES = [[0.7, 0.15, 0.05], [0.5, 0.1, 0.05], [0.4, 0.08], [0.3, 0.05]]
+PATHS = tuple(expand_tree(ACCURACIES, 64))
+
+
+def seqs(n, skill=1.0, **params):
+    out = []
+    for i in range(n):
+        seq = Sequence(str(i), [1, 2, 3], SamplingParams(max_tokens=100, temperature=0.0, **params))
+        seq.draft = [[0, 0, 0]] * 4
+        seq.spec.skill = skill
+        out.append(seq)
+    return out
+
+
+def policy(costs):
+    return SpeculationPolicy(PATHS, ACCURACIES, StepCostModel(costs), max_nodes=64)
+
+
+def test_cheap_extra_tokens_buy_big_trees_for_a_lone_request():
+    flat = policy({1: 0.05, 16: 0.055, 64: 0.07, 256: 0.2, 1024: 0.8})
+    assert flat.choose(seqs(1), 0, 1024)[0] >= 16
+
+
+def test_a_busy_batch_drafts_less_than_a_lone_request():
+    costs = {1: 0.05, 16: 0.06, 64: 0.1, 256: 0.4, 1024: 1.6}  # compute-bound past ~64 tokens
+    alone = policy(costs).choose(seqs(1), 0, 2048)[0]
+    busy = policy(costs).choose(seqs(32), 0, 2048)
+    assert max(busy) < alone
+
+
+def test_linear_cost_means_no_speculation():
+    linear = policy({1: 0.01, 16: 0.16, 64: 0.64, 256: 2.56})
+    assert linear.choose(seqs(8), 0, 1024) == [1] * 8
+
+
+def test_heads_that_never_hit_stop_drafting():
+    costs = {1: 0.05, 16: 0.06, 64: 0.1, 256: 0.4}
+    sequence = seqs(1)[0]
+    p = policy(costs)
+    for _ in range(30):
+        sequence.spec.record(0, 15, p.prior_length(16) - 1)
+    assert p.choose([sequence], 0, 512)[0] <= 2
+
+
+def test_token_limit_is_respected():
+    p = policy({1: 0.05, 16: 0.05, 64: 0.05, 256: 0.05})
+    assert sum(p.choose(seqs(10), 0, 40)) <= 40
+
+
+def test_seeded_sampling_keeps_one_tree_size_whatever_the_load():
+    p = policy({1: 0.05, 16: 0.06, 64: 0.1, 256: 0.4, 1024: 1.6})
+    seeded = seqs(1, seed=3)[0]
+    seeded.params = SamplingParams(max_tokens=100, temperature=0.7, seed=3)
+    alone = p.choose([seeded], 0, 1024)
+    crowded = p.choose([seeded] + seqs(40), 0, 1024)
+    assert alone[0] == crowded[0] == p.pinned_size
+
+
+def test_cost_model_interpolates_and_learns():
+    model = StepCostModel({1: 0.05, 64: 0.1})
+    assert model(32) == 0.05 + 0.05 * 31 / 63
+    assert model(128) > model(64)
+    for _ in range(50):
+        model.observe(64, 0.2)
+    assert 0.18 < model(64) < 0.21
