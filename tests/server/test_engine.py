@@ -151,3 +151,22 @@ def test_same_seed_same_text_whatever_the_load(engine):
             for i, p in enumerate(PROMPTS[:5])}
     busy["seeded"] = (ids, params)
     assert run_to_completion(engine, busy)["seeded"] == alone
+
+
+@pytest.fixture(scope="module")
+def shipped_engine():
+    return LLMEngine(EngineConfig(max_num_batched_tokens=256, kv_cache_memory_gb=0.25))
+
+
+def test_shipped_heads_greedy_equals_plain_greedy_in_a_batch(shipped_engine, references):
+    assert shipped_engine.heads is not None
+    check_exact(shipped_engine, references, PROMPTS[11:15])
+    assert shipped_engine.scheduler.running == []
+
+
+@pytest.mark.slow
+def test_shipped_heads_exact_on_22_prompts_batch_1_and_8(shipped_engine, references):
+    for prompt in PROMPTS:
+        check_exact(shipped_engine, references, [prompt])
+    for start in range(0, len(PROMPTS), 8):
+        check_exact(shipped_engine, references, PROMPTS[start:start + 8])
