@@ -190,7 +190,9 @@ class TorchAttention:
             bias = None  # a whole prompt at once: plain causal attention
         else:  # an additive mask: much faster than a boolean one in CPU SDPA with GQA
             bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)[:, None]
-        return rows, key_slots, bias, valid
+        # where each real query's output goes: flat index into [b * mq] -> packed row
+        flat = torch.nonzero(valid.reshape(-1)).squeeze(1)
+        return rows, key_slots, bias, (flat, rows.reshape(-1)[flat])
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k and v [T, Hkv, D] -> output [T, Hq, D]; writes k and v to the cache."""
@@ -200,12 +202,12 @@ class TorchAttention:
         v_cache[self.write_slots] = v[self.write_rows]
         out = torch.zeros_like(q)  # rows of padding sequences stay zero
         scale = q.shape[-1] ** -0.5
-        for rows, key_slots, bias, valid in self.groups:
+        for rows, key_slots, bias, (flat, out_rows) in self.groups:
             qg = q[rows].transpose(1, 2)                                   # [b, Hq, mq, D]
             kg = k_cache[key_slots].transpose(1, 2)                        # [b, Hkv, mk, D]
             vg = v_cache[key_slots].transpose(1, 2)
             og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=bias, is_causal=bias is None,
                                                 scale=scale, enable_gqa=True)
-            og = og.transpose(1, 2)                                        # [b, mq, Hq, D]
-            out[rows[valid]] = og[valid]
+            og = og.transpose(1, 2).reshape(-1, *q.shape[1:])              # [b * mq, Hq, D]
+            out[out_rows] = og[flat]
         return out
