@@ -58,8 +58,9 @@ def main(argv=None) -> None:
         for size in sizes:
             engine.set_tree_budget(size)
             total_tokens = total_time = steps = accepted = 0
-            for i, ids in enumerate(prompts):
-                params = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, seed=i, ignore_eos=True)
+            for ids in prompts:
+                # no seed: seeded sampling pins the tree size, which would turn "adaptive" into a fixed tree
+                params = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, ignore_eos=True)
                 t, s, n, a = run_one(engine, ids, params)
                 total_tokens, total_time, steps, accepted = total_tokens + t, total_time + s, steps + n, accepted + a
             rate = total_tokens / total_time

@@ -25,6 +25,8 @@ from server.speculation_policy import SpeculationPolicy
 from server.loading import load_components, measure_step_costs
 
 logger = logging.getLogger("gorgon.engine")
+# New requests start no lower than this, so they still try short trees and learn their own skill.
+SKILL_PRIOR_FLOOR = 0.3
 
 
 class LLMEngine:
@@ -51,6 +53,7 @@ class LLMEngine:
         self.cost_model = measure_step_costs(self.model, self.kv_cache, parts.attention_cls,
                                              max(config.max_num_batched_tokens, 64))
         self.accuracies = parts.accuracies
+        self.skill_prior = 1.0  # moving average of finished-step skills, seeds new sequences
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    choose_tree_sizes=None)
         self.set_tree_budget(config.tree_budget)
@@ -84,6 +87,7 @@ class LLMEngine:
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         seq = Sequence(request_id, list(prompt_ids), params)
+        seq.spec.skill = self.skill_prior  # new requests start from what recent ones achieved
         seq.generator = make_generator(params, self.device)
         self.output_processor.start(seq)
         self.sequences[request_id] = seq
@@ -156,6 +160,8 @@ class LLMEngine:
     # ---- bookkeeping -------------------------------------------------------------------
     def _record_speculation(self, seq: Sequence, nodes: int, accepted: int) -> None:
         seq.spec.record(accepted, nodes - 1, self.policy.prior_length(nodes) - 1.0)
+        if nodes > 1:
+            self.skill_prior = max(SKILL_PRIOR_FLOOR, 0.95 * self.skill_prior + 0.05 * seq.spec.skill)
         metrics.spec_steps.inc()
         metrics.spec_draft_tokens.inc(nodes - 1)
         metrics.spec_accepted_tokens.inc(accepted)
