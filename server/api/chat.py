@@ -9,8 +9,9 @@ from starlette.responses import JSONResponse, Response
 from server.api.errors import bad_request
 from server.api.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                                  ChatCompletionResponse, ChatResponseMessage, DeltaMessage, UsageInfo)
-from server.api.serving import ENGINE_ERRORS, Batch, Serving, engine_errors, new_request_id, record, to_api_error
-from server.api.streams import SSE_DONE, SSEResponse, prepend, sse, until_disconnect
+from server.api.serving import (ENGINE_ERRORS, Batch, Serving, collect, first_output, new_request_id, record,
+                                to_api_error)
+from server.api.streams import SSE_DONE, SSEResponse, prepend, sse
 from server.outputs import RequestOutput
 
 
@@ -27,21 +28,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
 
     outputs = serving.submit(batch, params)
     if body.stream:
-        with engine_errors():
-            first = await until_disconnect(request, anext(outputs))
+        first = await first_output(request, outputs)
         events = chat_events(first, outputs, batch, model, body.include_usage, request)
         return SSEResponse(events, headers={"X-Request-Id": batch.request_id})
 
-    async def collect():
-        async for i, out in outputs:
-            batch.choices[i].add(out)
-
-    with engine_errors():
-        await until_disconnect(request, collect())
-    record(request, batch)
-    failure = batch.failure()
-    if failure is not None:
-        raise failure
+    await collect(request, batch, outputs)
     response = ChatCompletionResponse(
         id=batch.request_id, model=model,
         choices=[ChatChoice(index=i, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason)

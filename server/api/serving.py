@@ -13,7 +13,7 @@ from starlette.requests import Request
 
 from server.api.errors import APIError, bad_request
 from server.api.protocol import SamplingRequest
-from server.api.streams import merge
+from server.api.streams import merge, until_disconnect
 from server.async_engine import AsyncEngine, EngineNotReadyError, QueueFullError
 from server.outputs import RequestOutput
 from server.sampling_params import SamplingParams
@@ -166,3 +166,23 @@ def record(request: Request, batch: Batch) -> None:
     request.state.completion_tokens = batch.num_completion_tokens
     reasons = sorted({c.finish_reason for c in batch.choices if c.finish_reason})
     request.state.finish_reason = ",".join(reasons) or None
+
+
+async def first_output(request: Request, outputs: AsyncIterator[tuple[int, RequestOutput]]):
+    """The first output of a streamed batch; an engine error before it becomes an HTTP error."""
+    with engine_errors():
+        return await until_disconnect(request, anext(outputs))
+
+
+async def collect(request: Request, batch: Batch, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> None:
+    """Run a non-streamed batch to its end; raise its failure as an HTTP error, if any."""
+    async def drain():
+        async for i, out in outputs:
+            batch.choices[i].add(out)
+
+    with engine_errors():
+        await until_disconnect(request, drain())
+    record(request, batch)
+    failure = batch.failure()
+    if failure is not None:
+        raise failure

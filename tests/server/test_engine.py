@@ -46,6 +46,10 @@ def test_batch_of_8_different_lengths_equals_plain_greedy(engine, references):
 
 @pytest.mark.slow
 def test_speculative_greedy_exact_on_22_prompts_batch_1_and_8(engine, references):
+    check_exact_alone_and_in_batches(engine, references)
+
+
+def check_exact_alone_and_in_batches(engine, references):
     for prompt in PROMPTS:
         check_exact(engine, references, [prompt])
     for start in range(0, len(PROMPTS), 8):
@@ -166,7 +170,4 @@ def test_shipped_heads_greedy_equals_plain_greedy_in_a_batch(shipped_engine, ref
 
 @pytest.mark.slow
 def test_shipped_heads_exact_on_22_prompts_batch_1_and_8(shipped_engine, references):
-    for prompt in PROMPTS:
-        check_exact(shipped_engine, references, [prompt])
-    for start in range(0, len(PROMPTS), 8):
-        check_exact(shipped_engine, references, PROMPTS[start:start + 8])
+    check_exact_alone_and_in_batches(shipped_engine, references)
