@@ -1,6 +1,7 @@
 """Multi-head checkpoints on disk: Gorgon's own format and the Medusa reference format.
 
-Gorgon's format is a directory with `heads.safetensors` (MedusaHeads' parameter names) and
+Gorgon's format is a directory with `heads.safetensors` (MedusaHeads' parameter names, plus
+an optional int32 `draft_vocab`: the token ids the heads guess among) and
 `heads.json`: the base model's name and checksum, the head shape, the per-head top-k
 accuracies measured on held-out data and the tuned tree (an expansion-ordered path list for
 64 nodes whose every prefix is the best smaller tree, see server.tree.expand_tree).
@@ -28,6 +29,7 @@ from models.heads import HeadsConfig, MedusaHeads
 
 DEFAULT_HEADS_DIR = Path(__file__).parent / "heads_data" / "smollm2-135m-instruct"
 GORGON_WEIGHTS, GORGON_CONFIG = "heads.safetensors", "heads.json"
+DRAFT_VOCAB_KEY = "draft_vocab"  # int32 token ids in heads.safetensors (optional)
 MEDUSA_WEIGHTS = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
 FORMAT_NAME, FORMAT_VERSION = "gorgon-heads", 1
 TREE_NODES = 64
@@ -121,9 +123,11 @@ def _load_gorgon(path: Path, base: ModelConfig) -> HeadCheckpoint:
                          shared_unembedding=meta["shared_unembedding"])
     heads = MedusaHeads(config)
     state = load_file(str(path / GORGON_WEIGHTS))
+    draft_vocab = state.pop(DRAFT_VOCAB_KEY, None)
     try:
         heads.load_state_dict({k: v.float() for k, v in state.items()})
-    except RuntimeError as e:
+        heads.set_draft_vocab(draft_vocab)
+    except (RuntimeError, ValueError) as e:
         raise ValueError(f"{path / GORGON_WEIGHTS} does not match {GORGON_CONFIG}: {e}") from e
     accuracies = meta.get("accuracies") or prior_accuracies(config.num_heads)
     paths = meta.get("tree", {}).get("paths")
@@ -199,6 +203,9 @@ def save_heads(path: str | Path, heads: MedusaHeads, accuracies: list[list[float
         **(extra or {}),
     }
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in heads.state_dict().items()}
+    if heads.draft_vocab is not None:
+        state[DRAFT_VOCAB_KEY] = heads.draft_vocab.to(torch.int32).contiguous()
+        meta["draft_vocab_size"] = len(heads.draft_vocab)
     save_file(state, str(path / GORGON_WEIGHTS))
     text = json.dumps(meta, indent=1)
     # one line per innermost list (accuracy rows, tree paths) keeps the file readable

@@ -9,7 +9,9 @@ Loss: the sum over heads of 0.8^k x cross-entropy. The shared 49152 x 576 unembe
 would dominate every step on a CPU, so training restricts the softmax to a *reduced
 vocabulary*: the most frequent target tokens of the training split, enough to cover
 `coverage` of all targets (at most `max_vocab`). Targets outside it are skipped by the
-loss. Evaluation always uses the full vocabulary.
+loss. Heads that share the unembedding keep that vocabulary as their draft vocabulary
+(models/heads.py): the server guesses among those tokens only, and evaluation scores the
+guesses exactly as the server makes them.
 
 Distillation (`hidden_loss_weight` > 0): each head's output is also pulled towards the base
 model's own hidden state at the position it guesses for (row i + k + 1, the state from
@@ -87,6 +89,8 @@ class HeadTrainer:
             for lm_head in self.heads.lm_heads:
                 lm_head.weight.data.copy_(base_lm_head)
         self.vocab_ids = vocab_ids.to(self.device)
+        if self.heads.lm_heads is None:  # they will guess among the tokens they were trained on
+            self.heads.set_draft_vocab(vocab_ids)
         self.reduced_lm_head = base_lm_head[vocab_ids].float().to(self.device)   # [V_r, H]
         self.to_reduced = torch.full((base_lm_head.shape[0],), -1, dtype=torch.long, device=self.device)
         self.to_reduced[self.vocab_ids] = torch.arange(len(vocab_ids), device=self.device)
@@ -179,16 +183,15 @@ class HeadTrainer:
 @torch.inference_mode()
 def evaluate(heads: MedusaHeads, base_lm_head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
              batch_size: int = 256, top_k: int = EVAL_TOP_K) -> list[list[float]]:
-    """Full-vocabulary accuracy: [head][rank] = share of positions whose rank-r guess is right
-    (so top-5 accuracy is the sum of ranks 0..4)."""
+    """Accuracy as the server drafts (over the heads' draft vocabulary when they have one):
+    [head][rank] = share of positions whose rank-r guess is right (top-5 = sum of ranks 0..4)."""
     device = base_lm_head.weight.device
     num_heads = heads.config.num_heads
     hits = torch.zeros(num_heads, top_k, dtype=torch.long)
     counts = (targets >= 0).sum(0)
     for start in tqdm(range(0, hidden.shape[0], batch_size), desc="evaluate", unit="batch", leave=False):
         h = hidden[start:start + batch_size].to(device, base_lm_head.weight.dtype)
-        logits = heads.logits(heads(h), base_lm_head)                        # [B, K, V]
-        guesses = logits.topk(top_k, dim=-1).indices.cpu()                    # [B, K, top_k]
+        guesses = heads.guesses(h, base_lm_head, top_k).cpu()                 # [B, K, top_k]
         hit = guesses == targets[start:start + batch_size, :, None]           # [B, K, top_k]
         hits += hit.sum(0)
     return [[int(hits[k, r]) / max(1, int(counts[k])) for r in range(top_k)] for k in range(num_heads)]

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from models.config import ModelConfig
 from models.llama import LlamaForCausalLM, RotaryEmbedding
+from models.packed_linear import can_pack, pack_linears
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -49,8 +50,12 @@ def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32",
-               device: str | torch.device = "cpu") -> LlamaForCausalLM:
-    """Build the model from a directory; every parameter must be present with its shape."""
+               device: str | torch.device = "cpu", pack: bool = True) -> LlamaForCausalLM:
+    """Build the model from a directory; every parameter must be present with its shape.
+
+    On the CPU its linear layers are packed for oneDNN (models/packed_linear.py) unless
+    `pack` is False; the unembedding keeps its dense weight (the heads and training read it).
+    """
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     dtype = parse_dtype(dtype)
@@ -72,4 +77,7 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32",
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb = RotaryEmbedding(config)  # its buffer was built on the meta device
-    return model.to(device).eval().requires_grad_(False)
+    model = model.to(device).eval().requires_grad_(False)
+    if pack and can_pack(device, dtype):
+        pack_linears(model, keep_weights=("lm_head",))
+    return model

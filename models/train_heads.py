@@ -4,7 +4,7 @@ Steps (each resumable; `all` runs them in order):
   data    the base model answers the project's own prompts (greedy, batched) and the final
           hidden states that produced each answer token are cached (fp16) in the work dir;
   train   heads learn from the cache (0.8^k-weighted cross-entropy, reduced vocabulary);
-  eval    per-head top-1 / top-5 accuracy on the held-out prompts, full vocabulary;
+  eval    per-head top-1 / top-5 accuracy on the held-out prompts, guessing as the server does;
   export  eval + tree tuning, written in Gorgon's head format (models/head_checkpoint.py).
 
 The shipped heads for the default model are `python -m models.train_heads all --out
@@ -141,8 +141,9 @@ def run_train(s: Session) -> HeadTrainer:
     return trainer
 
 
-def print_accuracies(accuracies: list[list[float]], positions: int) -> None:
-    print(f"held-out accuracy ({positions} positions, full vocabulary)")
+def print_accuracies(accuracies: list[list[float]], positions: int, draft_vocab: int | None) -> None:
+    vocab = f"draft vocabulary of {draft_vocab} tokens" if draft_vocab else "full vocabulary"
+    print(f"held-out accuracy ({positions} positions, {vocab})")
     print("head  top-1  top-5")
     for k, row in enumerate(accuracies):
         print(f"{k + 1:>4}  {row[0]:.3f}  {sum(row[:5]):.3f}")
@@ -158,7 +159,7 @@ def run_eval(s: Session, heads=None) -> list[list[float]]:
     hidden, targets = s.split(held_out=True)
     hidden, targets = hidden[: s.args.eval_positions], targets[: s.args.eval_positions]
     accuracies = evaluate(heads.eval(), s.model.lm_head, hidden, targets)
-    print_accuracies(accuracies, hidden.shape[0])
+    print_accuracies(accuracies, hidden.shape[0], None if heads.draft_vocab is None else len(heads.draft_vocab))
     return accuracies
 
 

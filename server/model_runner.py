@@ -123,8 +123,7 @@ class ModelRunner:
 
     def _draft(self, hidden: torch.Tensor, rows: list[int], results: list[StepResult]) -> None:
         """Each head's top-k guesses after the last kept token of each sequence."""
-        head_hidden = self.heads(hidden[torch.tensor(rows, device=self.device)])   # [N, heads, H]
-        logits = self.heads.logits(head_hidden, self.model.lm_head)              # [N, heads, V]
-        guesses = torch.topk(logits, self.top_k, dim=-1).indices.tolist()        # [N, heads, K]
+        rows = hidden[torch.tensor(rows, device=self.device)]
+        guesses = self.heads.guesses(rows, self.model.lm_head, self.top_k).tolist()   # [N, heads, K]
         for result, draft in zip(results, guesses):
             result.draft = draft
