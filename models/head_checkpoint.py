@@ -120,7 +120,7 @@ def _load_gorgon(path: Path, base: ModelConfig) -> HeadCheckpoint:
     _check_shape("Gorgon", meta["hidden_size"], meta["vocab_size"], base, path)
     config = HeadsConfig(num_heads=meta["num_heads"], num_layers=meta["num_layers"],
                          hidden_size=meta["hidden_size"], vocab_size=meta["vocab_size"],
-                         shared_unembedding=meta["shared_unembedding"])
+                         shared_unembedding=meta["shared_unembedding"], token_input=meta.get("token_input", False))
     heads = MedusaHeads(config)
     state = load_file(str(path / GORGON_WEIGHTS))
     draft_vocab = state.pop(DRAFT_VOCAB_KEY, None)
@@ -195,7 +195,7 @@ def save_heads(path: str | Path, heads: MedusaHeads, accuracies: list[list[float
         "base_model": base_model, "base_checksum": base_checksum,
         "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
         "num_heads": config.num_heads, "num_layers": config.num_layers,
-        "shared_unembedding": config.shared_unembedding,
+        "shared_unembedding": config.shared_unembedding, "token_input": config.token_input,
         "dtype": str(dtype).removeprefix("torch."),
         "accuracies": [[round(a, 5) for a in row] for row in accuracies],
         "tree": {"num_nodes": TREE_NODES, "paths": [list(p) for p in paths],
@@ -218,6 +218,9 @@ def save_medusa(path: str | Path, heads: MedusaHeads, base_lm_head: torch.Tensor
                 base_model: str = "", use_pt: bool = False) -> None:
     """Write Medusa's reference format (each head with its own unembedding: the base
     model's, `base_lm_head` [vocab, H], when the heads share it)."""
+    if heads.config.token_input:
+        raise ValueError("Medusa's format has no place for heads that read the next token; "
+                         "save these heads in Gorgon's format (save_heads)")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = heads.config

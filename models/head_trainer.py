@@ -47,6 +47,7 @@ class TrainConfig:
     coverage: float = 0.98
     max_vocab: int = 4096
     hidden_loss_weight: float = 1.0
+    token_input: bool = True   # heads read the next token's embedding too (models/heads.py)
     seed: int = 0
 
 
@@ -78,13 +79,16 @@ class HeadTrainer:
     """Trains heads on (hidden, targets); resumable through `state_dict`."""
 
     def __init__(self, config: TrainConfig, base_lm_head: torch.Tensor, vocab_ids: torch.Tensor,
-                 num_rows: int, device: torch.device | str = "cpu"):
+                 num_rows: int, device: torch.device | str = "cpu", base_embeddings: torch.Tensor | None = None):
         self.config = config
         self.device = torch.device(device)
         hidden_size = base_lm_head.shape[1]
         torch.manual_seed(config.seed)
-        self.heads = MedusaHeads(HeadsConfig(config.num_heads, config.num_layers, hidden_size,
-                                             base_lm_head.shape[0], config.shared_unembedding)).to(self.device)
+        self.heads = MedusaHeads(HeadsConfig(config.num_heads, config.num_layers, hidden_size, base_lm_head.shape[0],
+                                             config.shared_unembedding, config.token_input)).to(self.device)
+        if config.token_input and base_embeddings is None:
+            raise ValueError("token-input heads train with the base model's token embeddings (base_embeddings)")
+        self.embeddings = base_embeddings.float().to(self.device) if config.token_input else None  # [V, H]
         if self.heads.lm_heads is not None:  # own unembeddings start as copies of the base one
             for lm_head in self.heads.lm_heads:
                 lm_head.weight.data.copy_(base_lm_head)
@@ -111,11 +115,20 @@ class HeadTrainer:
         return torch.stack([head_hidden[:, k] @ lm.weight[self.vocab_ids].T
                             for k, lm in enumerate(self.heads.lm_heads)], dim=1)
 
-    def loss(self, hidden: torch.Tensor, targets: torch.Tensor, future: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_embeds(self, next_tokens: torch.Tensor | None) -> torch.Tensor | None:
+        """The embeddings token-input heads read ([B] token ids -> [B, H]); None for plain heads."""
+        if self.embeddings is None:
+            return None
+        if next_tokens is None:
+            raise ValueError("token-input heads need the next tokens (the base model's own picks)")
+        return self.embeddings[next_tokens.long().to(self.device)]
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor, future: torch.Tensor | None = None,
+             next_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [B, H] float, targets [B, K] full-vocab ids (-1 = none), future [B, K, H] the
-        base model's hidden states at the guessed positions -> (loss, per-head CE [K])."""
-        head_hidden = self.heads(hidden)
+        base model's hidden states at the guessed positions, next_tokens [B] the token the base
+        model picked from each row -> (loss, per-head CE [K])."""
+        head_hidden = self.heads(hidden, self.next_embeds(next_tokens))
         logits = self.reduced_logits(head_hidden)
         reduced = torch.where(targets >= 0, self.to_reduced[targets.clamp(min=0)], -1)
         per_head = torch.stack([F.cross_entropy(logits[:, k], reduced[:, k], ignore_index=-1)
@@ -133,8 +146,8 @@ class HeadTrainer:
         generator = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
         return torch.randperm(num_rows, generator=generator)
 
-    def train(self, hidden: torch.Tensor, targets: torch.Tensor, save=None, save_every: int = 100,
-              max_steps: int | None = None) -> list[float]:
+    def train(self, hidden: torch.Tensor, targets: torch.Tensor, next_tokens: torch.Tensor | None = None,
+              save=None, save_every: int = 100, max_steps: int | None = None) -> list[float]:
         """Run from self.step to the end (or max_steps more); returns the losses seen."""
         self.heads.train()
         losses = []
@@ -148,7 +161,8 @@ class HeadTrainer:
             rows = order[within * self.config.batch_size:(within + 1) * self.config.batch_size]
             ahead = (rows[:, None] + torch.arange(1, targets.shape[1] + 1)).clamp(max=hidden.shape[0] - 1)
             loss, per_head = self.loss(hidden[rows].to(self.device).float(), targets[rows].to(self.device),
-                                       hidden[ahead].to(self.device).float())
+                                       hidden[ahead].to(self.device).float(),
+                                       None if next_tokens is None else next_tokens[rows])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -182,7 +196,8 @@ class HeadTrainer:
 
 @torch.inference_mode()
 def evaluate(heads: MedusaHeads, base_lm_head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
-             batch_size: int = 256, top_k: int = EVAL_TOP_K) -> list[list[float]]:
+             next_embeds: torch.Tensor | None = None, batch_size: int = 256, top_k: int = EVAL_TOP_K
+             ) -> list[list[float]]:
     """Accuracy as the server drafts (over the heads' draft vocabulary when they have one):
     [head][rank] = share of positions whose rank-r guess is right (top-5 = sum of ranks 0..4)."""
     device = base_lm_head.weight.device
@@ -191,7 +206,8 @@ def evaluate(heads: MedusaHeads, base_lm_head: torch.nn.Linear, hidden: torch.Te
     counts = (targets >= 0).sum(0)
     for start in tqdm(range(0, hidden.shape[0], batch_size), desc="evaluate", unit="batch", leave=False):
         h = hidden[start:start + batch_size].to(device, base_lm_head.weight.dtype)
-        guesses = heads.guesses(h, base_lm_head, top_k).cpu()                 # [B, K, top_k]
+        e = None if next_embeds is None else next_embeds[start:start + batch_size].to(device, h.dtype)
+        guesses = heads.guesses(h, base_lm_head, top_k, e).cpu()              # [B, K, top_k]
         hit = guesses == targets[start:start + batch_size, :, None]           # [B, K, top_k]
         hits += hit.sum(0)
     return [[int(hits[k, r]) / max(1, int(counts[k])) for r in range(top_k)] for k in range(num_heads)]

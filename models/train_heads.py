@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-heads", type=int, default=t.num_heads)
     p.add_argument("--num-layers", type=int, default=t.num_layers)
     p.add_argument("--own-unembedding", action="store_true", help="one unembedding per head (large)")
+    p.add_argument("--no-token-input", action="store_true",
+                   help="plain Medusa heads: do not read the next token's embedding (needed for Medusa's format)")
     p.add_argument("--epochs", type=int, default=t.epochs)
     p.add_argument("--batch-size", type=int, default=t.batch_size)
     p.add_argument("--lr", type=float, default=t.lr)
@@ -78,15 +80,17 @@ class Session:
         self.train_config = TrainConfig(
             num_heads=args.num_heads, num_layers=args.num_layers, shared_unembedding=not args.own_unembedding,
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, coverage=args.coverage,
-            max_vocab=args.max_vocab, hidden_loss_weight=args.hidden_loss_weight, seed=args.seed)
+            max_vocab=args.max_vocab, hidden_loss_weight=args.hidden_loss_weight,
+            token_input=not args.no_token_input, seed=args.seed)
 
     @property
     def num_shards(self) -> int:
         return -(-self.recipe.num_prompts // self.recipe.chunk_size)
 
     def split(self, held_out: bool):
+        """-> hidden [N, H], targets [N, heads], next tokens [N] (the base model's pick from each row)."""
         hidden, tokens, offsets = load_shards(self.work_dir, held_out, self.num_shards)
-        return hidden, head_targets(tokens, offsets, self.args.num_heads)
+        return hidden, head_targets(tokens, offsets, self.args.num_heads), tokens
 
     def record(self, **values) -> dict:
         path = self.run_dir / "record.json"
@@ -112,7 +116,8 @@ def make_trainer(s: Session, hidden: torch.Tensor, targets: torch.Tensor) -> Hea
     covered = torch.isin(targets[targets >= 0], vocab_ids).float().mean()
     print(f"train: {hidden.shape[0]} positions, reduced vocabulary {len(vocab_ids)} tokens "
           f"covering {float(covered):.3f} of the targets")
-    trainer = HeadTrainer(s.train_config, s.model.lm_head.weight.detach(), vocab_ids, hidden.shape[0], s.device)
+    trainer = HeadTrainer(s.train_config, s.model.lm_head.weight.detach(), vocab_ids, hidden.shape[0], s.device,
+                          s.model.model.embed_tokens.weight.detach())
     checkpoint = s.run_dir / "checkpoint.pt"
     if checkpoint.exists():
         trainer.load_state_dict(torch.load(checkpoint, map_location=s.device, weights_only=True))
@@ -128,10 +133,10 @@ def save_checkpoint(s: Session, trainer: HeadTrainer) -> None:
 
 
 def run_train(s: Session) -> HeadTrainer:
-    hidden, targets = s.split(held_out=False)
+    hidden, targets, next_tokens = s.split(held_out=False)
     trainer = make_trainer(s, hidden, targets)
     start, first_step = time.time(), trainer.step
-    trainer.train(hidden, targets, save=lambda t: save_checkpoint(s, t), save_every=s.args.save_every,
+    trainer.train(hidden, targets, next_tokens, save=lambda t: save_checkpoint(s, t), save_every=s.args.save_every,
                   max_steps=s.args.max_steps)
     if trainer.step > first_step:
         seconds = time.time() - start
@@ -153,19 +158,21 @@ def run_eval(s: Session, heads=None) -> list[list[float]]:
     if heads is None and s.args.heads:
         heads = load_heads(s.args.heads, s.model.config, device=s.device).heads
     if heads is None:
-        hidden, targets = s.split(held_out=False)
+        hidden, targets, _ = s.split(held_out=False)
         heads = make_trainer(s, hidden[:1], targets[:1]).heads
         del hidden, targets
-    hidden, targets = s.split(held_out=True)
-    hidden, targets = hidden[: s.args.eval_positions], targets[: s.args.eval_positions]
-    accuracies = evaluate(heads.eval(), s.model.lm_head, hidden, targets)
+    hidden, targets, next_tokens = s.split(held_out=True)
+    n = s.args.eval_positions
+    hidden, targets, next_tokens = hidden[:n], targets[:n], next_tokens[:n].long().to(s.device)
+    next_embeds = s.model.model.embed_tokens(next_tokens) if heads.config.token_input else None
+    accuracies = evaluate(heads.eval(), s.model.lm_head, hidden, targets, next_embeds)
     print_accuracies(accuracies, hidden.shape[0], None if heads.draft_vocab is None else len(heads.draft_vocab))
     return accuracies
 
 
 def run_export(s: Session, heads=None) -> None:
     if heads is None:
-        hidden, targets = s.split(held_out=False)
+        hidden, targets, _ = s.split(held_out=False)
         heads = make_trainer(s, hidden, targets).heads
     accuracies = run_eval(s, heads)
     out = Path(s.args.out) if s.args.out else s.work_dir / "heads"

@@ -122,8 +122,13 @@ class ModelRunner:
         return block_table[index // size] * size + index % size
 
     def _draft(self, hidden: torch.Tensor, rows: list[int], results: list[StepResult]) -> None:
-        """Each head's top-k guesses after the last kept token of each sequence."""
+        """Each head's top-k guesses after the last kept token of each sequence (and after the
+        token the base model picked from it, which token-input heads read)."""
         rows = hidden[torch.tensor(rows, device=self.device)]
-        guesses = self.heads.guesses(rows, self.model.lm_head, self.top_k).tolist()   # [N, heads, K]
+        next_embeds = None
+        if self.heads.config.token_input:  # the token each sequence just got: its last new one
+            next_ids = torch.tensor([r.new_token_ids[-1] for r in results], device=self.device)
+            next_embeds = self.model.model.embed_tokens(next_ids).to(rows.dtype)
+        guesses = self.heads.guesses(rows, self.model.lm_head, self.top_k, next_embeds).tolist()  # [N, heads, K]
         for result, draft in zip(results, guesses):
             result.draft = draft

@@ -25,7 +25,8 @@ class SpeculationStats:
     accepted_per_depth: list[int] = field(default_factory=list)
     # Exponential moving average of accepted / expected drafted tokens under the prior
     # accuracies: how much better or worse than the tree's estimate this sequence's heads
-    # guess. Kept above a floor so that a sequence whose heads went quiet still probes.
+    # guess. Plain steps keep it current too (`observe_plain`), so a sequence the policy
+    # stopped speculating for starts again when its text turns predictable.
     skill: float = 1.0
 
     def record(self, accepted: int, drafted: int, expected_gain: float) -> None:
@@ -37,8 +38,15 @@ class SpeculationStats:
         for d in range(accepted):
             self.accepted_per_depth[d] += 1
         if drafted:
-            ratio = min(3.0, accepted / max(expected_gain, 0.05))
-            self.skill = max(SKILL_FLOOR, 0.8 * self.skill + 0.2 * ratio)
+            self._update_skill(accepted / max(expected_gain, 0.05))
+
+    def observe_plain(self, guessed: bool, chance: float) -> None:
+        """A step without a tree: would the tree's first level have held the token it made?
+        `chance` is how often it should, under the prior accuracies."""
+        self._update_skill((1.0 if guessed else 0.0) / max(chance, 0.05))
+
+    def _update_skill(self, ratio: float) -> None:
+        self.skill = max(SKILL_FLOOR, 0.8 * self.skill + 0.2 * min(3.0, ratio))
 
 
 @dataclass

@@ -33,6 +33,14 @@ class SpeculationPolicy:
             n for n in self.sizes if n <= PINNED_DEFAULT)
         # expected gain (accepted drafted tokens) of each tree size under the prior accuracies
         self.gain = {n: expected_accept_length(list(tree_paths[: n - 1]), accuracies) - 1.0 for n in self.sizes}
+        # the first head's ranks in the largest tree, and how often one of them is right
+        self.first_ranks = sorted({p[0] for p in tree_paths[: self.sizes[-1] - 1] if len(p) == 1})
+        self.first_level_chance = sum(accuracies[0][r] for r in self.first_ranks
+                                      if r < len(accuracies[0])) if accuracies else 0.0
+
+    def first_level_holds(self, draft: list[list[int]], token: int) -> bool:
+        """Was `token` among the first head's guesses that the largest tree would verify?"""
+        return any(token == draft[0][r] for r in self.first_ranks if r < len(draft[0]))
 
     def prior_length(self, size: int) -> float:
         """Expected tokens per step from a tree of `size` nodes under the prior accuracies."""

@@ -135,3 +135,20 @@ def test_model_checksum_is_stable_and_sees_weights(tmp_path):
     assert first == model_checksum(tmp_path) and first.startswith("sha256:")
     save_file({"a.weight": torch.full((3, 4), 2.0), "b.weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
     assert model_checksum(tmp_path) != first
+
+
+def test_token_input_heads_round_trip_and_stay_out_of_medusa_format(tmp_path):
+    torch.manual_seed(0)
+    heads = MedusaHeads(HeadsConfig(2, 1, HIDDEN, VOCAB, True, token_input=True))
+    for p in heads.parameters():
+        p.data.normal_()
+    save_heads(tmp_path / "g", heads, accuracies(2), "tiny", "", dtype=torch.float32)
+    loaded = load_heads(tmp_path / "g", BASE).heads
+    assert loaded.config.token_input
+    x, e = torch.randn(4, HIDDEN), torch.randn(4, HIDDEN)
+    lm_head = torch.nn.Linear(HIDDEN, VOCAB, bias=False)
+    torch.testing.assert_close(loaded.logits(loaded(x, e), lm_head), heads.logits(heads(x, e), lm_head))
+    with pytest.raises(ValueError, match="next token"):
+        loaded(x)
+    with pytest.raises(ValueError, match="Medusa's format"):
+        save_medusa(tmp_path / "m", heads, base_lm_head=lm_head.weight)

@@ -48,10 +48,11 @@ def loss_of(trainer, hidden, targets) -> float:
         return trainer.loss(hidden.float(), targets)[0].item()
 
 
-def make_trainer(lm_head, num_rows, shared=True):
-    config = TrainConfig(num_heads=3, num_layers=1, shared_unembedding=shared, epochs=8, batch_size=32,
-                         lr=3e-2, coverage=1.0, max_vocab=VOCAB, seed=1)
-    return HeadTrainer(config, lm_head, torch.arange(VOCAB), num_rows)
+def make_trainer(lm_head, num_rows, shared=True, token_input=False, epochs=8):
+    config = TrainConfig(num_heads=3, num_layers=1, shared_unembedding=shared, epochs=epochs, batch_size=32,
+                         lr=3e-2, coverage=1.0, max_vocab=VOCAB, token_input=token_input, seed=1)
+    return HeadTrainer(config, lm_head, torch.arange(VOCAB), num_rows,
+                       base_embeddings=lm_head if token_input else None)
 
 
 def test_tiny_training_lowers_the_loss_and_learns():
@@ -105,3 +106,34 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
         assert "same settings" in str(e)
     else:
         raise AssertionError("a checkpoint with other settings was accepted")
+
+
+def test_token_input_heads_learn_what_the_hidden_state_does_not_say():
+    """Hidden states that are pure noise, futures that follow from the next token only: plain
+    heads stay near chance, heads that read the next token's embedding learn the chain."""
+    generator = torch.Generator().manual_seed(3)
+    lm_head = 2 * torch.linalg.qr(torch.randn(HIDDEN, VOCAB, generator=generator))[0].T
+    n = 512
+    hidden = torch.randn(n, HIDDEN, generator=generator).half()
+    next_tokens = torch.randint(0, VOCAB, (n,), generator=generator)
+    chain = torch.randperm(VOCAB, generator=generator)
+    tokens = next_tokens
+    targets = torch.stack([tokens := chain[tokens] for _ in range(3)], dim=1)
+    linear = torch.nn.Linear(HIDDEN, VOCAB, bias=False)
+    linear.weight.data.copy_(lm_head)
+    scores = {}
+    for token_input in (False, True):
+        trainer = make_trainer(lm_head, n, token_input=token_input, epochs=12)
+        trainer.train(hidden, targets, next_tokens if token_input else None)
+        embeds = lm_head[next_tokens] if token_input else None
+        scores[token_input] = evaluate(trainer.heads, linear, hidden.float(), targets, embeds)[0][0]
+    assert scores[True] > 0.8 and scores[False] < 0.3
+
+
+def test_token_input_heads_need_the_next_tokens():
+    lm_head, hidden, targets = synthetic_data(n=64)
+    with pytest.raises(ValueError, match="embeddings"):
+        HeadTrainer(TrainConfig(num_heads=3, token_input=True, coverage=1.0), lm_head, torch.arange(VOCAB), 64)
+    trainer = make_trainer(lm_head, 64, token_input=True)
+    with pytest.raises(ValueError, match="next tokens"):
+        trainer.loss(hidden.float(), targets)

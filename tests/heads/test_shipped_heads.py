@@ -53,6 +53,7 @@ def test_shipped_heads_guess_held_out_continuations(model, tokenizer):
     # the fixture is what this model really says: its own argmax reproduces the tokens
     assert (model.compute_logits(hidden).argmax(-1) == tokens).float().mean() >= 0.95
     targets = head_targets(tokens, torch.tensor(lengths).cumsum(0), 4)
-    accuracy = evaluate(checkpoint.heads, model.lm_head, hidden, targets)
+    next_embeds = model.model.embed_tokens(tokens) if checkpoint.heads.config.token_input else None
+    accuracy = evaluate(checkpoint.heads, model.lm_head, hidden, targets, next_embeds)
     assert accuracy[0][0] >= 0.15
     assert sum(accuracy[0][:5]) >= accuracy[0][0] > accuracy[3][0] - 0.05

@@ -44,6 +44,21 @@ def test_batch_of_8_different_lengths_equals_plain_greedy(engine, references):
     check_exact(engine, references, PROMPTS[3:11])
 
 
+def test_heads_reading_the_next_token_are_exact_in_a_batch(model, random_heads, references):
+    from types import SimpleNamespace
+
+    from models.heads import HeadsConfig, MedusaHeads
+    torch.manual_seed(99)
+    heads = MedusaHeads(HeadsConfig(hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size,
+                                    token_input=True))
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    heads.set_draft_vocab(torch.arange(0, model.config.vocab_size, 3))
+    override = SimpleNamespace(heads=heads, tree_paths=random_heads.tree_paths, accuracies=random_heads.accuracies)
+    engine = LLMEngine(EngineConfig(max_num_batched_tokens=256, kv_cache_memory_gb=0.1, tree_budget=8), override)
+    check_exact(engine, references, PROMPTS[11:15])  # a fixed tree of 8: every decode step drafts
+
+
 @pytest.mark.slow
 def test_speculative_greedy_exact_on_22_prompts_batch_1_and_8(engine, references):
     check_exact_alone_and_in_batches(engine, references)

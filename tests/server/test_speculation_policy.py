@@ -70,3 +70,19 @@ def test_cost_model_interpolates_and_learns():
     for _ in range(50):
         model.observe(64, 0.2)
     assert 0.18 < model(64) < 0.21
+
+
+def test_plain_steps_bring_a_quiet_sequence_back_to_speculation():
+    """A sequence the policy stopped drafting for keeps being scored on plain steps: once
+    its first head's guesses start holding the tokens it makes, it speculates again."""
+    p = policy({1: 0.05, 2: 0.06, 16: 0.07, 64: 0.2, 256: 0.8})  # a tree costs ~1.2x a plain step
+    (seq,) = seqs(1, skill=0.02)
+    assert p.choose([seq], 0, 1024) == [1]
+    guessed = seq.draft[0][p.first_ranks[0]]
+    assert p.first_level_holds(seq.draft, guessed) and not p.first_level_holds(seq.draft, guessed + 1)
+    for _ in range(10):
+        seq.spec.observe_plain(p.first_level_holds(seq.draft, guessed), p.first_level_chance)
+    assert p.choose([seq], 0, 1024)[0] > 1
+    for _ in range(30):
+        seq.spec.observe_plain(p.first_level_holds(seq.draft, guessed + 1), p.first_level_chance)
+    assert p.choose([seq], 0, 1024) == [1]
