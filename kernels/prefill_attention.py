@@ -12,24 +12,12 @@ Keys past the tile's last query are never loaded.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-NEG_LARGE = tl.constexpr(-1.0e30)  # masked score: finite, so masked rows never compute inf - inf
-LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _dot(a, b, DOT_FP32: tl.constexpr):
-    # fp32 inputs (and bf16 under the interpreter, whose bf16 dot is wrong) use an exact fp32
-    # dot; fp16/bf16 on a GPU use tensor cores with fp32 accumulation.
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b)
+from kernels.attention_tiles import (LOG2E, NEG_LARGE, dot, load_kv_block, load_query_tile, softmax_update,
+                                     uses_fp32_dot)
 
 
 @triton.jit
@@ -54,16 +42,9 @@ def _prefill_attention_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)  # 0 for a padding row: no keys, the output is 0
     prefix_len = seq_len - q_len
 
-    # Rows of the tile: query token (offs_m // GROUP) x query head of this group (offs_m % GROUP).
-    offs_m = tl.arange(0, BLOCK_M)
-    query = q_tile * QUERIES_PER_TILE + offs_m // GROUP
-    head = kv_head * GROUP + offs_m % GROUP
-    row_valid = (offs_m < QUERIES_PER_TILE * GROUP) & (query < q_len)
-    row = row_start + query
-    offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < head_dim
-    q = tl.load(q_ptr + row[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_valid[:, None] & d_valid[None, :], other=0.0)           # [M, D]
+    query, head, row_valid, row, offs_d, d_valid, q = load_query_tile(
+        q_ptr, stride_qt, stride_qh, row_start, q_len, q_tile, kv_head, head_dim,
+        GROUP, QUERIES_PER_TILE, BLOCK_M, BLOCK_D)                                # q [M, D]
 
     m_i = tl.full([BLOCK_M], NEG_LARGE, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -73,21 +54,11 @@ def _prefill_attention_kernel(
     for start_n in range(0, key_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_valid = offs_n < key_end
-        block = tl.load(block_tables_ptr + seq * stride_bt + offs_n // block_size,
-                        mask=key_valid, other=0).to(tl.int64)
-        kv_offs = block * stride_kb + (offs_n % block_size) * stride_ko + kv_head * stride_kh  # [N]
-        kv_mask = key_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_cache_ptr + kv_offs[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
-        v = tl.load(v_cache_ptr + kv_offs[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        scores = _dot(q, tl.trans(k), DOT_FP32) * scale_log2                       # [M, N]
+        k, v = load_kv_block(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, stride_bt, stride_kb, stride_ko,
+                             stride_kh, kv_head, block_size, offs_n, key_valid, offs_d, d_valid)  # [N, D]
+        scores = dot(q, tl.trans(k), DOT_FP32) * scale_log2                        # [M, N]
         visible = key_valid[None, :] & (offs_n[None, :] - prefix_len <= query[:, None])
-        scores = tl.where(visible, scores, NEG_LARGE)
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.where(visible, tl.exp2(scores - m_new[:, None]), 0.0)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32)
-        m_i = m_new
+        m_i, l_i, acc = softmax_update(scores, visible, v, m_i, l_i, acc, DOT_FP32)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
@@ -121,7 +92,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     block_m = max(16, triton.next_power_of_2(queries_per_tile * group))  # group > 64: one query
     block_n = 64 if head_dim <= 64 else 32
     block_d = max(16, triton.next_power_of_2(head_dim))
-    dot_fp32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+    dot_fp32 = uses_fp32_dot(q.dtype)
     grid = (triton.cdiv(max_query_len, queries_per_tile), num_seqs, num_kv_heads)
     _prefill_attention_kernel[grid](
         q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q,

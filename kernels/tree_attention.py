@@ -15,24 +15,13 @@ output and its log-sum-exp, and a second kernel merges the splits.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-NEG_LARGE = tl.constexpr(-1.0e30)  # masked score: finite, so masked rows never compute inf - inf
-LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _dot(a, b, DOT_FP32: tl.constexpr):
-    # fp32 inputs (and bf16 under the interpreter, whose bf16 dot is wrong) use an exact fp32
-    # dot; fp16/bf16 on a GPU use tensor cores with fp32 accumulation.
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b)
+from kernels.attention_tiles import (LOG2E, NEG_LARGE, dot, load_kv_block, load_query_tile, softmax_update,
+                                     uses_fp32_dot)
 
 
 @triton.jit
@@ -60,16 +49,9 @@ def _tree_attention_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)  # 0 for a padding row: no keys, the output is 0
     prefix_len = seq_len - q_len
 
-    # Rows of the tile: query token (offs_m // GROUP) x query head of this group (offs_m % GROUP).
-    offs_m = tl.arange(0, BLOCK_M)
-    query = q_tile * QUERIES_PER_TILE + offs_m // GROUP
-    head = kv_head * GROUP + offs_m % GROUP
-    row_valid = (offs_m < QUERIES_PER_TILE * GROUP) & (query < q_len)
-    row = row_start + query
-    offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < head_dim
-    q = tl.load(q_ptr + row[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_valid[:, None] & d_valid[None, :], other=0.0)           # [M, D]
+    query, head, row_valid, row, offs_d, d_valid, q = load_query_tile(
+        q_ptr, stride_qt, stride_qh, row_start, q_len, q_tile, kv_head, head_dim,
+        GROUP, QUERIES_PER_TILE, BLOCK_M, BLOCK_D)                                # q [M, D]
     words = tl.load(tree_mask_ptr + row - tree_row_offset, mask=row_valid, other=0)  # [M] int64
 
     m_i = tl.full([BLOCK_M], NEG_LARGE, tl.float32)
@@ -80,24 +62,14 @@ def _tree_attention_kernel(
     for start_n in range(key_start, key_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_valid = offs_n < key_end
-        block = tl.load(block_tables_ptr + seq * stride_bt + offs_n // block_size,
-                        mask=key_valid, other=0).to(tl.int64)
-        kv_offs = block * stride_kb + (offs_n % block_size) * stride_ko + kv_head * stride_kh  # [N]
-        kv_mask = key_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_cache_ptr + kv_offs[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
-        v = tl.load(v_cache_ptr + kv_offs[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        scores = _dot(q, tl.trans(k), DOT_FP32) * scale_log2                       # [M, N]
+        k, v = load_kv_block(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, stride_bt, stride_kb, stride_ko,
+                             stride_kh, kv_head, block_size, offs_n, key_valid, offs_d, d_valid)  # [N, D]
+        scores = dot(q, tl.trans(k), DOT_FP32) * scale_log2                        # [M, N]
         # New token j = offs_n - prefix_len is visible if bit j of the query's word is set.
         new_index = offs_n - prefix_len
         bit = (words[:, None] >> tl.maximum(new_index, 0).to(tl.int64)[None, :]) & 1
         visible = key_valid[None, :] & ((new_index[None, :] < 0) | (bit != 0))
-        scores = tl.where(visible, scores, NEG_LARGE)
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.where(visible, tl.exp2(scores - m_new[:, None]), 0.0)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32)
-        m_i = m_new
+        m_i, l_i, acc = softmax_update(scores, visible, v, m_i, l_i, acc, DOT_FP32)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -135,9 +107,6 @@ def _merge_splits_kernel(
     tl.store(out_ptr + (tree_row_offset + token) * stride_ot + head * stride_oh + offs_d,
              out.to(out_ptr.dtype.element_ty), mask=offs_d < head_dim)
 
-
-def _uses_fp32_dot(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @functools.lru_cache
@@ -194,7 +163,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     scale_log2 = (head_dim ** -0.5 if scale is None else scale) * LOG2E
     grid = (num_seqs, num_kv_heads * num_q_tiles, num_splits)
     common = dict(GROUP=group, QUERIES_PER_TILE=queries_per_tile, BLOCK_M=block_m, BLOCK_N=block_n,
-                  BLOCK_D=block_d, DOT_FP32=_uses_fp32_dot(q.dtype))
+                  BLOCK_D=block_d, DOT_FP32=uses_fp32_dot(q.dtype))
     args = (block_tables, seq_lens, cu_seqlens_q, tree_mask,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
     sizes = (block_tables.stride(0), first_seq, first_row, num_kv_heads, head_dim, k_cache.shape[1],
