@@ -15,8 +15,10 @@ pytestmark = pytest.mark.skipif(not (DEFAULT_HEADS_DIR / "heads.json").exists(),
 
 def test_shipped_heads_match_the_default_model(model, model_dir):
     checkpoint = load_heads(DEFAULT_HEADS_DIR, model.config)
-    assert checkpoint.heads.config.num_heads == 4 and checkpoint.heads.config.num_layers == 1
+    assert checkpoint.heads.config.num_heads == 4 and checkpoint.heads.config.num_layers == 2
     assert checkpoint.heads.lm_heads is None  # shared unembedding: a few MB
+    assert checkpoint.heads.config.token_input
+    assert 1000 < len(checkpoint.heads.draft_vocab) <= 4096
     assert (DEFAULT_HEADS_DIR / "heads.safetensors").stat().st_size < 8 << 20
     assert len(checkpoint.tree_paths) == 63 and checkpoint.tree_paths[0] == (0,)
     meta = json.loads((DEFAULT_HEADS_DIR / "heads.json").read_text())
