@@ -139,17 +139,17 @@ class LLMEngine:
         for item, result in results:
             seq = item.seq
             seq.num_cached_tokens = result.num_cached_tokens
-            previous_draft, seq.draft = seq.draft, result.draft
             if item.is_prefill:
                 metrics.prompt_tokens.inc(item.num_new_tokens)
             else:
                 self._record_speculation(seq, item.num_new_tokens, result.accepted)
-                if item.num_new_tokens == 1 and previous_draft is not None and result.new_token_ids:
-                    seq.spec.observe_plain(self.policy.first_level_holds(previous_draft, result.new_token_ids[0]),
-                                           self.policy.first_level_chance)
+                if item.num_new_tokens == 1 and seq.draft is not None:  # a plain step: score it later
+                    seq.spec.plain_drafts.append((seq.draft, seq.num_tokens - 1))
+            seq.draft = result.draft
             if not result.new_token_ids:
                 continue
             appended, text = self.output_processor.append(seq, result.new_token_ids)
+            self.policy.score_plain_steps(seq)
             self._record_timing(seq, len(appended), now)
             if seq.finish_reason is not None:
                 self._finish(seq, now)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from server.sampling_params import SamplingParams
@@ -25,9 +26,12 @@ class SpeculationStats:
     accepted_per_depth: list[int] = field(default_factory=list)
     # Exponential moving average of accepted / expected drafted tokens under the prior
     # accuracies: how much better or worse than the tree's estimate this sequence's heads
-    # guess. Plain steps keep it current too (`observe_plain`), so a sequence the policy
-    # stopped speculating for starts again when its text turns predictable.
+    # guess. Plain steps keep it current too: their drafts wait in `plain_drafts` (with the
+    # index of their root token) until the text after them is known, then are scored exactly
+    # (SpeculationPolicy.score_plain_steps), so a sequence the policy stopped speculating for
+    # starts again when its text turns predictable.
     skill: float = 1.0
+    plain_drafts: deque = field(default_factory=deque)
 
     def record(self, accepted: int, drafted: int, expected_gain: float) -> None:
         self.steps += 1
@@ -40,10 +44,9 @@ class SpeculationStats:
         if drafted:
             self._update_skill(accepted / max(expected_gain, 0.05))
 
-    def observe_plain(self, guessed: bool, chance: float) -> None:
-        """A step without a tree: would the tree's first level have held the token it made?
-        `chance` is how often it should, under the prior accuracies."""
-        self._update_skill((1.0 if guessed else 0.0) / max(chance, 0.05))
+    def record_shadow(self, kept: int, expected_gain: float) -> None:
+        """A plain step scored after the fact: a tree would have kept `kept` of its draft."""
+        self._update_skill(kept / max(expected_gain, 0.05))
 
     def _update_skill(self, ratio: float) -> None:
         self.skill = max(SKILL_FLOOR, 0.8 * self.skill + 0.2 * min(3.0, ratio))

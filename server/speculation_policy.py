@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from server.cost_model import StepCostModel
 from server.sequence import Sequence
-from server.tree import Path, expected_accept_length
+from server.tree import Path, expected_accept_length, kept_by_tree
 
 TREE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 PINNED_DEFAULT = 16
+SHADOW_SIZE = 16
 PRICES = (0.0, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.35, 0.6, 1.0)
 
 
@@ -33,14 +34,21 @@ class SpeculationPolicy:
             n for n in self.sizes if n <= PINNED_DEFAULT)
         # expected gain (accepted drafted tokens) of each tree size under the prior accuracies
         self.gain = {n: expected_accept_length(list(tree_paths[: n - 1]), accuracies) - 1.0 for n in self.sizes}
-        # the first head's ranks in the largest tree, and how often one of them is right
-        self.first_ranks = sorted({p[0] for p in tree_paths[: self.sizes[-1] - 1] if len(p) == 1})
-        self.first_level_chance = sum(accuracies[0][r] for r in self.first_ranks
-                                      if r < len(accuracies[0])) if accuracies else 0.0
+        # plain steps are scored against this tree: what it would have kept (see `Sequence.spec`)
+        shadow_size = max(n for n in self.sizes if n <= SHADOW_SIZE)
+        self.shadow_paths = set(tree_paths[: shadow_size - 1])
+        self.shadow_gain = self.gain[shadow_size]
+        self.shadow_depth = max((len(p) for p in self.shadow_paths), default=0)
 
-    def first_level_holds(self, draft: list[list[int]], token: int) -> bool:
-        """Was `token` among the first head's guesses that the largest tree would verify?"""
-        return any(token == draft[0][r] for r in self.first_ranks if r < len(draft[0]))
+    def score_plain_steps(self, seq: Sequence) -> None:
+        """Once the tokens after a plain step are known, score what the shadow tree would have
+        kept from that step's draft; keeps the skill of a sequence that is not drafting current."""
+        pending = seq.spec.plain_drafts
+        while pending and (seq.num_tokens > pending[0][1] + self.shadow_depth or seq.is_finished):
+            draft, root = pending.popleft()
+            future = seq.token_ids[root + 1: root + 1 + self.shadow_depth]
+            if len(future) == self.shadow_depth and self.shadow_gain > 0:
+                seq.spec.record_shadow(kept_by_tree(self.shadow_paths, draft, future), self.shadow_gain)
 
     def prior_length(self, size: int) -> float:
         """Expected tokens per step from a tree of `size` nodes under the prior accuracies."""

@@ -104,3 +104,15 @@ def expected_accept_length(paths: list[Path], accuracies: list[list[float]]) -> 
 def tree_of(paths: tuple[Path, ...], num_nodes: int) -> Tree:
     """The tree made of the first num_nodes - 1 of an expansion-ordered path list."""
     return Tree.from_paths(paths[: num_nodes - 1])
+
+
+def kept_by_tree(paths: set[Path], draft: list[list[int]], future: list[int]) -> int:
+    """Drafted tokens a greedy tree made of `paths` would have kept from `draft` (per head, its
+    ranked guesses) had the text gone on with `future`: the deepest path whose guesses match."""
+    kept, prefix = 0, ()
+    for depth, token in enumerate(future[: len(draft)]):
+        rank = next((r for r, guess in enumerate(draft[depth]) if guess == token and prefix + (r,) in paths), None)
+        if rank is None:
+            break
+        prefix, kept = prefix + (rank,), kept + 1
+    return kept

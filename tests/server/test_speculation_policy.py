@@ -73,16 +73,44 @@ def test_cost_model_interpolates_and_learns():
 
 
 def test_plain_steps_bring_a_quiet_sequence_back_to_speculation():
-    """A sequence the policy stopped drafting for keeps being scored on plain steps: once
-    its first head's guesses start holding the tokens it makes, it speculates again."""
+    """A sequence the policy stopped drafting for is still scored: once the tokens after a
+    plain step are known, its draft is checked against them, and when the drafts start to
+    match the sequence speculates again; when they stop matching, it stops."""
     p = policy({1: 0.05, 2: 0.06, 16: 0.07, 64: 0.2, 256: 0.8})  # a tree costs ~1.2x a plain step
     (seq,) = seqs(1, skill=0.02)
     assert p.choose([seq], 0, 1024) == [1]
-    guessed = seq.draft[0][p.first_ranks[0]]
-    assert p.first_level_holds(seq.draft, guessed) and not p.first_level_holds(seq.draft, guessed + 1)
+    draft = [[10 * h + r for r in range(3)] for h in range(4)]       # head h's rank r guess
+    right = [draft[h][0] for h in range(4)]                           # every head's best guess
     for _ in range(10):
-        seq.spec.observe_plain(p.first_level_holds(seq.draft, guessed), p.first_level_chance)
-    assert p.choose([seq], 0, 1024)[0] > 1
+        seq.spec.plain_drafts.append((draft, seq.num_tokens - 1))
+        seq.token_ids += right
+        p.score_plain_steps(seq)
+    assert not seq.spec.plain_drafts and p.choose([seq], 0, 1024)[0] > 1
     for _ in range(30):
-        seq.spec.observe_plain(p.first_level_holds(seq.draft, guessed + 1), p.first_level_chance)
+        seq.spec.plain_drafts.append((draft, seq.num_tokens - 1))
+        seq.token_ids += [99, 98, 97, 96]
+        p.score_plain_steps(seq)
     assert p.choose([seq], 0, 1024) == [1]
+
+
+def test_a_plain_step_waits_for_the_tokens_after_it():
+    p = policy({1: 0.05, 16: 0.06, 64: 0.1, 256: 0.4})
+    (seq,) = seqs(1)
+    draft = [[7], [8], [9], [6]]
+    seq.spec.plain_drafts.append((draft, seq.num_tokens - 1))
+    seq.token_ids.append(7)
+    p.score_plain_steps(seq)
+    assert len(seq.spec.plain_drafts) == 1 and seq.spec.skill == 1.0   # 3 tokens still unknown
+    seq.token_ids += [8, 5, 5]
+    p.score_plain_steps(seq)
+    assert not seq.spec.plain_drafts and seq.spec.skill != 1.0
+
+
+def test_kept_by_tree_follows_the_matching_path():
+    from server.tree import kept_by_tree
+    draft = [[1, 2], [3, 4], [5, 6]]
+    paths = {(0,), (1,), (0, 0), (1, 1), (1, 1, 0)}
+    assert kept_by_tree(paths, draft, [2, 4, 5]) == 3
+    assert kept_by_tree(paths, draft, [1, 3, 5]) == 2     # (0, 0, 0) is not in the tree
+    assert kept_by_tree(paths, draft, [1, 4, 5]) == 1     # (0, 1) is not in the tree
+    assert kept_by_tree(paths, draft, [9, 3, 5]) == 0
