@@ -44,6 +44,7 @@ class StepCostModel:
         ratio = seconds / max(self(num_tokens), 1e-9)
         factor = 1.0 + weight * (min(ratio, 4.0) - 1.0)
         i = bisect.bisect_left(self.xs, num_tokens)
-        for j in {max(i - 1, 0), min(i, len(self.xs) - 1)}:
+        exact = i < len(self.xs) and self.xs[i] == num_tokens
+        for j in {i} if exact else {max(i - 1, 0), min(i, len(self.xs) - 1)}:
             self.points[self.xs[j]] *= factor
         self._refresh()

@@ -70,7 +70,10 @@ class Scheduler:
         decoding = [s for s in self.running if not s.is_prefilling]
         pending_prefill = sum(s.num_uncached_tokens for s in self.running if s.is_prefilling) + sum(
             s.num_uncached_tokens for s in self.waiting)
-        sizes = self.choose_tree_sizes(decoding, min(pending_prefill, budget), budget) if decoding else []
+        # trees get only the budget that waiting prompt tokens leave over: admitting work raises
+        # the batch's throughput more than a tree does, and a tree must never delay a prompt
+        tree_budget = max(len(decoding), budget - pending_prefill)
+        sizes = self.choose_tree_sizes(decoding, min(pending_prefill, budget), tree_budget) if decoding else []
         for seq, size in zip(decoding, sizes):
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted to make room for an earlier arrival

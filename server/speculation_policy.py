@@ -7,8 +7,9 @@ been accepted) and `t(T)` the measured time of a step running T tokens, we pick 
 that maximise generated tokens per second, sum_i E_i(n_i) / t(sum_i n_i + prefill tokens).
 We search a price per token (lambda): at a given price each sequence independently takes
 the tree size with the best E_i(n) - lambda * n, and we keep the price whose batch is
-fastest. n = 1 (no speculation) is always a candidate, so speculation never loses to plain
-decoding under the cost model.
+fastest. n = 1 (no speculation) is always a candidate, and trees are only taken when the
+models say they beat it by MARGIN (3%): near the break-even point the estimates' errors
+would otherwise make speculation a small loss.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from server.tree import Path, expected_accept_length, kept_by_tree
 TREE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 PINNED_DEFAULT = 16
 SHADOW_SIZE = 16
+MARGIN = 0.03
 PRICES = (0.0, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.35, 0.6, 1.0)
 
 
@@ -63,7 +65,10 @@ class SpeculationPolicy:
         if len(self.sizes) == 1:
             sizes = self._fit([min(self.sizes[0], c) for c in caps], token_limit, seqs)
             return sizes
-        best, best_rate = [1] * len(seqs), -1.0
+        best = self._fit([1] * len(seqs), token_limit, seqs)
+        plain_rate = sum(self.expected_length(s, n) for s, n in zip(seqs, best)) / self.cost_model(
+            sum(best) + other_tokens)
+        best_rate = plain_rate * (1.0 + MARGIN)  # trees must win clearly: the models are estimates
         for price in PRICES:
             sizes = []
             for seq, cap in zip(seqs, caps):

@@ -70,6 +70,9 @@ def test_cost_model_interpolates_and_learns():
     for _ in range(50):
         model.observe(64, 0.2)
     assert 0.18 < model(64) < 0.21
+    assert model(1) == 0.05   # a step at a measured size corrects that point only
+    model.observe(32, 0.3)
+    assert model(1) > 0.05    # between two points, both move
 
 
 def test_plain_steps_bring_a_quiet_sequence_back_to_speculation():
