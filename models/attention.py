@@ -152,8 +152,14 @@ class TorchAttention:
         tree_offset = metadata.num_prefill_tokens
         for b in prefills:  # one group per prompt chunk: no padding waste on long prompts
             self.groups.append(self._group([b], metadata, cu, tables, block_size, tree_offset, device, kv_cache.k.dtype))
-        if len(trees):
-            self.groups.append(self._group(list(trees), metadata, cu, tables, block_size, tree_offset, device, kv_cache.k.dtype))
+        # tree sequences are padded to the longest query of their group: bucket them by query
+        # length (1, 2, 3-4, 5-8, ...) so one big tree does not pad a whole batch of decodes
+        buckets: dict[int, list[int]] = {}
+        for b in trees:
+            buckets.setdefault((metadata.query_lens_host[b] - 1).bit_length(), []).append(b)
+        for bucket in sorted(buckets):
+            self.groups.append(self._group(buckets[bucket], metadata, cu, tables, block_size, tree_offset, device,
+                                           kv_cache.k.dtype))
         self.num_tokens = cu[-1]
 
     @staticmethod
