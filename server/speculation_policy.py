@@ -37,9 +37,9 @@ class SpeculationPolicy:
         # expected gain (accepted drafted tokens) of each tree size under the prior accuracies
         self.gain = {n: expected_accept_length(list(tree_paths[: n - 1]), accuracies) - 1.0 for n in self.sizes}
         # plain steps are scored against this tree: what it would have kept (see `Sequence.spec`)
-        shadow_size = max(n for n in self.sizes if n <= SHADOW_SIZE)
+        shadow_size = min(SHADOW_SIZE, limit)
         self.shadow_paths = set(tree_paths[: shadow_size - 1])
-        self.shadow_gain = self.gain[shadow_size]
+        self.shadow_gain = expected_accept_length(list(tree_paths[: shadow_size - 1]), accuracies) - 1.0
         self.shadow_depth = max((len(p) for p in self.shadow_paths), default=0)
 
     def score_plain_steps(self, seq: Sequence) -> None:

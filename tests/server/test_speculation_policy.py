@@ -1,4 +1,6 @@
 """The load-adaptive policy against hand-made cost models and acceptance histories."""
+import pytest
+
 from server.cost_model import StepCostModel
 from server.sampling_params import SamplingParams
 from server.sequence import Sequence
@@ -117,3 +119,10 @@ def test_kept_by_tree_follows_the_matching_path():
     assert kept_by_tree(paths, draft, [1, 3, 5]) == 2     # (0, 0, 0) is not in the tree
     assert kept_by_tree(paths, draft, [1, 4, 5]) == 1     # (0, 1) is not in the tree
     assert kept_by_tree(paths, draft, [9, 3, 5]) == 0
+
+
+@pytest.mark.parametrize("fixed", [None, 1, 8, 32, 64])
+def test_any_fixed_tree_size_builds_a_policy(fixed):
+    p = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel({1: 0.05, 64: 0.1}), max_nodes=64, fixed_size=fixed)
+    assert p.shadow_gain > 0 and len(p.shadow_paths) == 15
+    assert p.choose(seqs(2), 0, 1024) == [fixed or p.choose(seqs(2), 0, 1024)[0]] * 2
