@@ -21,12 +21,25 @@ from pathlib import Path
 
 import torch
 
-from models.distill_data import DataRecipe, generate_shards, load_shards
+from models.distill_data import MIXES, DataRecipe, generate_shards, load_shards
 from models.fetch import ensure_default_model, gorgon_home
 from models.head_checkpoint import TREE_BUDGETS, load_heads, model_checksum, save_heads
 from models.head_trainer import HeadTrainer, TrainConfig, evaluate, head_targets, reduced_vocabulary
 
 COMMANDS = ("all", "data", "train", "eval", "export")
+
+
+def parse_data_spec(spec: str) -> list[tuple[str, int]]:
+    """'general:2400,varied:1920' -> [('general', 2400), ('varied', 1920)]"""
+    out = []
+    for part in spec.split(","):
+        mix, _, count = part.strip().partition(":")
+        if mix not in MIXES or not count.isdigit() or int(count) < 1:
+            raise argparse.ArgumentTypeError(f"bad data entry {part!r}: want MIX:COUNT with MIX in {', '.join(MIXES)}")
+        out.append((mix, int(count)))
+    if len({mix for mix, _ in out}) != len(out):
+        raise argparse.ArgumentTypeError("each mix once")
+    return out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,7 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     d, t = DataRecipe(), TrainConfig()
-    p.add_argument("--num-prompts", type=int, default=d.num_prompts)
+    p.add_argument("--data", default=f"{d.mix}:{d.num_prompts}", type=parse_data_spec,
+                   help="prompt mixes and counts, e.g. general:2400,varied:1920 (mixes: "
+                        f"{', '.join(MIXES)}); each has its own data directory in the work dir")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--max-batch", type=int, default=48, help="sequences per forward while generating")
     p.add_argument("--num-heads", type=int, default=t.num_heads)
@@ -75,22 +90,25 @@ class Session:
         self.run_dir = Path(args.run_dir) if args.run_dir else self.work_dir / f"run-seed{args.seed}"
         self.device = torch.device(args.device)
         self.model = load_model(self.model_dir, "float32", self.device)
-        self.recipe = DataRecipe(num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
-                                 seed=args.seed)
+        self.recipes = [DataRecipe(num_prompts=count, max_new_tokens=args.max_new_tokens, seed=args.seed, mix=mix)
+                        for mix, count in args.data]
         self.train_config = TrainConfig(
             num_heads=args.num_heads, num_layers=args.num_layers, shared_unembedding=not args.own_unembedding,
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, coverage=args.coverage,
             max_vocab=args.max_vocab, hidden_loss_weight=args.hidden_loss_weight,
             token_input=not args.no_token_input, seed=args.seed)
 
-    @property
-    def num_shards(self) -> int:
-        return -(-self.recipe.num_prompts // self.recipe.chunk_size)
-
     def split(self, held_out: bool):
-        """-> hidden [N, H], targets [N, heads], next tokens [N] (the base model's pick from each row)."""
-        hidden, tokens, offsets = load_shards(self.work_dir, held_out, self.num_shards)
-        return hidden, head_targets(tokens, offsets, self.args.num_heads), tokens
+        """-> hidden [N, H], targets [N, heads], next tokens [N] (the base model's pick from
+        each row), over every mix in --data."""
+        hidden, targets, tokens = [], [], []
+        for recipe in self.recipes:
+            num_shards = -(-recipe.num_prompts // recipe.chunk_size)
+            h, t, offsets = load_shards(recipe.data_dir(self.work_dir), held_out, num_shards)
+            hidden.append(h)
+            targets.append(head_targets(t, offsets, self.args.num_heads))
+            tokens.append(t)
+        return torch.cat(hidden), torch.cat(targets), torch.cat(tokens)
 
     def record(self, **values) -> dict:
         path = self.run_dir / "record.json"
@@ -106,8 +124,9 @@ def run_data(s: Session) -> None:
 
     start = time.time()
     tokenizer = Tokenizer(s.model_dir, s.model.config.eos_token_id)
-    generate_shards(s.model, tokenizer, s.recipe, s.work_dir, s.args.max_batch)
-    print(f"data: {s.work_dir / 'shards'} ({time.time() - start:.0f} s this run)")
+    for recipe in s.recipes:
+        generate_shards(s.model, tokenizer, recipe, recipe.data_dir(s.work_dir), s.args.max_batch)
+        print(f"data: {recipe.data_dir(s.work_dir) / 'shards'} ({time.time() - start:.0f} s this run)")
 
 
 def make_trainer(s: Session, hidden: torch.Tensor, targets: torch.Tensor) -> HeadTrainer:
@@ -178,7 +197,7 @@ def run_export(s: Session, heads=None) -> None:
     out = Path(s.args.out) if s.args.out else s.work_dir / "heads"
     record = s.record(held_out_top1=[round(a[0], 4) for a in accuracies],
                       held_out_top5=[round(sum(a[:5]), 4) for a in accuracies])
-    extra = {"training": {"command": "python -m models.train_heads all", "data": asdict(s.recipe),
+    extra = {"training": {"command": "python -m models.train_heads all", "data": [asdict(r) for r in s.recipes],
                           "train": asdict(s.train_config), **record}}
     meta = save_heads(out, heads, accuracies, s.model_dir.name, model_checksum(s.model_dir), extra)
     lengths = meta["tree"]["expected_accept_length"]

@@ -1,32 +1,44 @@
-"""How long one engine step takes as a function of the tokens it runs.
+"""How long one engine step takes, as a function of what it runs.
 
-Measured at start-up on the actual hardware (a few forwards of growing size) and refreshed
-from every real step, so the speculation policy can weigh bigger trees against their cost.
+A step's time is modelled as
+
+    t = dense(T) + attention * A + draft(D) + offset
+
+with T the tokens in the step, A the attended pairs (each query token times the length of
+the context it reads), D the sequences whose heads draft a tree for the next step, and
+dense(T) a piecewise-linear curve over token counts. dense, the per-pair attention cost and
+the drafting cost are measured at start-up on the actual hardware (`server.loading`), so the
+model's marginal costs (what one more tree token or one more draft costs) come from
+controlled measurements. Real steps only move `offset`, a moving average of how far the
+model is off: per-sequence overheads (bookkeeping, sampling) and a busier machine show up
+there, at the current load, without bending the curve that the policy's choices depend on.
 """
 from __future__ import annotations
 
 import bisect
 
 MEASURED_SIZES = (1, 2, 4, 8, 16, 32, 64, 256)  # small sizes too: the CPU curve bends early
+OFFSET_WEIGHT = 0.1
 
 
 class StepCostModel:
-    """Piecewise-linear seconds-per-step over token-count buckets, updated by moving average."""
-
-    def __init__(self, measured: dict[int, float]):
-        if not measured:
+    def __init__(self, dense: dict[int, float], attention_per_pair: float = 0.0,
+                 draft_fixed: float = 0.0, draft_per_seq: float = 0.0):
+        """dense: seconds per forward by token count (at no context); attention_per_pair:
+        seconds per (query token, context token) pair; drafting D sequences costs
+        draft_fixed + draft_per_seq * D seconds (nothing when D = 0)."""
+        if not dense:
             raise ValueError("the cost model needs at least one measurement")
-        self.points = dict(sorted(measured.items()))
-        self._refresh()
-
-    def _refresh(self) -> None:
-        self.xs = list(self.points)
-        self.ys = [self.points[x] for x in self.xs]
-        # keep the curve non-decreasing: more tokens never cost less
-        for i in range(1, len(self.ys)):
+        self.xs = sorted(dense)
+        self.ys = [dense[x] for x in self.xs]
+        for i in range(1, len(self.ys)):  # more tokens never cost less
             self.ys[i] = max(self.ys[i], self.ys[i - 1])
+        self.attention_per_pair = max(0.0, attention_per_pair)
+        self.draft_fixed = max(0.0, draft_fixed)
+        self.draft_per_seq = max(0.0, draft_per_seq)
+        self.offset = 0.0
 
-    def __call__(self, num_tokens: int) -> float:
+    def dense(self, num_tokens: int) -> float:
         xs, ys = self.xs, self.ys
         if num_tokens <= xs[0]:
             return ys[0]
@@ -39,12 +51,19 @@ class StepCostModel:
         x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
         return y0 + (y1 - y0) * (num_tokens - x0) / (x1 - x0)
 
-    def observe(self, num_tokens: int, seconds: float, weight: float = 0.1) -> None:
-        """Nudge the measured points around num_tokens towards a real step's duration."""
-        ratio = seconds / max(self(num_tokens), 1e-9)
-        factor = 1.0 + weight * (min(ratio, 4.0) - 1.0)
-        i = bisect.bisect_left(self.xs, num_tokens)
-        exact = i < len(self.xs) and self.xs[i] == num_tokens
-        for j in {i} if exact else {max(i - 1, 0), min(i, len(self.xs) - 1)}:
-            self.points[self.xs[j]] *= factor
-        self._refresh()
+    def draft(self, num_drafts: int) -> float:
+        return self.draft_fixed + self.draft_per_seq * num_drafts if num_drafts > 0 else 0.0
+
+    def model(self, num_tokens: int, attended: int = 0, num_drafts: int = 0) -> float:
+        """The measured part, without the running offset."""
+        return self.dense(num_tokens) + self.attention_per_pair * attended + self.draft(num_drafts)
+
+    def __call__(self, num_tokens: int, attended: int = 0, num_drafts: int = 0) -> float:
+        base = self.model(num_tokens, attended, num_drafts)
+        return max(base + self.offset, 0.25 * base)
+
+    def observe(self, num_tokens: int, attended: int, num_drafts: int, seconds: float) -> None:
+        """Move the offset towards a real step's distance from the measured model."""
+        base = self.model(num_tokens, attended, num_drafts)
+        residual = min(seconds - base, 2.0 * base)  # one stalled step must not steer the policy
+        self.offset += OFFSET_WEIGHT * (residual - self.offset)

@@ -50,12 +50,11 @@ class LLMEngine:
         tree_paths = parts.tree_paths if config.speculation and self.heads is not None else ()
         self.runner = ModelRunner(self.model, self.heads if tree_paths else None, self.kv_cache,
                                   parts.attention_cls, tree_paths)
-        self.cost_model = measure_step_costs(self.model, self.kv_cache, parts.attention_cls,
-                                             max(config.max_num_batched_tokens, 64))
+        self.cost_model = measure_step_costs(self.runner, max(config.max_num_batched_tokens, 64))
         self.accuracies = parts.accuracies
         self.skill_prior = 1.0  # moving average of finished-step skills, seeds new sequences
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   choose_tree_sizes=None)
+                                   policy=None)
         self.set_tree_budget(config.tree_budget)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.sequences: dict[str, Sequence] = {}
@@ -67,7 +66,7 @@ class LLMEngine:
         """Fix every tree's size in nodes (1 = plain decoding) or, with None, adapt it to load."""
         self.policy = SpeculationPolicy(self.runner.tree_paths, self.accuracies, self.cost_model,
                                         self.config.max_tree_nodes, tree_budget)
-        self.scheduler.choose_tree_sizes = self.policy.choose
+        self.scheduler.policy = self.policy
 
     # ---- requests in -------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -125,6 +124,7 @@ class LLMEngine:
             return []
         if batch.decodes:
             metrics.spec_tree_budget.set(sum(s.num_new_tokens for s in batch.decodes) / len(batch.decodes))
+        attended, drafts = batch.attended_pairs, batch.num_drafts
         started = time.perf_counter()
         try:
             results = self.runner.execute(batch)
@@ -132,7 +132,7 @@ class LLMEngine:
             logger.exception("step failed")
             return self._fail(batch, f"internal error while running the model: {e}")
         elapsed = time.perf_counter() - started
-        self.cost_model.observe(batch.num_tokens, elapsed)
+        self.cost_model.observe(batch.num_tokens, attended, drafts, elapsed)
         metrics.step_duration.observe(elapsed)
         now = time.monotonic()
         outputs = []

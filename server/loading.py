@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 
-from models.attention import KVCache, TorchAttention, build_metadata
+from models.attention import TorchAttention, build_metadata
 from models.heads import MedusaHeads
 from models.llama import LlamaForCausalLM
 from models.loader import load_model, parse_dtype
 from models.tokenizer import Tokenizer
 from server.config import EngineConfig
 from server.cost_model import MEASURED_SIZES, StepCostModel
+from server.model_runner import ModelRunner
 
 logger = logging.getLogger("gorgon.loading")
 
@@ -75,30 +76,57 @@ def load_components(config: EngineConfig, heads_override=None) -> Components:
         device=device, model_name=Path(model_dir).name)
 
 
+def _best_time(fn, device: torch.device, repeats: int = 3) -> float:
+    """Best of `repeats` timings: one noisy point would steer the policy for long."""
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 @torch.inference_mode()
-def measure_step_costs(model: LlamaForCausalLM, kv_cache: KVCache, attention_cls: type,
-                       max_tokens: int) -> StepCostModel:
-    """Time a forward (with logits on every row, as a tree step has) at growing token counts."""
-    sizes = [n for n in MEASURED_SIZES if n <= max_tokens]
+def measure_step_costs(runner: ModelRunner, max_tokens: int) -> StepCostModel:
+    """Time forwards (with logits on every row, as a tree step has) at growing token counts,
+    the cost of attending to a longer context, and the heads' drafting."""
+    model, kv_cache, device = runner.model, runner.kv_cache, runner.device
     block_size = kv_cache.block_size
-    num_blocks = min(kv_cache.num_blocks, (max(sizes) + block_size - 1) // block_size)
-    table = list(range(num_blocks))
-    measured = {}
-    device = model.lm_head.weight.device
-    for n in [sizes[0]] + sizes:  # the first size twice: the first forward warms up
-        n = min(n, num_blocks * block_size)
-        metadata = build_metadata([n], [n], [table], block_size, num_prefills=1, device=device)
+
+    def forward_time(query_lens: list[int], context: int, repeats: int) -> float:
+        """One prefill of query_lens[0] tokens, or one-token decodes over `context` tokens each."""
+        per_seq = -(-(context + max(query_lens)) // block_size)
+        tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(query_lens))]
+        seq_lens = [context + q for q in query_lens]
+        prefill = len(query_lens) == 1 and context == 0
+        masks = None if prefill else [[1]] * len(query_lens)
+        metadata = build_metadata(query_lens, seq_lens, tables, block_size, int(prefill), masks, device=device)
+        n = sum(query_lens)
         ids = torch.zeros(n, dtype=torch.long, device=device)
-        positions = torch.arange(n, device=device)
-        best = float("inf")
-        for _ in range(1 if n > 64 else 3):  # best of 3: one noisy point would steer the policy for long
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            model(ids, positions, attention_cls(metadata, kv_cache))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - started)
-        measured[n] = best
-    logger.info("step cost (tokens: ms): %s", ", ".join(f"{n}: {t * 1e3:.0f}" for n, t in measured.items()))
-    return StepCostModel(measured)
+        positions = torch.tensor([context + i for q in query_lens for i in range(q)], device=device)
+        return _best_time(lambda: model(ids, positions, runner.attention_cls(metadata, kv_cache)), device, repeats)
+
+    capacity = kv_cache.num_blocks * block_size
+    sizes = [n for n in MEASURED_SIZES if n <= min(max_tokens, capacity)]
+    forward_time([sizes[0]], 0, 1)  # warm-up
+    dense = {n: forward_time([n], 0, 1 if n > 64 else 3) for n in sizes}
+    # attention: 16 one-token steps over a long context against the same over a short one
+    seqs, context = 16, min(512, capacity // 16 - block_size)
+    attention = 0.0
+    if context > 64:
+        long, short = forward_time([1] * seqs, context, 3), forward_time([1] * seqs, 0, 3)
+        attention = max(0.0, long - short) / (seqs * context)
+    draft_fixed = draft_per_seq = 0.0
+    if runner.heads is not None:
+        hidden = torch.zeros(32, model.config.hidden_size, dtype=model.lm_head.weight.dtype, device=device)
+        one, many = (_best_time(lambda: runner.guesses(hidden[:k], [0] * k), device) for k in (1, 32))
+        draft_per_seq = max(0.0, many - one) / 31
+        draft_fixed = max(0.0, one - draft_per_seq)
+    logger.info("step cost: %s ms by tokens; attention %.2f us per pair; drafting %.1f ms + %.2f ms per sequence",
+                ", ".join(f"{n}: {t * 1e3:.0f}" for n, t in dense.items()), attention * 1e6,
+                draft_fixed * 1e3, draft_per_seq * 1e3)
+    return StepCostModel(dense, attention, draft_fixed, draft_per_seq)

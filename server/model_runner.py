@@ -3,7 +3,9 @@
 This is the one place where bookkeeping turns into tensors. A decode step verifies each
 sequence's candidate tree (root = its last token, other nodes = its heads' guesses), keeps
 the accepted path (moving its keys and values into place in the cache), and runs the heads
-on the hidden state of the last kept token to draft the next tree.
+on the hidden state of the last kept token to draft the next tree (for the sequences the
+speculation policy marked: drafting costs time, and a sequence that decodes plainly at this
+load does not need it).
 """
 from __future__ import annotations
 
@@ -91,8 +93,9 @@ class ModelRunner:
                     token = argmax[row] if seq.params.is_greedy else int(
                         pick(logits[row:row + 1], seq.params, seq.generator)[0])
                     results.append(StepResult([token], start + n))
-                    head_rows.append(offset + n - 1)
-                    head_items.append(len(results) - 1)
+                    if item.draft:
+                        head_rows.append(offset + n - 1)
+                        head_items.append(len(results) - 1)
             else:
                 tree = tree_of(self.tree_paths, n)
                 tokens = self.node_tokens(item)
@@ -107,8 +110,9 @@ class ModelRunner:
                         moves[1].append(self._slot(seq.block_table, start + depth))
                 results.append(StepResult([tokens[k] for k in kept] + [bonus], start + 1 + len(kept),
                                           drafted=n - 1, accepted=len(kept)))
-                head_rows.append(offset + (kept[-1] if kept else 0))
-                head_items.append(len(results) - 1)
+                if item.draft:
+                    head_rows.append(offset + (kept[-1] if kept else 0))
+                    head_items.append(len(results) - 1)
             offset += n
         if moves[0]:
             self.kv_cache.move_slots(torch.tensor(moves[0], device=self.device),
@@ -124,11 +128,14 @@ class ModelRunner:
     def _draft(self, hidden: torch.Tensor, rows: list[int], results: list[StepResult]) -> None:
         """Each head's top-k guesses after the last kept token of each sequence (and after the
         token the base model picked from it, which token-input heads read)."""
-        rows = hidden[torch.tensor(rows, device=self.device)]
-        next_embeds = None
-        if self.heads.config.token_input:  # the token each sequence just got: its last new one
-            next_ids = torch.tensor([r.new_token_ids[-1] for r in results], device=self.device)
-            next_embeds = self.model.model.embed_tokens(next_ids).to(rows.dtype)
-        guesses = self.heads.guesses(rows, self.model.lm_head, self.top_k, next_embeds).tolist()  # [N, heads, K]
+        guesses = self.guesses(hidden[torch.tensor(rows, device=self.device)],
+                               [r.new_token_ids[-1] for r in results])  # the token each just got
         for result, draft in zip(results, guesses):
             result.draft = draft
+
+    def guesses(self, rows: torch.Tensor, next_ids: list[int]) -> list[list[list[int]]]:
+        """[N, H] hidden states and the tokens that follow them -> per row, per head, top-k ids."""
+        next_embeds = None
+        if self.heads.config.token_input:
+            next_embeds = self.model.model.embed_tokens(torch.tensor(next_ids, device=self.device)).to(rows.dtype)
+        return self.heads.guesses(rows, self.model.lm_head, self.top_k, next_embeds).tolist()

@@ -13,7 +13,12 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from server.block_manager import BlockManager
+from typing import TYPE_CHECKING
+
 from server.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from server.speculation_policy import SpeculationPolicy
 
 
 @dataclass
@@ -21,6 +26,7 @@ class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int    # prompt chunk length, or the tree's node count for decodes
     is_prefill: bool
+    draft: bool = True     # run the heads after this step (a tree for the next one)
 
 
 @dataclass
@@ -37,15 +43,27 @@ class SchedulerOutput:
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.prefills + self.decodes)
 
+    @property
+    def attended_pairs(self) -> int:
+        """Query tokens times the context each reads (a prompt chunk: on average half of itself)."""
+        return sum(s.num_new_tokens * (s.seq.num_cached_tokens + s.num_new_tokens) for s in self.decodes) + sum(
+            s.num_new_tokens * (s.seq.num_cached_tokens + (s.num_new_tokens + 1) // 2) for s in self.prefills)
+
+    @property
+    def num_drafts(self) -> int:
+        """Sequences whose heads draft after this step (a prompt only once it is complete)."""
+        return sum(s.draft for s in self.decodes) + sum(
+            s.draft and s.seq.num_cached_tokens + s.num_new_tokens == s.seq.num_tokens for s in self.prefills)
+
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 choose_tree_sizes):
-        """choose_tree_sizes(seqs, other_tokens, token_limit) -> nodes per sequence."""
+                 policy: SpeculationPolicy | None):
+        """policy: tree sizes and drafting per step (server/speculation_policy.py)."""
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.choose_tree_sizes = choose_tree_sizes
+        self.policy = policy
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -73,13 +91,14 @@ class Scheduler:
         # trees get only the budget that waiting prompt tokens leave over: admitting work raises
         # the batch's throughput more than a tree does, and a tree must never delay a prompt
         tree_budget = max(len(decoding), budget - pending_prefill)
-        sizes = self.choose_tree_sizes(decoding, min(pending_prefill, budget), tree_budget) if decoding else []
-        for seq, size in zip(decoding, sizes):
+        prefill_tokens = min(pending_prefill, budget)
+        plan = self.policy.choose(decoding, prefill_tokens, tree_budget, prefill_tokens ** 2 // 2)
+        for seq, size, draft in zip(decoding, plan.sizes, plan.drafts):
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted to make room for an earlier arrival
             if not self._reserve(seq, seq.num_cached_tokens + size, out):
                 continue  # seq itself was preempted
-            out.decodes.append(ScheduledSequence(seq, size, is_prefill=False))
+            out.decodes.append(ScheduledSequence(seq, size, is_prefill=False, draft=draft))
             budget -= size
         for seq in [s for s in self.running if s.is_prefilling]:
             if budget <= 0:
@@ -89,7 +108,8 @@ class Scheduler:
             chunk = min(seq.num_uncached_tokens, budget)
             if not self._reserve(seq, seq.num_cached_tokens + chunk, out):
                 continue
-            out.prefills.append(ScheduledSequence(seq, chunk, is_prefill=True))
+            out.prefills.append(ScheduledSequence(seq, chunk, is_prefill=True,
+                                                  draft=self.policy.draft_after_prefill(seq)))
             budget -= chunk
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -105,7 +125,8 @@ class Scheduler:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
-            out.prefills.append(ScheduledSequence(seq, chunk, is_prefill=True))
+            out.prefills.append(ScheduledSequence(seq, chunk, is_prefill=True,
+                                                  draft=self.policy.draft_after_prefill(seq)))
             budget -= chunk
         return out
 

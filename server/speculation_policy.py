@@ -3,15 +3,24 @@
 A bigger tree is expected to yield more tokens per step but makes the step slower for every
 sequence in the batch. With `E_i(n)` the tokens sequence i is expected to keep from a tree
 of n nodes (from the heads' measured accuracies, scaled by how well its own guesses have
-been accepted) and `t(T)` the measured time of a step running T tokens, we pick the n_i
-that maximise generated tokens per second, sum_i E_i(n_i) / t(sum_i n_i + prefill tokens).
-We search a price per token (lambda): at a given price each sequence independently takes
-the tree size with the best E_i(n) - lambda * n, and we keep the price whose batch is
-fastest. n = 1 (no speculation) is always a candidate, and trees are only taken when the
-models say they beat it by MARGIN (3%): near the break-even point the estimates' errors
-would otherwise make speculation a small loss.
+been accepted) and `t` the step-time model (server/cost_model.py: tokens, attended pairs,
+drafting sequences), we pick the n_i that maximise generated tokens per second,
+sum_i E_i(n_i) / t(step). We search a price per token (lambda): at a given price each
+sequence independently takes the tree size with the best E_i(n) - lambda * n, and we keep
+the price whose batch is fastest. n = 1 (no speculation) is always a candidate, and trees
+are only taken when the models say they beat it by MARGIN (3%): near the break-even point
+the estimates' errors would otherwise make speculation a small loss.
+
+Drafting is part of a tree's cost: a tree verified in step k was drafted by the heads at the
+end of step k - 1. So the plan is made as if every sequence had a draft; sequences planned
+for a tree draft after this step, the others do not (and decode plainly in this step if they
+have no draft yet). A sequence that decodes plainly still drafts every EXPLORE_EVERY steps,
+and those drafts are scored against the text that follows (`score_plain_steps`), so its
+skill stays current and it comes back to trees when its text turns predictable.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from server.cost_model import StepCostModel
 from server.sequence import Sequence
@@ -21,7 +30,14 @@ TREE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 PINNED_DEFAULT = 16
 SHADOW_SIZE = 16
 MARGIN = 0.03
+EXPLORE_EVERY = 16  # a sequence that decodes plainly still drafts every this many steps
 PRICES = (0.0, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.35, 0.6, 1.0)
+
+
+@dataclass
+class TreePlan:
+    sizes: list[int]     # tree nodes per sequence this step (1 = plain decoding)
+    drafts: list[bool]   # draft after this step, for a tree in the next one
 
 
 class SpeculationPolicy:
@@ -29,6 +45,8 @@ class SpeculationPolicy:
                  cost_model: StepCostModel, max_nodes: int, fixed_size: int | None = None):
         self.tree_paths = tree_paths
         self.cost_model = cost_model
+        self.fixed_size = fixed_size
+        self.speculating = bool(tree_paths) and fixed_size != 1  # did the last plan have trees
         limit = min(max_nodes, len(tree_paths) + 1)
         self.sizes = [n for n in TREE_SIZES if n <= limit] if fixed_size is None else [min(fixed_size, limit)]
         # tree size of seeded sampling requests: the fixed size, else a moderate default
@@ -59,32 +77,56 @@ class SpeculationPolicy:
     def expected_length(self, seq: Sequence, size: int) -> float:
         return 1.0 + self.gain[size] * seq.spec.skill
 
-    def choose(self, seqs: list[Sequence], other_tokens: int, token_limit: int) -> list[int]:
-        """Tree size (nodes, root included) per sequence; 1 = plain decoding."""
-        caps = [self._cap(seq) for seq in seqs]
+    def choose(self, seqs: list[Sequence], other_tokens: int, token_limit: int, other_attended: int = 0) -> TreePlan:
+        """Tree size per sequence for this step (1 = plain decoding; a tree needs the draft
+        made in the step before) and which sequences draft for the next step."""
+        if not seqs:  # a new prompt will have the batch (nearly) to itself
+            self.speculating = bool(self.tree_paths) and self.fixed_size != 1
+            return TreePlan([], [])
+        reach = [self._reach(seq) for seq in seqs]
         if len(self.sizes) == 1:
-            sizes = self._fit([min(self.sizes[0], c) for c in caps], token_limit, seqs)
-            return sizes
+            plan = self._fit([min(self.sizes[0], r) for r in reach], token_limit, seqs)
+        else:
+            plan = self._best_plan(seqs, reach, other_tokens, token_limit, other_attended)
+        self.speculating = any(n > 1 for n in plan)
+        drafts = [n > 1 or (r > 1 and self.fixed_size is None and seq.spec.steps % EXPLORE_EVERY == 0)
+                  for seq, n, r in zip(seqs, plan, reach)]
+        sizes = [n if seq.draft is not None else 1 for seq, n in zip(seqs, plan)]
+        return TreePlan(sizes, drafts)
+
+    def draft_after_prefill(self, seq: Sequence) -> bool:
+        """Whether a prompt that completes now drafts its first tree: if the last plan had
+        trees (seeded sampling always: its tree size never changes)."""
+        return self._reach(seq) > 1 and (self.speculating or self.is_pinned(seq))
+
+    def _best_plan(self, seqs: list[Sequence], reach: list[int], other_tokens: int, token_limit: int,
+                   other_attended: int) -> list[int]:
+        """The tree sizes (as if every sequence had a draft) with the most tokens per second."""
+        contexts = [seq.num_cached_tokens for seq in seqs]
+
+        def rate(sizes: list[int]) -> float:
+            tokens = sum(self.expected_length(s, n) for s, n in zip(seqs, sizes))
+            attended = other_attended + sum(n * (c + n) for n, c in zip(sizes, contexts))
+            return tokens / self.cost_model(sum(sizes) + other_tokens, attended, sum(n > 1 for n in sizes))
+
         best = self._fit([1] * len(seqs), token_limit, seqs)
-        plain_rate = sum(self.expected_length(s, n) for s, n in zip(seqs, best)) / self.cost_model(
-            sum(best) + other_tokens)
-        best_rate = plain_rate * (1.0 + MARGIN)  # trees must win clearly: the models are estimates
+        best_rate = rate(best) * (1.0 + MARGIN)  # trees must win clearly: the models are estimates
         for price in PRICES:
             sizes = []
-            for seq, cap in zip(seqs, caps):
+            for seq, cap in zip(seqs, reach):
                 options = [n for n in self.sizes if n <= cap] or [1]
                 sizes.append(max(options, key=lambda n: self.expected_length(seq, n) - price * n))
             sizes = self._fit(sizes, token_limit, seqs)
-            tokens = sum(self.expected_length(s, n) for s, n in zip(seqs, sizes))
-            rate = tokens / self.cost_model(sum(sizes) + other_tokens)
-            if rate > best_rate * 1.001:  # prefer the cheaper batch when rates tie
-                best, best_rate = sizes, rate
+            candidate = rate(sizes)
+            if candidate > best_rate * 1.001:  # prefer the cheaper batch when rates tie
+                best, best_rate = sizes, candidate
         return best
 
-    def _cap(self, seq: Sequence) -> int:
-        if seq.draft is None or not seq.params.speculate:
+    def _reach(self, seq: Sequence, pinned: bool = False) -> int:
+        """The biggest tree this sequence could use, given a draft (pinned: whatever is left)."""
+        if not self.tree_paths or not seq.params.speculate:
             return 1
-        return max(1, min(self.sizes[-1], seq.remaining_tokens + 1))
+        return self.sizes[-1] if pinned else max(1, min(self.sizes[-1], seq.remaining_tokens + 1))
 
     @staticmethod
     def is_pinned(seq: Sequence) -> bool:
@@ -94,8 +136,8 @@ class SpeculationPolicy:
 
     def _fit(self, sizes: list[int], token_limit: int, seqs: list[Sequence]) -> list[int]:
         """Pin seeded sampling requests, then shrink the biggest trees to fit the token limit."""
-        sizes = [self.pinned_size if self.is_pinned(seq) and seq.draft is not None and seq.params.speculate
-                 else size for seq, size in zip(seqs, sizes)]
+        sizes = [self.pinned_size if self.is_pinned(seq) and self._reach(seq, pinned=True) > 1 else size
+                 for seq, size in zip(seqs, sizes)]
         movable = [i for i, seq in enumerate(seqs) if not self.is_pinned(seq)]
         while sum(sizes) > token_limit and movable and max(sizes[i] for i in movable) > 1:
             i = max(movable, key=sizes.__getitem__)
