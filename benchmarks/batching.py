@@ -16,7 +16,7 @@ from datetime import date
 
 import torch
 
-from benchmarks.eval_prompts import ALL
+from benchmarks.eval_prompts import MIXED
 from server.config import EngineConfig
 from server.engine import LLMEngine
 from server.sampling_params import SamplingParams
@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     engine = LLMEngine(EngineConfig(heads=args.heads, max_num_seqs=64, max_num_batched_tokens=1024,
                                     kv_cache_memory_gb=2.0))
-    prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in ALL]
+    prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in MIXED]
     modes = [("plain", 1), (f"tree {args.fixed_tree}", args.fixed_tree), ("adaptive", None)]
     print(f"# {date.today()} {platform.node()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"float32, greedy, {args.max_tokens} new tokens per request")

@@ -23,3 +23,6 @@ CODE = [
 ]
 
 ALL = CHAT + CODE
+
+# chat and code alternating, so that the first n prompts of a shorter run hold both kinds
+MIXED = [p for pair in zip(CHAT, CODE) for p in pair]

@@ -15,7 +15,7 @@ from datetime import date
 
 import torch
 
-from benchmarks.eval_prompts import ALL
+from benchmarks.eval_prompts import MIXED
 from server.config import EngineConfig
 from server.engine import LLMEngine
 from server.sampling_params import SamplingParams
@@ -41,12 +41,12 @@ def main(argv=None) -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--sizes", default="1,4,8,16,32,64")
     parser.add_argument("--temperatures", default="0,0.7")
-    parser.add_argument("--prompts", type=int, default=len(ALL))
+    parser.add_argument("--prompts", type=int, default=len(MIXED))
     parser.add_argument("--heads", default=None)
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args(argv)
     engine = LLMEngine(EngineConfig(heads=args.heads, dtype=args.dtype, max_num_seqs=1))
-    prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in ALL[: args.prompts]]
+    prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in MIXED[: args.prompts]]
     sizes: list[int | None] = [int(s) for s in args.sizes.split(",")] + [None]
     print(f"# {date.today()} {platform.node()} {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, "

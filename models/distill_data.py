@@ -52,7 +52,7 @@ class DataRecipe:
             raise ValueError(f"unknown prompt mix {self.mix!r}; known: {', '.join(MIXES)}")
 
     def data_dir(self, work_dir: Path) -> Path:
-        """Where this mix and seed keep prompts.json and shards/ (any --num-prompts shares it)."""
+        """Where this mix and seed keep prompts.json and shards/ (any prompt count shares it)."""
         return work_dir / f"data-{self.mix}-seed{self.seed}"
 
 

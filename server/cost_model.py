@@ -2,12 +2,13 @@
 
 A step's time is modelled as
 
-    t = dense(T) + attention * A + draft(D) + offset
+    t = dense(T) + read * C + draft(D) + offset
 
-with T the tokens in the step, A the attended pairs (each query token times the length of
-the context it reads), D the sequences whose heads draft a tree for the next step, and
-dense(T) a piecewise-linear curve over token counts. dense, the per-pair attention cost and
-the drafting cost are measured at start-up on the actual hardware (`server.loading`), so the
+with T the tokens in the step, C the keys read (each sequence's context, read once for all
+of its queries: a tree's extra tokens add their own keys, not another pass over the
+context), D the sequences whose heads draft a tree for the next step, and dense(T) a
+piecewise-linear curve over token counts. dense, the cost per key read and the drafting
+cost are measured at start-up on the actual hardware (`server.loading`), so the
 model's marginal costs (what one more tree token or one more draft costs) come from
 controlled measurements. Real steps only move `offset`, a moving average of how far the
 model is off: per-sequence overheads (bookkeeping, sampling) and a busier machine show up
@@ -22,18 +23,20 @@ OFFSET_WEIGHT = 0.1
 
 
 class StepCostModel:
-    def __init__(self, dense: dict[int, float], attention_per_pair: float = 0.0,
+    def __init__(self, dense: dict[int, float], per_key: float = 0.0,
                  draft_fixed: float = 0.0, draft_per_seq: float = 0.0):
-        """dense: seconds per forward by token count (at no context); attention_per_pair:
-        seconds per (query token, context token) pair; drafting D sequences costs
-        draft_fixed + draft_per_seq * D seconds (nothing when D = 0)."""
+        """dense: seconds per forward by token count (at no context); per_key: seconds per
+        key a sequence reads; drafting D sequences costs draft_fixed + draft_per_seq * D
+        seconds (nothing when D = 0)."""
         if not dense:
             raise ValueError("the cost model needs at least one measurement")
         self.xs = sorted(dense)
         self.ys = [dense[x] for x in self.xs]
-        for i in range(1, len(self.ys)):  # more tokens never cost less
-            self.ys[i] = max(self.ys[i], self.ys[i - 1])
-        self.attention_per_pair = max(0.0, attention_per_pair)
+        # more tokens never cost less; a stalled measurement is an upward spike, so the curve
+        # is made monotone from the right (a spike at 1 token must not lift every size)
+        for i in range(len(self.ys) - 2, -1, -1):
+            self.ys[i] = min(self.ys[i], self.ys[i + 1])
+        self.per_key = max(0.0, per_key)
         self.draft_fixed = max(0.0, draft_fixed)
         self.draft_per_seq = max(0.0, draft_per_seq)
         self.offset = 0.0
@@ -54,16 +57,16 @@ class StepCostModel:
     def draft(self, num_drafts: int) -> float:
         return self.draft_fixed + self.draft_per_seq * num_drafts if num_drafts > 0 else 0.0
 
-    def model(self, num_tokens: int, attended: int = 0, num_drafts: int = 0) -> float:
+    def model(self, num_tokens: int, keys: int = 0, num_drafts: int = 0) -> float:
         """The measured part, without the running offset."""
-        return self.dense(num_tokens) + self.attention_per_pair * attended + self.draft(num_drafts)
+        return self.dense(num_tokens) + self.per_key * keys + self.draft(num_drafts)
 
-    def __call__(self, num_tokens: int, attended: int = 0, num_drafts: int = 0) -> float:
-        base = self.model(num_tokens, attended, num_drafts)
+    def __call__(self, num_tokens: int, keys: int = 0, num_drafts: int = 0) -> float:
+        base = self.model(num_tokens, keys, num_drafts)
         return max(base + self.offset, 0.25 * base)
 
-    def observe(self, num_tokens: int, attended: int, num_drafts: int, seconds: float) -> None:
+    def observe(self, num_tokens: int, keys: int, num_drafts: int, seconds: float) -> None:
         """Move the offset towards a real step's distance from the measured model."""
-        base = self.model(num_tokens, attended, num_drafts)
+        base = self.model(num_tokens, keys, num_drafts)
         residual = min(seconds - base, 2.0 * base)  # one stalled step must not steer the policy
         self.offset += OFFSET_WEIGHT * (residual - self.offset)

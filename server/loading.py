@@ -114,19 +114,19 @@ def measure_step_costs(runner: ModelRunner, max_tokens: int) -> StepCostModel:
     sizes = [n for n in MEASURED_SIZES if n <= min(max_tokens, capacity)]
     forward_time([sizes[0]], 0, 1)  # warm-up
     dense = {n: forward_time([n], 0, 1 if n > 64 else 3) for n in sizes}
-    # attention: 16 one-token steps over a long context against the same over a short one
+    # reading the context: 16 one-token steps over a long context against the same over none
     seqs, context = 16, min(512, capacity // 16 - block_size)
-    attention = 0.0
+    per_key = 0.0
     if context > 64:
         long, short = forward_time([1] * seqs, context, 3), forward_time([1] * seqs, 0, 3)
-        attention = max(0.0, long - short) / (seqs * context)
+        per_key = max(0.0, long - short) / (seqs * context)
     draft_fixed = draft_per_seq = 0.0
     if runner.heads is not None:
         hidden = torch.zeros(32, model.config.hidden_size, dtype=model.lm_head.weight.dtype, device=device)
         one, many = (_best_time(lambda: runner.guesses(hidden[:k], [0] * k), device) for k in (1, 32))
         draft_per_seq = max(0.0, many - one) / 31
         draft_fixed = max(0.0, one - draft_per_seq)
-    logger.info("step cost: %s ms by tokens; attention %.2f us per pair; drafting %.1f ms + %.2f ms per sequence",
-                ", ".join(f"{n}: {t * 1e3:.0f}" for n, t in dense.items()), attention * 1e6,
+    logger.info("step cost: %s ms by tokens; %.2f us per key read; drafting %.1f ms + %.2f ms per sequence",
+                ", ".join(f"{n}: {t * 1e3:.0f}" for n, t in dense.items()), per_key * 1e6,
                 draft_fixed * 1e3, draft_per_seq * 1e3)
-    return StepCostModel(dense, attention, draft_fixed, draft_per_seq)
+    return StepCostModel(dense, per_key, draft_fixed, draft_per_seq)

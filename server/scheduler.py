@@ -44,10 +44,9 @@ class SchedulerOutput:
         return sum(s.num_new_tokens for s in self.prefills + self.decodes)
 
     @property
-    def attended_pairs(self) -> int:
-        """Query tokens times the context each reads (a prompt chunk: on average half of itself)."""
-        return sum(s.num_new_tokens * (s.seq.num_cached_tokens + s.num_new_tokens) for s in self.decodes) + sum(
-            s.num_new_tokens * (s.seq.num_cached_tokens + (s.num_new_tokens + 1) // 2) for s in self.prefills)
+    def keys_read(self) -> int:
+        """Keys the attention reads: each sequence's context and new tokens, once."""
+        return sum(s.seq.num_cached_tokens + s.num_new_tokens for s in self.prefills + self.decodes)
 
     @property
     def num_drafts(self) -> int:
@@ -92,7 +91,7 @@ class Scheduler:
         # the batch's throughput more than a tree does, and a tree must never delay a prompt
         tree_budget = max(len(decoding), budget - pending_prefill)
         prefill_tokens = min(pending_prefill, budget)
-        plan = self.policy.choose(decoding, prefill_tokens, tree_budget, prefill_tokens ** 2 // 2)
+        plan = self.policy.choose(decoding, prefill_tokens, tree_budget, prefill_tokens)
         for seq, size, draft in zip(decoding, plan.sizes, plan.drafts):
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted to make room for an earlier arrival

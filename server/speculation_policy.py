@@ -3,7 +3,7 @@
 A bigger tree is expected to yield more tokens per step but makes the step slower for every
 sequence in the batch. With `E_i(n)` the tokens sequence i is expected to keep from a tree
 of n nodes (from the heads' measured accuracies, scaled by how well its own guesses have
-been accepted) and `t` the step-time model (server/cost_model.py: tokens, attended pairs,
+been accepted) and `t` the step-time model (server/cost_model.py: tokens, keys read,
 drafting sequences), we pick the n_i that maximise generated tokens per second,
 sum_i E_i(n_i) / t(step). We search a price per token (lambda): at a given price each
 sequence independently takes the tree size with the best E_i(n) - lambda * n, and we keep
@@ -13,10 +13,12 @@ the estimates' errors would otherwise make speculation a small loss.
 
 Drafting is part of a tree's cost: a tree verified in step k was drafted by the heads at the
 end of step k - 1. So the plan is made as if every sequence had a draft; sequences planned
-for a tree draft after this step, the others do not (and decode plainly in this step if they
-have no draft yet). A sequence that decodes plainly still drafts every EXPLORE_EVERY steps,
-and those drafts are scored against the text that follows (`score_plain_steps`), so its
-skill stays current and it comes back to trees when its text turns predictable.
+for a tree draft after this step (and decode plainly in this step if they have no draft
+yet). A sequence planned for plain decoding drafts too if a tree would pay for it with
+heads as good as measured (skill 1): its draft is then scored against the text that follows
+(`score_plain_steps`), so its skill stays current and a cold streak does not end its
+speculation while trees are cheap. Where trees would not pay even then (a busy batch),
+it drafts only every EXPLORE_EVERY steps, and drafting stops costing time.
 """
 from __future__ import annotations
 
@@ -77,7 +79,7 @@ class SpeculationPolicy:
     def expected_length(self, seq: Sequence, size: int) -> float:
         return 1.0 + self.gain[size] * seq.spec.skill
 
-    def choose(self, seqs: list[Sequence], other_tokens: int, token_limit: int, other_attended: int = 0) -> TreePlan:
+    def choose(self, seqs: list[Sequence], other_tokens: int, token_limit: int, other_keys: int = 0) -> TreePlan:
         """Tree size per sequence for this step (1 = plain decoding; a tree needs the draft
         made in the step before) and which sequences draft for the next step."""
         if not seqs:  # a new prompt will have the batch (nearly) to itself
@@ -87,10 +89,15 @@ class SpeculationPolicy:
         if len(self.sizes) == 1:
             plan = self._fit([min(self.sizes[0], r) for r in reach], token_limit, seqs)
         else:
-            plan = self._best_plan(seqs, reach, other_tokens, token_limit, other_attended)
+            plan = self._best_plan(seqs, reach, other_tokens, token_limit, other_keys)
         self.speculating = any(n > 1 for n in plan)
-        drafts = [n > 1 or (r > 1 and self.fixed_size is None and seq.spec.steps % EXPLORE_EVERY == 0)
-                  for seq, n, r in zip(seqs, plan, reach)]
+        hopeful = plan
+        if len(self.sizes) > 1 and any(n == 1 and seq.spec.skill < 1.0 for seq, n in zip(seqs, plan)):
+            # would a tree pay if the heads guessed as well as measured? then keep drafting:
+            # the draft is scored either way, and a cold streak must not end speculation
+            hopeful = self._best_plan(seqs, reach, other_tokens, token_limit, other_keys, optimistic=True)
+        drafts = [n > 1 or h > 1 or (r > 1 and self.fixed_size is None and seq.spec.steps % EXPLORE_EVERY == 0)
+                  for seq, n, h, r in zip(seqs, plan, hopeful, reach)]
         sizes = [n if seq.draft is not None else 1 for seq, n in zip(seqs, plan)]
         return TreePlan(sizes, drafts)
 
@@ -100,22 +107,27 @@ class SpeculationPolicy:
         return self._reach(seq) > 1 and (self.speculating or self.is_pinned(seq))
 
     def _best_plan(self, seqs: list[Sequence], reach: list[int], other_tokens: int, token_limit: int,
-                   other_attended: int) -> list[int]:
-        """The tree sizes (as if every sequence had a draft) with the most tokens per second."""
-        contexts = [seq.num_cached_tokens for seq in seqs]
+                   other_keys: int, optimistic: bool = False) -> list[int]:
+        """The tree sizes (as if every sequence had a draft) with the most tokens per second;
+        optimistic: as if no sequence's heads guessed worse than their measured accuracies."""
+        context = other_keys + sum(seq.num_cached_tokens for seq in seqs)
+        skills = [max(seq.spec.skill, 1.0) if optimistic else seq.spec.skill for seq in seqs]
+
+        def length(i: int, n: int) -> float:
+            return 1.0 + self.gain[n] * skills[i]
 
         def rate(sizes: list[int]) -> float:
-            tokens = sum(self.expected_length(s, n) for s, n in zip(seqs, sizes))
-            attended = other_attended + sum(n * (c + n) for n, c in zip(sizes, contexts))
-            return tokens / self.cost_model(sum(sizes) + other_tokens, attended, sum(n > 1 for n in sizes))
+            tokens = sum(length(i, n) for i, n in enumerate(sizes))
+            num_tokens = sum(sizes) + other_tokens
+            return tokens / self.cost_model(num_tokens, context + num_tokens, sum(n > 1 for n in sizes))
 
         best = self._fit([1] * len(seqs), token_limit, seqs)
         best_rate = rate(best) * (1.0 + MARGIN)  # trees must win clearly: the models are estimates
         for price in PRICES:
             sizes = []
-            for seq, cap in zip(seqs, reach):
+            for i, cap in enumerate(reach):
                 options = [n for n in self.sizes if n <= cap] or [1]
-                sizes.append(max(options, key=lambda n: self.expected_length(seq, n) - price * n))
+                sizes.append(max(options, key=lambda n: length(i, n) - price * n))
             sizes = self._fit(sizes, token_limit, seqs)
             candidate = rate(sizes)
             if candidate > best_rate * 1.001:  # prefer the cheaper batch when rates tie

@@ -67,17 +67,24 @@ def test_seeded_sampling_keeps_one_tree_size_whatever_the_load():
 
 
 def test_cost_model_interpolates_and_adds_attention_and_drafting():
-    model = StepCostModel({1: 0.05, 64: 0.1}, attention_per_pair=1e-6, draft_fixed=0.002, draft_per_seq=0.001)
+    model = StepCostModel({1: 0.05, 64: 0.1}, per_key=1e-6, draft_fixed=0.002, draft_per_seq=0.001)
     assert model(32) == pytest.approx(0.05 + 0.05 * 31 / 63)
     assert model(128) > model(64)
-    assert model(32, attended=10_000) == pytest.approx(model(32) + 0.01)
+    assert model(32, keys=10_000) == pytest.approx(model(32) + 0.01)
+    assert model(32, num_drafts=0) == model(32)
     assert model(32, num_drafts=4) == pytest.approx(model(32) + 0.006)
+
+
+def test_a_stalled_measurement_does_not_lift_the_whole_curve():
+    model = StepCostModel({1: 2.0, 4: 0.05, 16: 0.06, 64: 0.1})
+    assert model(1) == 0.05 and model(64) == 0.1
+    assert model(4) <= model(8) <= model(16)
 
 
 def test_real_steps_move_the_offset_not_the_marginal_costs():
     """A busier machine or per-sequence overheads shift every estimate alike; what one more
     tree token costs stays what was measured."""
-    model = StepCostModel({1: 0.05, 64: 0.1}, attention_per_pair=1e-6)
+    model = StepCostModel({1: 0.05, 64: 0.1}, per_key=1e-6)
     marginal = model(40, 4000) - model(32, 3000)
     for _ in range(60):
         model.observe(32, 3000, 0, 0.2)
