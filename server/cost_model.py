@@ -2,13 +2,14 @@
 
 A step's time is modelled as
 
-    t = dense(T) + read * C + draft(D) + offset
+    t = dense(T) + read * C + tree * V + draft(D) + offset
 
 with T the tokens in the step, C the keys read (each sequence's context, read once for all
 of its queries: a tree's extra tokens add their own keys, not another pass over the
-context), D the sequences whose heads draft a tree for the next step, and dense(T) a
-piecewise-linear curve over token counts. dense, the cost per key read and the drafting
-cost are measured at start-up on the actual hardware (`server.loading`), so the
+context), V the sequences that verify a tree (a tree costs more than its tokens: masks,
+another attention group), D the sequences whose heads draft a tree for the next step, and
+dense(T) a piecewise-linear curve over token counts. dense, the cost per key read, per tree
+and of drafting are measured at start-up on the actual hardware (`server.loading`), so the
 model's marginal costs (what one more tree token or one more draft costs) come from
 controlled measurements. Real steps only move `offset`, a moving average of how far the
 model is off: per-sequence overheads (bookkeeping, sampling) and a busier machine show up
@@ -23,11 +24,12 @@ OFFSET_WEIGHT = 0.1
 
 
 class StepCostModel:
-    def __init__(self, dense: dict[int, float], per_key: float = 0.0,
+    def __init__(self, dense: dict[int, float], per_key: float = 0.0, per_tree: float = 0.0,
                  draft_fixed: float = 0.0, draft_per_seq: float = 0.0):
         """dense: seconds per forward by token count (at no context); per_key: seconds per
-        key a sequence reads; drafting D sequences costs draft_fixed + draft_per_seq * D
-        seconds (nothing when D = 0)."""
+        key a sequence reads; per_tree: seconds per sequence verifying a tree, beyond its
+        tokens; drafting D sequences costs draft_fixed + draft_per_seq * D seconds (nothing
+        when D = 0)."""
         if not dense:
             raise ValueError("the cost model needs at least one measurement")
         self.xs = sorted(dense)
@@ -37,6 +39,7 @@ class StepCostModel:
         for i in range(len(self.ys) - 2, -1, -1):
             self.ys[i] = min(self.ys[i], self.ys[i + 1])
         self.per_key = max(0.0, per_key)
+        self.per_tree = max(0.0, per_tree)
         self.draft_fixed = max(0.0, draft_fixed)
         self.draft_per_seq = max(0.0, draft_per_seq)
         self.offset = 0.0
@@ -57,16 +60,16 @@ class StepCostModel:
     def draft(self, num_drafts: int) -> float:
         return self.draft_fixed + self.draft_per_seq * num_drafts if num_drafts > 0 else 0.0
 
-    def model(self, num_tokens: int, keys: int = 0, num_drafts: int = 0) -> float:
+    def model(self, num_tokens: int, keys: int = 0, num_trees: int = 0, num_drafts: int = 0) -> float:
         """The measured part, without the running offset."""
-        return self.dense(num_tokens) + self.per_key * keys + self.draft(num_drafts)
+        return self.dense(num_tokens) + self.per_key * keys + self.per_tree * num_trees + self.draft(num_drafts)
 
-    def __call__(self, num_tokens: int, keys: int = 0, num_drafts: int = 0) -> float:
-        base = self.model(num_tokens, keys, num_drafts)
+    def __call__(self, num_tokens: int, keys: int = 0, num_trees: int = 0, num_drafts: int = 0) -> float:
+        base = self.model(num_tokens, keys, num_trees, num_drafts)
         return max(base + self.offset, 0.25 * base)
 
-    def observe(self, num_tokens: int, keys: int, num_drafts: int, seconds: float) -> None:
+    def observe(self, num_tokens: int, keys: int, num_trees: int, num_drafts: int, seconds: float) -> None:
         """Move the offset towards a real step's distance from the measured model."""
-        base = self.model(num_tokens, keys, num_drafts)
+        base = self.model(num_tokens, keys, num_trees, num_drafts)
         residual = min(seconds - base, 2.0 * base)  # one stalled step must not steer the policy
         self.offset += OFFSET_WEIGHT * (residual - self.offset)

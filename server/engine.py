@@ -124,7 +124,7 @@ class LLMEngine:
             return []
         if batch.decodes:
             metrics.spec_tree_budget.set(sum(s.num_new_tokens for s in batch.decodes) / len(batch.decodes))
-        keys, drafts = batch.keys_read, batch.num_drafts
+        shape = (batch.num_tokens, batch.keys_read, batch.num_trees, batch.num_drafts)
         started = time.perf_counter()
         try:
             results = self.runner.execute(batch)
@@ -132,7 +132,7 @@ class LLMEngine:
             logger.exception("step failed")
             return self._fail(batch, f"internal error while running the model: {e}")
         elapsed = time.perf_counter() - started
-        self.cost_model.observe(batch.num_tokens, keys, drafts, elapsed)
+        self.cost_model.observe(*shape, elapsed)
         metrics.step_duration.observe(elapsed)
         now = time.monotonic()
         outputs = []

@@ -98,12 +98,12 @@ def measure_step_costs(runner: ModelRunner, max_tokens: int) -> StepCostModel:
     block_size = kv_cache.block_size
 
     def forward_time(query_lens: list[int], context: int, repeats: int) -> float:
-        """One prefill of query_lens[0] tokens, or one-token decodes over `context` tokens each."""
+        """One prefill of query_lens[0] tokens, or trees (chains) over `context` tokens each."""
         per_seq = -(-(context + max(query_lens)) // block_size)
         tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(query_lens))]
         seq_lens = [context + q for q in query_lens]
         prefill = len(query_lens) == 1 and context == 0
-        masks = None if prefill else [[1]] * len(query_lens)
+        masks = None if prefill else [[(1 << (i + 1)) - 1 for i in range(q)] for q in query_lens]
         metadata = build_metadata(query_lens, seq_lens, tables, block_size, int(prefill), masks, device=device)
         n = sum(query_lens)
         ids = torch.zeros(n, dtype=torch.long, device=device)
@@ -116,17 +116,22 @@ def measure_step_costs(runner: ModelRunner, max_tokens: int) -> StepCostModel:
     dense = {n: forward_time([n], 0, 1 if n > 64 else 3) for n in sizes}
     # reading the context: 16 one-token steps over a long context against the same over none
     seqs, context = 16, min(512, capacity // 16 - block_size)
-    per_key = 0.0
+    per_key = per_tree = 0.0
     if context > 64:
         long, short = forward_time([1] * seqs, context, 3), forward_time([1] * seqs, 0, 3)
         per_key = max(0.0, long - short) / (seqs * context)
+        # a tree beyond its tokens (its mask, another attention group): half of the 16
+        # sequences verify two-node trees, against 16 one-token decodes
+        curve = StepCostModel(dense).dense
+        mixed = forward_time([1] * (seqs // 2) + [2] * (seqs // 2), context, 3)
+        per_tree = max(0.0, mixed - long - (curve(seqs * 3 // 2) - curve(seqs))) / (seqs // 2)
     draft_fixed = draft_per_seq = 0.0
     if runner.heads is not None:
         hidden = torch.zeros(32, model.config.hidden_size, dtype=model.lm_head.weight.dtype, device=device)
         one, many = (_best_time(lambda: runner.guesses(hidden[:k], [0] * k), device) for k in (1, 32))
         draft_per_seq = max(0.0, many - one) / 31
         draft_fixed = max(0.0, one - draft_per_seq)
-    logger.info("step cost: %s ms by tokens; %.2f us per key read; drafting %.1f ms + %.2f ms per sequence",
-                ", ".join(f"{n}: {t * 1e3:.0f}" for n, t in dense.items()), per_key * 1e6,
-                draft_fixed * 1e3, draft_per_seq * 1e3)
-    return StepCostModel(dense, per_key, draft_fixed, draft_per_seq)
+    logger.info("step cost: %s ms by tokens; %.2f us per key read; %.2f ms per tree; drafting %.1f ms + %.2f ms "
+                "per sequence", ", ".join(f"{n}: {t * 1e3:.0f}" for n, t in dense.items()), per_key * 1e6,
+                per_tree * 1e3, draft_fixed * 1e3, draft_per_seq * 1e3)
+    return StepCostModel(dense, per_key, per_tree, draft_fixed, draft_per_seq)

@@ -49,6 +49,10 @@ class SchedulerOutput:
         return sum(s.seq.num_cached_tokens + s.num_new_tokens for s in self.prefills + self.decodes)
 
     @property
+    def num_trees(self) -> int:
+        return sum(s.num_new_tokens > 1 for s in self.decodes)
+
+    @property
     def num_drafts(self) -> int:
         """Sequences whose heads draft after this step (a prompt only once it is complete)."""
         return sum(s.draft for s in self.decodes) + sum(

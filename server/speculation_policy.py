@@ -4,7 +4,7 @@ A bigger tree is expected to yield more tokens per step but makes the step slowe
 sequence in the batch. With `E_i(n)` the tokens sequence i is expected to keep from a tree
 of n nodes (from the heads' measured accuracies, scaled by how well its own guesses have
 been accepted) and `t` the step-time model (server/cost_model.py: tokens, keys read,
-drafting sequences), we pick the n_i that maximise generated tokens per second,
+trees, drafting sequences), we pick the n_i that maximise generated tokens per second,
 sum_i E_i(n_i) / t(step). We search a price per token (lambda): at a given price each
 sequence independently takes the tree size with the best E_i(n) - lambda * n, and we keep
 the price whose batch is fastest. n = 1 (no speculation) is always a candidate, and trees
@@ -119,7 +119,8 @@ class SpeculationPolicy:
         def rate(sizes: list[int]) -> float:
             tokens = sum(length(i, n) for i, n in enumerate(sizes))
             num_tokens = sum(sizes) + other_tokens
-            return tokens / self.cost_model(num_tokens, context + num_tokens, sum(n > 1 for n in sizes))
+            trees = sum(n > 1 for n in sizes)
+            return tokens / self.cost_model(num_tokens, context + num_tokens, trees, trees)
 
         best = self._fit([1] * len(seqs), token_limit, seqs)
         best_rate = rate(best) * (1.0 + MARGIN)  # trees must win clearly: the models are estimates

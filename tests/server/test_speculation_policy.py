@@ -67,12 +67,13 @@ def test_seeded_sampling_keeps_one_tree_size_whatever_the_load():
 
 
 def test_cost_model_interpolates_and_adds_attention_and_drafting():
-    model = StepCostModel({1: 0.05, 64: 0.1}, per_key=1e-6, draft_fixed=0.002, draft_per_seq=0.001)
+    model = StepCostModel({1: 0.05, 64: 0.1}, per_key=1e-6, per_tree=0.003, draft_fixed=0.002, draft_per_seq=0.001)
     assert model(32) == pytest.approx(0.05 + 0.05 * 31 / 63)
     assert model(128) > model(64)
     assert model(32, keys=10_000) == pytest.approx(model(32) + 0.01)
     assert model(32, num_drafts=0) == model(32)
     assert model(32, num_drafts=4) == pytest.approx(model(32) + 0.006)
+    assert model(32, num_trees=2) == pytest.approx(model(32) + 0.006)
 
 
 def test_a_stalled_measurement_does_not_lift_the_whole_curve():
@@ -87,10 +88,10 @@ def test_real_steps_move_the_offset_not_the_marginal_costs():
     model = StepCostModel({1: 0.05, 64: 0.1}, per_key=1e-6)
     marginal = model(40, 4000) - model(32, 3000)
     for _ in range(60):
-        model.observe(32, 3000, 0, 0.2)
+        model.observe(32, 3000, 0, 0, 0.2)
     assert model(32, 3000) == pytest.approx(0.2, rel=0.02)
     assert model(40, 4000) - model(32, 3000) == pytest.approx(marginal)
-    model.observe(32, 3000, 0, 100.0)   # one stalled step moves it a bounded amount
+    model.observe(32, 3000, 0, 0, 100.0)   # one stalled step moves it a bounded amount
     assert model(32, 3000) < 0.26
 
 
