@@ -5,7 +5,7 @@ today every block has one owner.
 """
 from __future__ import annotations
 
-from collections import deque
+import heapq
 
 
 def blocks_for(num_slots: int, block_size: int) -> int:
@@ -18,7 +18,9 @@ class BlockManager:
             raise ValueError("the KV cache needs at least one block; raise --kv-cache-memory-gb")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        # lowest id first: live blocks stay packed at the start of the pool, so a long-running
+        # server keeps a small, cache- and TLB-friendly working set instead of cycling the pool
+        self.free_blocks: list[int] = list(range(num_blocks))  # a heap
         self.ref_counts = [0] * num_blocks
 
     @property
@@ -42,7 +44,7 @@ class BlockManager:
         if needed > self.num_free_blocks:
             raise RuntimeError(f"out of KV-cache blocks: need {needed}, {self.num_free_blocks} free")
         for _ in range(needed):
-            block = self.free_blocks.popleft()
+            block = heapq.heappop(self.free_blocks)
             self.ref_counts[block] = 1
             block_table.append(block)
 
@@ -61,4 +63,4 @@ class BlockManager:
             raise RuntimeError(f"block {block} freed twice")
         self.ref_counts[block] -= 1
         if self.ref_counts[block] == 0:
-            self.free_blocks.append(block)
+            heapq.heappush(self.free_blocks, block)

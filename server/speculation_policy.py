@@ -15,10 +15,11 @@ Drafting is part of a tree's cost: a tree verified in step k was drafted by the 
 end of step k - 1. So the plan is made as if every sequence had a draft; sequences planned
 for a tree draft after this step (and decode plainly in this step if they have no draft
 yet). A sequence planned for plain decoding drafts too if a tree would pay for it with
-heads as good as measured (skill 1): its draft is then scored against the text that follows
+heads as good as measured (skill 1) and those extra drafts cost under HOPE_BUDGET of the
+step (a small batch): its draft is then scored against the text that follows
 (`score_plain_steps`), so its skill stays current and a cold streak does not end its
-speculation while trees are cheap. Where trees would not pay even then (a busy batch),
-it drafts only every EXPLORE_EVERY steps, and drafting stops costing time.
+speculation. Otherwise (a busy batch) it drafts only every EXPLORE_EVERY steps, and
+drafting stops costing time.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ PINNED_DEFAULT = 16
 SHADOW_SIZE = 16
 MARGIN = 0.03
 EXPLORE_EVERY = 16  # a sequence that decodes plainly still drafts every this many steps
+HOPE_BUDGET = 0.05  # share of a step that drafting "in case the skill is better" may cost
 PRICES = (0.0, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.35, 0.6, 1.0)
 
 
@@ -94,8 +96,14 @@ class SpeculationPolicy:
         hopeful = plan
         if len(self.sizes) > 1 and any(n == 1 and seq.spec.skill < 1.0 for seq, n in zip(seqs, plan)):
             # would a tree pay if the heads guessed as well as measured? then keep drafting:
-            # the draft is scored either way, and a cold streak must not end speculation
+            # the draft is scored either way, and a cold streak must not end speculation;
+            # but only while those drafts are cheap next to the step (a small batch)
             hopeful = self._best_plan(seqs, reach, other_tokens, token_limit, other_keys, optimistic=True)
+            extra = sum(h > 1 and n == 1 for n, h in zip(plan, hopeful))
+            drafting = sum(n > 1 for n in plan)
+            step = self.cost_model(len(seqs) + other_tokens, other_keys + sum(q.num_cached_tokens for q in seqs))
+            if self.cost_model.draft(drafting + extra) - self.cost_model.draft(drafting) > HOPE_BUDGET * step:
+                hopeful = plan
         drafts = [n > 1 or h > 1 or (r > 1 and self.fixed_size is None and seq.spec.steps % EXPLORE_EVERY == 0)
                   for seq, n, h, r in zip(seqs, plan, hopeful, reach)]
         sizes = [n if seq.draft is not None else 1 for seq, n in zip(seqs, plan)]

@@ -178,3 +178,24 @@ def test_any_fixed_tree_size_builds_a_policy(fixed):
     p = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel({1: 0.05, 64: 0.1}), max_nodes=64, fixed_size=fixed)
     assert p.shadow_gain > 0 and len(p.shadow_paths) == 15
     assert p.choose(seqs(2), 0, 1024).sizes == [fixed or p.choose(seqs(2), 0, 1024).sizes[0]] * 2
+
+
+def test_hopeful_drafting_only_while_drafts_are_cheap(monkeypatch):
+    """A sequence planned plain (low skill) still drafts when a tree would pay at skill 1,
+    so its skill can recover; in a batch where those drafts would cost more than
+    HOPE_BUDGET of the step, it does not."""
+    costs = {1: 0.05, 2: 0.051, 16: 0.06, 64: 0.2, 256: 0.8}
+    cheap = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel(costs, draft_fixed=0.001, draft_per_seq=0.0005),
+                              max_nodes=64)
+    (cold,) = seqs(1, skill=0.02)
+    cold.spec.steps = 3
+    plan = cheap.choose([cold], 0, 1024)
+    assert plan.sizes == [1] and plan.drafts == [True]
+    dear = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel(costs, draft_fixed=0.001, draft_per_seq=0.001),
+                             max_nodes=64)
+    batch = seqs(8, skill=0.02)
+    for s in batch:
+        s.spec.steps = 3
+    assert dear.choose(batch, 0, 1024).drafts == [False] * 8   # 9 ms of drafts in a 50 ms step
+    monkeypatch.setattr("server.speculation_policy.HOPE_BUDGET", 1.0)
+    assert dear.choose(batch, 0, 1024).drafts == [True] * 8    # trees would pay at skill 1
