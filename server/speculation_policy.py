@@ -78,9 +78,6 @@ class SpeculationPolicy:
         """Expected tokens per step from a tree of `size` nodes under the prior accuracies."""
         return 1.0 + self.gain.get(size, 0.0)
 
-    def expected_length(self, seq: Sequence, size: int) -> float:
-        return 1.0 + self.gain[size] * seq.spec.skill
-
     def choose(self, seqs: list[Sequence], other_tokens: int, token_limit: int, other_keys: int = 0) -> TreePlan:
         """Tree size per sequence for this step (1 = plain decoding; a tree needs the draft
         made in the step before) and which sequences draft for the next step."""
