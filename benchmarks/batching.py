@@ -1,11 +1,15 @@
 """Throughput and inter-token latency under concurrency: plain vs fixed tree vs adaptive.
 
     python -m benchmarks.batching [--concurrency 1,4,16,32] [--max-tokens 64] [--fixed-tree 16]
+                                  [--rounds 1]
 
 For each concurrency c, c requests (evaluation prompts, greedy) are in flight at once in one
 engine; the same engine runs (a) plain decoding (tree of 1), (b) a fixed tree and (c) the
-load-adaptive policy, side by side in one run. Prints generated tokens/s and p50/p99
-inter-token latency (a step that yields k tokens for a request counts k gaps of step/k).
+load-adaptive policy, side by side in one run. With --rounds R each mode runs R times at
+each concurrency, the modes interleaved and their order rotated every round (so that a slow
+spell of a shared machine hits every mode alike), each round on the next prompts. Prints
+generated tokens/s over all rounds and p50/p99 inter-token latency (a step that yields k
+tokens for a request counts k gaps of step/k).
 """
 from __future__ import annotations
 
@@ -27,10 +31,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run(engine: LLMEngine, prompts: list[list[int]], concurrency: int, max_tokens: int) -> tuple[float, list[float]]:
+def run(engine: LLMEngine, prompts: list[list[int]], concurrency: int, max_tokens: int,
+        first: int = 0) -> tuple[int, float, list[float]]:
+    """c requests from prompts[first:] at once -> (tokens, seconds, inter-token gaps)."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     for i in range(concurrency):
-        engine.add_request(f"r{i}", prompts[i % len(prompts)], params)
+        engine.add_request(f"r{i}", prompts[(first + i) % len(prompts)], params)
     last: dict[str, float] = {}
     gaps: list[float] = []
     tokens = 0
@@ -43,7 +49,7 @@ def run(engine: LLMEngine, prompts: list[list[int]], concurrency: int, max_token
             if out.request_id in last and out.token_ids:
                 gaps += [(now - last[out.request_id]) / len(out.token_ids)] * len(out.token_ids)
             last[out.request_id] = now
-    return tokens / (time.perf_counter() - started), gaps
+    return tokens, time.perf_counter() - started, gaps
 
 
 def main(argv=None) -> None:
@@ -52,21 +58,27 @@ def main(argv=None) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--fixed-tree", type=int, default=16)
     parser.add_argument("--heads", default=None)
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each mode per concurrency, interleaved")
     args = parser.parse_args(argv)
     engine = LLMEngine(EngineConfig(heads=args.heads, max_num_seqs=64, max_num_batched_tokens=1024,
                                     kv_cache_memory_gb=2.0))
     prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in MIXED]
     modes = [("plain", 1), (f"tree {args.fixed_tree}", args.fixed_tree), ("adaptive", None)]
     print(f"# {date.today()} {platform.node()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"float32, greedy, {args.max_tokens} new tokens per request")
+          f"float32, greedy, {args.max_tokens} new tokens per request, {args.rounds} round(s)")
     print("| concurrency | mode | tokens/s | p50 ITL ms | p99 ITL ms | vs best fixed |")
     print("|---|---|---|---|---|---|")
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
-        rows = []
-        for label, size in modes:
-            engine.set_tree_budget(size)
-            rate, gaps = run(engine, prompts, concurrency, args.max_tokens)
-            rows.append((label, rate, percentile(gaps, 0.5) * 1e3, percentile(gaps, 0.99) * 1e3))
+        totals = {label: [0, 0.0, []] for label, _ in modes}
+        for r in range(args.rounds):
+            for label, size in modes[r % len(modes):] + modes[:r % len(modes)]:
+                engine.set_tree_budget(size)
+                tokens, seconds, gaps = run(engine, prompts, concurrency, args.max_tokens, r * concurrency)
+                totals[label][0] += tokens
+                totals[label][1] += seconds
+                totals[label][2] += gaps
+        rows = [(label, n / t, percentile(g, 0.5) * 1e3, percentile(g, 0.99) * 1e3)
+                for label, (n, t, g) in totals.items()]
         best_fixed = max(r[1] for r in rows[:2])
         for label, rate, p50, p99 in rows:
             print(f"| {concurrency} | {label} | {rate:.1f} | {p50:.0f} | {p99:.0f} | {rate / best_fixed:.2f}x |",

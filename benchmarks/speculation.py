@@ -1,10 +1,13 @@
 """Speculation at batch 1: mean accepted length and tokens/s over tree sizes, in one run.
 
-    python -m benchmarks.speculation [--max-tokens 128] [--sizes 1,4,8,16,32,64] [--heads DIR]
+    python -m benchmarks.speculation [--max-tokens 128] [--sizes 1,4,8,16,32,64] [--heads DIR ...]
+                                     [--lookup-tokens 8[,0]]
 
 Runs every evaluation prompt (chat and code, never training prompts) alone through one
 engine, at temperature 0 and 0.7, for each fixed tree size (1 = plain decoding, the same
-engine) and the adaptive policy; prints a Markdown table.
+engine) and the adaptive policy; prints a Markdown table. Several --heads or lookup lengths
+(0: no context-lookup chain) run side by side, one engine each, interleaved size by size,
+each against its own plain rate.
 """
 from __future__ import annotations
 
@@ -42,32 +45,38 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", default="1,4,8,16,32,64")
     parser.add_argument("--temperatures", default="0,0.7")
     parser.add_argument("--prompts", type=int, default=len(MIXED))
-    parser.add_argument("--heads", default=None)
+    parser.add_argument("--heads", nargs="*", default=[None], help="head checkpoints (default: the shipped heads)")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--lookup-tokens", default=str(EngineConfig.lookup_tokens),
+                        help="comma-separated longest lookup chains to compare (0: none)")
     args = parser.parse_args(argv)
-    engine = LLMEngine(EngineConfig(heads=args.heads, dtype=args.dtype, max_num_seqs=1))
-    prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in MIXED[: args.prompts]]
+    engines = {f"{heads or 'shipped'}, lookup {lookup}": LLMEngine(EngineConfig(
+        heads=heads, dtype=args.dtype, max_num_seqs=1, kv_cache_memory_gb=0.25, lookup_tokens=lookup))
+        for heads in args.heads for lookup in [int(n) for n in args.lookup_tokens.split(",")]}
+    tokenizer = next(iter(engines.values())).tokenizer
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in MIXED[: args.prompts]]
     sizes: list[int | None] = [int(s) for s in args.sizes.split(",")] + [None]
     print(f"# {date.today()} {platform.node()} {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, "
           f"{len(prompts)} prompts x {args.max_tokens} new tokens")
-    print("| temperature | tree | mean accepted length | tokens/s | speed-up vs plain |")
-    print("|---|---|---|---|---|")
+    print("| heads | temperature | tree | mean accepted length | tokens/s | speed-up vs plain |")
+    print("|---|---|---|---|---|---|")
     for temperature in [float(t) for t in args.temperatures.split(",")]:
-        plain_rate = None
+        plain_rate = {}
         for size in sizes:
-            engine.set_tree_budget(size)
-            total_tokens = total_time = steps = accepted = 0
-            for ids in prompts:
-                # no seed: seeded sampling pins the tree size, which would turn "adaptive" into a fixed tree
-                params = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, ignore_eos=True)
-                t, s, n, a = run_one(engine, ids, params)
-                total_tokens, total_time, steps, accepted = total_tokens + t, total_time + s, steps + n, accepted + a
-            rate = total_tokens / total_time
-            plain_rate = plain_rate or rate
-            label = "adaptive" if size is None else str(size)
-            print(f"| {temperature} | {label} | {1 + accepted / max(steps, 1):.2f} | {rate:.1f} | "
-                  f"{rate / plain_rate:.2f}x |", flush=True)
+            for heads, engine in engines.items():
+                engine.set_tree_budget(size)
+                total_tokens = total_time = steps = accepted = 0
+                for ids in prompts:
+                    # no seed: seeded sampling pins the tree size, which would turn "adaptive" into a fixed tree
+                    params = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, ignore_eos=True)
+                    t, s, n, a = run_one(engine, ids, params)
+                    total_tokens, total_time, steps, accepted = total_tokens + t, total_time + s, steps + n, accepted + a
+                rate = total_tokens / total_time
+                plain_rate.setdefault(heads, rate)
+                label = "adaptive" if size is None else str(size)
+                print(f"| {heads} | {temperature} | {label} | {1 + accepted / max(steps, 1):.2f} | "
+                      f"{rate:.1f} | {rate / plain_rate[heads]:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -120,7 +120,8 @@ def _load_gorgon(path: Path, base: ModelConfig) -> HeadCheckpoint:
     _check_shape("Gorgon", meta["hidden_size"], meta["vocab_size"], base, path)
     config = HeadsConfig(num_heads=meta["num_heads"], num_layers=meta["num_layers"],
                          hidden_size=meta["hidden_size"], vocab_size=meta["vocab_size"],
-                         shared_unembedding=meta["shared_unembedding"], token_input=meta.get("token_input", False))
+                         shared_unembedding=meta["shared_unembedding"], token_input=meta.get("token_input", False),
+                         chained=meta.get("chained", False))
     heads = MedusaHeads(config)
     state = load_file(str(path / GORGON_WEIGHTS))
     draft_vocab = state.pop(DRAFT_VOCAB_KEY, None)
@@ -196,7 +197,7 @@ def save_heads(path: str | Path, heads: MedusaHeads, accuracies: list[list[float
         "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
         "num_heads": config.num_heads, "num_layers": config.num_layers,
         "shared_unembedding": config.shared_unembedding, "token_input": config.token_input,
-        "dtype": str(dtype).removeprefix("torch."),
+        "chained": config.chained, "dtype": str(dtype).removeprefix("torch."),
         "accuracies": [[round(a, 5) for a in row] for row in accuracies],
         "tree": {"num_nodes": TREE_NODES, "paths": [list(p) for p in paths],
                  "expected_accept_length": {str(b): round(v, 4) for b, v in lengths.items()}},

@@ -48,6 +48,8 @@ class TrainConfig:
     max_vocab: int = 4096
     hidden_loss_weight: float = 1.0
     token_input: bool = True   # heads read the next token's embedding too (models/heads.py)
+    chained: bool = False      # head k reads head k - 1 and the path's token at depth k (models/heads.py)
+    detach_chain: bool = False  # chained: head k's loss trains head k only, not the heads before it
     seed: int = 0
 
 
@@ -85,7 +87,8 @@ class HeadTrainer:
         hidden_size = base_lm_head.shape[1]
         torch.manual_seed(config.seed)
         self.heads = MedusaHeads(HeadsConfig(config.num_heads, config.num_layers, hidden_size, base_lm_head.shape[0],
-                                             config.shared_unembedding, config.token_input)).to(self.device)
+                                             config.shared_unembedding, config.token_input,
+                                             config.chained)).to(self.device)
         if config.token_input and base_embeddings is None:
             raise ValueError("token-input heads train with the base model's token embeddings (base_embeddings)")
         self.embeddings = base_embeddings.float().to(self.device) if config.token_input else None  # [V, H]
@@ -123,12 +126,20 @@ class HeadTrainer:
             raise ValueError("token-input heads need the next tokens (the base model's own picks)")
         return self.embeddings[next_tokens.long().to(self.device)]
 
+    def path_embeds(self, targets: torch.Tensor) -> torch.Tensor | None:
+        """Chained heads read the true path (teacher forcing): head k > 0 reads token i + k,
+        which is head k - 1's target. [B, K] targets -> [B, K - 1, H]; None for other heads."""
+        if not self.config.chained:
+            return None
+        return self.embeddings[targets[:, :-1].clamp(min=0).to(self.device)]
+
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor, future: torch.Tensor | None = None,
              next_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [B, H] float, targets [B, K] full-vocab ids (-1 = none), future [B, K, H] the
         base model's hidden states at the guessed positions, next_tokens [B] the token the base
         model picked from each row -> (loss, per-head CE [K])."""
-        head_hidden = self.heads(hidden, self.next_embeds(next_tokens))
+        head_hidden = self.heads(hidden, self.next_embeds(next_tokens), self.path_embeds(targets),
+                                 detach_chain=self.config.detach_chain)
         logits = self.reduced_logits(head_hidden)
         reduced = torch.where(targets >= 0, self.to_reduced[targets.clamp(min=0)], -1)
         per_head = torch.stack([F.cross_entropy(logits[:, k], reduced[:, k], ignore_index=-1)
@@ -196,18 +207,55 @@ class HeadTrainer:
 
 @torch.inference_mode()
 def evaluate(heads: MedusaHeads, base_lm_head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
-             next_embeds: torch.Tensor | None = None, batch_size: int = 256, top_k: int = EVAL_TOP_K
-             ) -> list[list[float]]:
+             next_embeds: torch.Tensor | None = None, batch_size: int = 256, top_k: int = EVAL_TOP_K,
+             token_embeddings: torch.Tensor | None = None) -> list[list[float]]:
     """Accuracy as the server drafts (over the heads' draft vocabulary when they have one):
-    [head][rank] = share of positions whose rank-r guess is right (top-5 = sum of ranks 0..4)."""
-    device = base_lm_head.weight.device
+    [head][rank] = share of positions whose rank-r guess is right (top-5 = sum of ranks 0..4).
+    Chained heads read the true path, so head k's accuracy is the chance its guess is right
+    given a path the verification kept up to depth k (what a tree's chances multiply)."""
     num_heads = heads.config.num_heads
     hits = torch.zeros(num_heads, top_k, dtype=torch.long)
+    for guesses, batch_targets in _guess_batches(heads, base_lm_head, hidden, targets, next_embeds, batch_size,
+                                                 top_k, token_embeddings):
+        hits += (guesses == batch_targets[:, :, None]).sum(0)                # [K, top_k]
     counts = (targets >= 0).sum(0)
+    return [[int(hits[k, r]) / max(1, int(counts[k])) for r in range(top_k)] for k in range(num_heads)]
+
+
+@torch.inference_mode()
+def chain_length(heads: MedusaHeads, base_lm_head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
+                 next_embeds: torch.Tensor | None = None, batch_size: int = 256,
+                 token_embeddings: torch.Tensor | None = None) -> float:
+    """Tokens per step a chain of every head's top-1 guess would give (1 + the guesses kept in
+    a row from head 0), averaged over the positions where all heads have a target: unlike
+    per-head accuracies, comparable between independent and chained heads."""
+    total, positions = 0, 0
+    for guesses, batch_targets in _guess_batches(heads, base_lm_head, hidden, targets, next_embeds, batch_size, 1,
+                                                 token_embeddings):
+        full = (batch_targets >= 0).all(1)
+        in_a_row = (guesses[:, :, 0] == batch_targets).long().cumprod(1).sum(1)   # [B]
+        total += int((1 + in_a_row)[full].sum())
+        positions += int(full.sum())
+    return total / max(1, positions)
+
+
+def _guess_batches(heads, base_lm_head, hidden, targets, next_embeds, batch_size, top_k, token_embeddings):
+    """Yields (guesses [B, K, top_k], targets [B, K]) batch by batch, as the server guesses."""
+    device = base_lm_head.weight.device
     for start in tqdm(range(0, hidden.shape[0], batch_size), desc="evaluate", unit="batch", leave=False):
         h = hidden[start:start + batch_size].to(device, base_lm_head.weight.dtype)
         e = None if next_embeds is None else next_embeds[start:start + batch_size].to(device, h.dtype)
-        guesses = heads.guesses(h, base_lm_head, top_k, e).cpu()              # [B, K, top_k]
-        hit = guesses == targets[start:start + batch_size, :, None]           # [B, K, top_k]
-        hits += hit.sum(0)
-    return [[int(hits[k, r]) / max(1, int(counts[k])) for r in range(top_k)] for k in range(num_heads)]
+        batch_targets = targets[start:start + batch_size]
+        yield head_guesses(heads, base_lm_head, h, batch_targets, e, top_k, token_embeddings), batch_targets
+
+def head_guesses(heads: MedusaHeads, base_lm_head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
+                 next_embeds: torch.Tensor | None, top_k: int, token_embeddings: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """Each head's top_k guesses [B, K, top_k] (on the CPU); chained heads along the true path
+    (targets [B, K]), embedded with `token_embeddings` [V, H]."""
+    if not heads.config.chained:
+        return heads.guesses(hidden, base_lm_head, top_k, next_embeds).cpu()
+    if token_embeddings is None:
+        raise ValueError("chained heads read the path: pass the base model's token embeddings")
+    path = token_embeddings[targets[:, :-1].clamp(min=0).to(token_embeddings.device)].to(hidden.dtype)
+    return heads.top_tokens(heads(hidden, next_embeds, path), base_lm_head, top_k).cpu()

@@ -12,6 +12,18 @@ a plain Medusa head). Knowing the next token makes the guesses after it much eas
 the default model's held-out data, head 1's top-1 went from 0.37 to 0.47 (docs/heads.md).
 Medusa's reference format cannot express this input.
 
+With `chained` (token-input heads only) the heads form a chain along the drafted path, as
+EAGLE drafts with features and Hydra with sequentially dependent heads: head 0 reads the
+hidden state and e(x_{t+1}) as above, and head k > 0 reads head k - 1's output and the
+embedding of the token guessed at depth k (x_{t+k+1}, the node's own token in the tree):
+
+    g_0 = blocks_0(h_t + P_0 e(x_{t+1})),   g_k = blocks_k(g_{k-1} + P_k e(x_{t+k+1}))
+
+Head 0's output is trained towards the base model's state at t + 1 (the distillation loss
+of models/head_trainer.py), so head 1 reads what head 0 read one token later, and every
+head knows the whole path it extends. Drafting then runs head k once per tree node at
+depth k that has children (`step`), instead of once per sequence.
+
 Heads that share the unembedding may also carry a draft vocabulary: the few thousand token
 ids they are trained to guess. Their top-k is then taken over those rows only, which on a
 CPU makes drafting about 10x cheaper than a pass over all 49152 rows. Verification still
@@ -36,10 +48,14 @@ class HeadsConfig:
     vocab_size: int = 49152
     shared_unembedding: bool = True
     token_input: bool = False   # heads also read the embedding of the base model's next token
+    chained: bool = False       # head k reads head k - 1's output and the path's token at depth k
 
     def __post_init__(self):
         if self.num_heads < 1 or self.num_layers < 1:
             raise ValueError(f"heads need num_heads >= 1 and num_layers >= 1, got {self.num_heads}, {self.num_layers}")
+        if self.chained and not (self.token_input and self.shared_unembedding):
+            raise ValueError("chained heads read the path's tokens and share the unembedding: "
+                             "they need token_input and shared_unembedding")
 
 
 class ResidualBlock(nn.Module):
@@ -53,8 +69,9 @@ class ResidualBlock(nn.Module):
 
 
 class MedusaHeads(nn.Module):
-    """forward(hidden [N, H], next_embeds [N, H] | None) -> head hidden states [N, num_heads, H];
-    logits via `logits()`, token guesses via `guesses()`."""
+    """forward(hidden [N, H], next_embeds [N, H] | None, path_embeds [N, num_heads - 1, H] |
+    None) -> head hidden states [N, num_heads, H]; logits via `logits()`, token guesses via
+    `guesses()` (independent heads) or `step()` and `top_tokens()` (chained heads)."""
 
     def __init__(self, config: HeadsConfig):
         super().__init__()
@@ -82,13 +99,32 @@ class MedusaHeads(nn.Module):
                 raise ValueError(f"draft vocabulary ids must lie in [0, {self.config.vocab_size})")
         self.draft_vocab, self._draft_unembedding = token_ids, None
 
-    def forward(self, hidden: torch.Tensor, next_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, next_embeds: torch.Tensor | None = None,
+                path_embeds: torch.Tensor | None = None, detach_chain: bool = False) -> torch.Tensor:
+        """path_embeds (chained heads): the embeddings of the path's tokens after the next one,
+        x_{t+2} .. x_{t+num_heads} (teacher forcing while training). detach_chain: head k's
+        loss does not reach the heads before it (each head learns its own guess only)."""
         if self.token_proj is None:
             return torch.stack([block(hidden) for block in self.blocks], dim=1)
         if next_embeds is None:
             raise ValueError("these heads read the next token's embedding: pass next_embeds")
-        return torch.stack([block(hidden + proj(next_embeds)) for block, proj in zip(self.blocks, self.token_proj)],
-                           dim=1)
+        if not self.config.chained:
+            return torch.stack([block(hidden + proj(next_embeds))
+                                for block, proj in zip(self.blocks, self.token_proj)], dim=1)
+        if path_embeds is None or path_embeds.shape[1] < self.config.num_heads - 1:
+            raise ValueError("chained heads read the path: pass path_embeds [N, num_heads - 1, H]")
+        outputs, state = [], hidden
+        for k in range(self.config.num_heads):
+            state = self.step(k, state.detach() if detach_chain and k else state,
+                              next_embeds if k == 0 else path_embeds[:, k - 1])
+            outputs.append(state)
+        return torch.stack(outputs, dim=1)
+
+    def step(self, k: int, state: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
+        """Chained heads: head k's output from its input state ([M, H]: the base model's
+        hidden state for k = 0, head k - 1's output otherwise) and the embeddings [M, H] of
+        the tokens at depth k of the path (the node being extended)."""
+        return self.blocks[k](state + self.token_proj[k](token_embeds))
 
     def logits(self, head_hidden: torch.Tensor, base_lm_head: nn.Linear) -> torch.Tensor:
         """head_hidden [N, num_heads, H] -> logits [N, num_heads, vocab].
@@ -104,8 +140,16 @@ class MedusaHeads(nn.Module):
                 next_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [N, H] (and the next tokens' embeddings [N, H] for token-input heads) ->
         each head's k most likely token ids [N, num_heads, k], best first."""
-        head_hidden = self(hidden, next_embeds)
+        if self.config.chained:
+            raise ValueError("chained heads guess per tree node: use step() and top_tokens()")
+        return self.top_tokens(self(hidden, next_embeds), base_lm_head, k)
+
+    def top_tokens(self, head_hidden: torch.Tensor, base_lm_head: nn.Linear, k: int) -> torch.Tensor:
+        """Head outputs [..., H] -> their k most likely token ids [..., k], best first (over the
+        draft vocabulary when there is one)."""
         if self.draft_vocab is None:
+            if self.lm_heads is None:
+                return base_lm_head(head_hidden).topk(k, dim=-1).indices
             return self.logits(head_hidden, base_lm_head).topk(k, dim=-1).indices
         weight = base_lm_head.weight
         if self._draft_unembedding is None or self._draft_unembedding[0] is not weight:
@@ -113,6 +157,6 @@ class MedusaHeads(nn.Module):
                              dtype=weight.dtype).requires_grad_(False)
             rows.weight.copy_(weight.detach()[self.draft_vocab.to(weight.device)])
             self._draft_unembedding = (weight, PackedLinear(rows) if can_pack(weight.device, weight.dtype) else rows)
-        vocab = self.draft_vocab.to(hidden.device)
+        vocab = self.draft_vocab.to(head_hidden.device)
         top = self._draft_unembedding[1](head_hidden).topk(min(k, len(vocab)), dim=-1).indices
         return vocab[top]

@@ -24,7 +24,7 @@ import torch
 from models.distill_data import MIXES, DataRecipe, generate_shards, load_shards
 from models.fetch import ensure_default_model, gorgon_home
 from models.head_checkpoint import TREE_BUDGETS, load_heads, model_checksum, save_heads
-from models.head_trainer import HeadTrainer, TrainConfig, evaluate, head_targets, reduced_vocabulary
+from models.head_trainer import HeadTrainer, TrainConfig, chain_length, evaluate, head_targets, reduced_vocabulary
 
 COMMANDS = ("all", "data", "train", "eval", "export")
 
@@ -65,6 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--own-unembedding", action="store_true", help="one unembedding per head (large)")
     p.add_argument("--no-token-input", action="store_true",
                    help="plain Medusa heads: do not read the next token's embedding (needed for Medusa's format)")
+    p.add_argument("--chained", action="store_true",
+                   help="chained heads: head k reads head k - 1's output and the path's token at depth k")
+    p.add_argument("--detach-chain", action="store_true",
+                   help="chained heads: each head's loss trains that head only (head 1 stays as good alone)")
     p.add_argument("--epochs", type=int, default=t.epochs)
     p.add_argument("--batch-size", type=int, default=t.batch_size)
     p.add_argument("--lr", type=float, default=t.lr)
@@ -96,7 +100,8 @@ class Session:
             num_heads=args.num_heads, num_layers=args.num_layers, shared_unembedding=not args.own_unembedding,
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, coverage=args.coverage,
             max_vocab=args.max_vocab, hidden_loss_weight=args.hidden_loss_weight,
-            token_input=not args.no_token_input, seed=args.seed)
+            token_input=not args.no_token_input, chained=args.chained,
+            detach_chain=args.detach_chain, seed=args.seed)
 
     def split(self, held_out: bool):
         """-> hidden [N, H], targets [N, heads], next tokens [N] (the base model's pick from
@@ -178,14 +183,18 @@ def run_eval(s: Session, heads=None) -> list[list[float]]:
         heads = load_heads(s.args.heads, s.model.config, device=s.device).heads
     if heads is None:
         hidden, targets, _ = s.split(held_out=False)
-        heads = make_trainer(s, hidden[:1], targets[:1]).heads
+        heads = make_trainer(s, hidden, targets).heads  # the full targets: they fix the vocabulary
         del hidden, targets
     hidden, targets, next_tokens = s.split(held_out=True)
     n = s.args.eval_positions
     hidden, targets, next_tokens = hidden[:n], targets[:n], next_tokens[:n].long().to(s.device)
     next_embeds = s.model.model.embed_tokens(next_tokens) if heads.config.token_input else None
-    accuracies = evaluate(heads.eval(), s.model.lm_head, hidden, targets, next_embeds)
+    accuracies = evaluate(heads.eval(), s.model.lm_head, hidden, targets, next_embeds,
+                          token_embeddings=s.model.model.embed_tokens.weight)
     print_accuracies(accuracies, hidden.shape[0], None if heads.draft_vocab is None else len(heads.draft_vocab))
+    chain = chain_length(heads, s.model.lm_head, hidden, targets, next_embeds,
+                         token_embeddings=s.model.model.embed_tokens.weight)
+    print(f"a chain of each head's top-1 keeps {chain:.3f} tokens per step")
     return accuracies
 
 

@@ -19,17 +19,24 @@ from server.tree import Tree
 
 
 def accept_greedy(tree: Tree, node_tokens: list[int], argmax: list[int]) -> tuple[list[int], int]:
-    """argmax[i]: the base model's choice after node i. Returns (kept nodes after the root, bonus)."""
+    """argmax[i]: the base model's choice after node i. Returns (kept nodes after the root, bonus).
+
+    Siblings may carry the same token (a lookup chain beside the heads' guesses): every
+    matching child is followed and the longest kept path wins.
+    """
     children = tree.child_ranks()
-    kept: list[int] = []
-    node = 0
-    while True:
-        target = argmax[node]
-        nxt = next((c for c in children.get(node, {}).values() if node_tokens[c] == target), None)
-        if nxt is None:
-            return kept, target
-        kept.append(nxt)
-        node = nxt
+
+    def longest(node: int) -> list[int]:
+        best: list[int] = []
+        for child in children.get(node, {}).values():
+            if node_tokens[child] == argmax[node]:
+                path = [child] + longest(child)
+                if len(path) > len(best):
+                    best = path
+        return best
+
+    kept = longest(0)
+    return kept, argmax[kept[-1] if kept else 0]
 
 
 def typical_acceptable(probs: torch.Tensor, parents: torch.Tensor, tokens: torch.Tensor,

@@ -32,6 +32,8 @@ SERVE_OPTIONS = [
     ("--model", str, None, "Hugging Face-style model directory (default: SmolLM2-135M-Instruct, fetched on first use)"),
     ("--heads", str, None, "head checkpoint (default: the shipped heads; 'none': no heads)"),
     ("--tree-budget", int, None, "fixed candidate-tree size in nodes (default: adapts to load)"),
+    ("--lookup-tokens", int, ENGINE_DEFAULTS["lookup_tokens"],
+     "longest chain copied from the request's own text added to a speculating tree (0: off)"),
     ("--api-key", str, None, "require 'Authorization: Bearer <key>' on /v1 routes"),
     ("--max-num-seqs", int, ENGINE_DEFAULTS["max_num_seqs"], "most requests running at once"),
     ("--max-model-len", int, None, "context length: prompt + max_tokens (default: the model's)"),
@@ -78,7 +80,8 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=args.model, heads=args.heads, speculation=not args.no_speculation,
-                        tree_budget=args.tree_budget, dtype=args.dtype, device=args.device,
+                        tree_budget=args.tree_budget, lookup_tokens=args.lookup_tokens, dtype=args.dtype,
+                        device=args.device,
                         attention_backend=args.attention_backend, max_num_seqs=args.max_num_seqs,
                         max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
                         max_queue_size=args.max_queue_size, kv_cache_memory_gb=args.kv_cache_memory_gb)

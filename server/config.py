@@ -11,6 +11,7 @@ class EngineConfig:
     speculation: bool = True          # False: plain one-token-per-step decoding, same engine
     tree_budget: int | None = None    # fixed tree size (nodes); None = adaptive to load
     max_tree_nodes: int = 64
+    lookup_tokens: int = 8            # longest context-lookup chain added to a tree (0: none)
     dtype: str = "float32"
     device: str = "auto"              # auto = cuda when available, else cpu
     attention_backend: str = "auto"   # auto | torch | triton
@@ -30,6 +31,8 @@ class EngineConfig:
             raise ValueError(f"max_tree_nodes must be between 1 and 64, got {self.max_tree_nodes}")
         if self.tree_budget is not None and not 1 <= self.tree_budget <= self.max_tree_nodes:
             raise ValueError(f"tree_budget must be between 1 and {self.max_tree_nodes}, got {self.tree_budget}")
+        if not 0 <= self.lookup_tokens <= 64:
+            raise ValueError(f"lookup_tokens must be between 0 and 64, got {self.lookup_tokens}")
         if self.kv_cache_memory_gb <= 0:
             raise ValueError("kv_cache_memory_gb must be positive")
         if self.max_num_batched_tokens < self.max_tree_nodes:

@@ -14,12 +14,12 @@ from models.attention import KVCache
 from server import metrics
 from server.block_manager import BlockManager, blocks_for
 from server.config import EngineConfig
-from server.model_runner import ModelRunner
+from server.model_runner import ModelRunner, StepResult
 from server.outputs import RequestOutput
 from server.output_processor import OutputProcessor
 from server.sampler import make_generator
 from server.sampling_params import SamplingParams
-from server.scheduler import Scheduler, SchedulerOutput
+from server.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from server.sequence import Sequence, SequenceStatus
 from server.speculation_policy import SpeculationPolicy
 from server.loading import load_components, measure_step_costs
@@ -65,7 +65,7 @@ class LLMEngine:
     def set_tree_budget(self, tree_budget: int | None) -> None:
         """Fix every tree's size in nodes (1 = plain decoding) or, with None, adapt it to load."""
         self.policy = SpeculationPolicy(self.runner.tree_paths, self.accuracies, self.cost_model,
-                                        self.config.max_tree_nodes, tree_budget)
+                                        self.config.max_tree_nodes, tree_budget, self.config.lookup_tokens)
         self.scheduler.policy = self.policy
 
     # ---- requests in -------------------------------------------------------------------
@@ -142,7 +142,7 @@ class LLMEngine:
             if item.is_prefill:
                 metrics.prompt_tokens.inc(item.num_new_tokens)
             else:
-                self._record_speculation(seq, item.num_new_tokens, result.accepted)
+                self._record_speculation(seq, item, result)
                 if item.num_new_tokens == 1 and seq.draft is not None:  # a plain step: score it later
                     seq.spec.plain_drafts.append((seq.draft, seq.num_tokens - 1))
             seq.draft = result.draft
@@ -161,9 +161,12 @@ class LLMEngine:
         return outputs
 
     # ---- bookkeeping -------------------------------------------------------------------
-    def _record_speculation(self, seq: Sequence, nodes: int, accepted: int) -> None:
-        seq.spec.record(accepted, nodes - 1, self.policy.prior_length(nodes) - 1.0)
-        if nodes > 1:
+    def _record_speculation(self, seq: Sequence, item: ScheduledSequence, result: StepResult) -> None:
+        """The heads' skill counts their own branch only; the metrics count the whole tree."""
+        nodes, accepted = item.num_new_tokens, result.accepted
+        seq.spec.record(accepted, nodes - 1, self.policy.prior_length(item.head_nodes) - 1.0,
+                        result.head_accepted, item.head_nodes - 1)
+        if item.head_nodes > 1:
             self.skill_prior = max(SKILL_PRIOR_FLOOR, 0.95 * self.skill_prior + 0.05 * seq.spec.skill)
         metrics.spec_steps.inc()
         metrics.spec_draft_tokens.inc(nodes - 1)

@@ -17,6 +17,8 @@ from server.config import EngineConfig
 from server.cost_model import MEASURED_SIZES, StepCostModel
 from server.model_runner import ModelRunner
 
+DRAFT_SIZE = 8  # tree nodes per draft when timing the heads at start-up
+
 logger = logging.getLogger("gorgon.loading")
 
 
@@ -126,9 +128,10 @@ def measure_step_costs(runner: ModelRunner, max_tokens: int) -> StepCostModel:
         mixed = forward_time([1] * (seqs // 2) + [2] * (seqs // 2), context, 3)
         per_tree = max(0.0, mixed - long - (curve(seqs * 3 // 2) - curve(seqs))) / (seqs // 2)
     draft_fixed = draft_per_seq = 0.0
-    if runner.heads is not None:
+    if runner.drafter is not None:  # drafting trees of a typical size (chained heads' cost grows with it)
         hidden = torch.zeros(32, model.config.hidden_size, dtype=model.lm_head.weight.dtype, device=device)
-        one, many = (_best_time(lambda: runner.guesses(hidden[:k], [0] * k), device) for k in (1, 32))
+        one, many = (_best_time(lambda: runner.drafter.draft(hidden[:k], [0] * k, [DRAFT_SIZE] * k), device)
+                     for k in (1, 32))
         draft_per_seq = max(0.0, many - one) / 31
         draft_fixed = max(0.0, one - draft_per_seq)
     logger.info("step cost: %s ms by tokens; %.2f us per key read; %.2f ms per tree; drafting %.1f ms + %.2f ms "

@@ -17,9 +17,10 @@ from models.attention import KVCache, build_metadata
 from models.heads import MedusaHeads
 from models.llama import LlamaForCausalLM
 from server.acceptance import accept_greedy, accept_rejection, accept_typical
+from server.drafter import Drafter, node_tokens
 from server.sampler import pick
 from server.scheduler import SchedulerOutput, ScheduledSequence
-from server.tree import Path, tree_of
+from server.tree import LOOKUP_RANK, Path, Tree, kept_by_tree, tree_of
 
 
 @dataclass
@@ -28,7 +29,8 @@ class StepResult:
     num_cached_tokens: int        # after the commit
     drafted: int = 0              # tree nodes besides the root
     accepted: int = 0             # drafted tokens kept
-    draft: list[list[int]] | None = None
+    head_accepted: int = 0        # of them, those the heads' branch of the tree would have kept
+    draft: list[int] | None = None  # the next tree's tokens (server/drafter.py)
 
 
 class ModelRunner:
@@ -40,12 +42,13 @@ class ModelRunner:
         self.attention_cls = attention_cls
         self.tree_paths = tree_paths
         self.device = model.lm_head.weight.device
-        self.top_k = 1 + max((rank for path in tree_paths for rank in path), default=0)
+        self.drafter = Drafter(heads, model, tree_paths) if heads is not None else None
 
     def node_tokens(self, item: ScheduledSequence) -> list[int]:
-        seq = item.seq
-        tree = tree_of(self.tree_paths, item.num_new_tokens)
-        return [seq.token_ids[-1]] + [seq.draft[len(p) - 1][p[-1]] for p in tree.paths[1:]]
+        return node_tokens(self.tree_paths, item.seq.token_ids[-1], item.seq.draft, item.head_nodes, item.lookup)
+
+    def tree(self, item: ScheduledSequence) -> Tree:
+        return tree_of(self.tree_paths, item.head_nodes, len(item.lookup))
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> list[tuple[ScheduledSequence, StepResult]]:
@@ -61,7 +64,7 @@ class ModelRunner:
                 positions += range(start, start + n)
                 needs_logits = start + n == seq.num_tokens
             else:
-                tree = tree_of(self.tree_paths, n)
+                tree = self.tree(item)
                 input_ids += self.node_tokens(item)
                 positions += [start + d for d in tree.depths]
                 tree_masks.append(list(tree.ancestor_masks))
@@ -95,9 +98,9 @@ class ModelRunner:
                     results.append(StepResult([token], start + n))
                     if item.draft:
                         head_rows.append(offset + n - 1)
-                        head_items.append(len(results) - 1)
+                        head_items.append((len(results) - 1, item.draft))
             else:
-                tree = tree_of(self.tree_paths, n)
+                tree = self.tree(item)
                 tokens = self.node_tokens(item)
                 if seq.params.is_greedy:
                     kept, bonus = accept_greedy(tree, tokens, argmax[row:row + n])
@@ -108,34 +111,28 @@ class ModelRunner:
                     if node != depth:
                         moves[0].append(self._slot(seq.block_table, start + node))
                         moves[1].append(self._slot(seq.block_table, start + depth))
-                results.append(StepResult([tokens[k] for k in kept] + [bonus], start + 1 + len(kept),
-                                          drafted=n - 1, accepted=len(kept)))
+                new_tokens = [tokens[k] for k in kept] + [bonus]
+                head_accepted = len(kept)
+                if kept and tree.paths[kept[0]][0] == LOOKUP_RANK:  # what the heads' own branch would have kept
+                    head_accepted = kept_by_tree(self.tree_paths[:item.head_nodes - 1], seq.draft, new_tokens)
+                results.append(StepResult(new_tokens, start + 1 + len(kept), drafted=n - 1, accepted=len(kept),
+                                          head_accepted=head_accepted))
                 if item.draft:
                     head_rows.append(offset + (kept[-1] if kept else 0))
-                    head_items.append(len(results) - 1)
+                    head_items.append((len(results) - 1, item.draft))
             offset += n
         if moves[0]:
             self.kv_cache.move_slots(torch.tensor(moves[0], device=self.device),
                                      torch.tensor(moves[1], device=self.device))
-        if self.heads is not None and head_rows:
-            self._draft(hidden, head_rows, [results[i] for i in head_items])
+        if self.drafter is not None and head_rows:
+            drafted = [results[i] for i, _ in head_items]
+            drafts = self.drafter.draft(hidden[torch.tensor(head_rows, device=self.device)],
+                                        [r.new_token_ids[-1] for r in drafted],   # the token each just got
+                                        [size for _, size in head_items])
+            for result, draft in zip(drafted, drafts):
+                result.draft = draft
         return list(zip(items, results))
 
     def _slot(self, block_table: list[int], index: int) -> int:
         size = self.kv_cache.block_size
         return block_table[index // size] * size + index % size
-
-    def _draft(self, hidden: torch.Tensor, rows: list[int], results: list[StepResult]) -> None:
-        """Each head's top-k guesses after the last kept token of each sequence (and after the
-        token the base model picked from it, which token-input heads read)."""
-        guesses = self.guesses(hidden[torch.tensor(rows, device=self.device)],
-                               [r.new_token_ids[-1] for r in results])  # the token each just got
-        for result, draft in zip(results, guesses):
-            result.draft = draft
-
-    def guesses(self, rows: torch.Tensor, next_ids: list[int]) -> list[list[list[int]]]:
-        """[N, H] hidden states and the tokens that follow them -> per row, per head, top-k ids."""
-        next_embeds = None
-        if self.heads.config.token_input:
-            next_embeds = self.model.model.embed_tokens(torch.tensor(next_ids, device=self.device)).to(rows.dtype)
-        return self.heads.guesses(rows, self.model.lm_head, self.top_k, next_embeds).tolist()

@@ -26,7 +26,13 @@ class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int    # prompt chunk length, or the tree's node count for decodes
     is_prefill: bool
-    draft: bool = True     # run the heads after this step (a tree for the next one)
+    draft: int = 0         # tree nodes the heads draft after this step, for the next one (0: none)
+    lookup: list[int] = field(default_factory=list)  # a context-lookup chain in this step's tree
+
+    @property
+    def head_nodes(self) -> int:
+        """The tree's nodes from the heads' draft, the root included (the rest are lookup's)."""
+        return self.num_new_tokens - len(self.lookup)
 
 
 @dataclass
@@ -55,8 +61,8 @@ class SchedulerOutput:
     @property
     def num_drafts(self) -> int:
         """Sequences whose heads draft after this step (a prompt only once it is complete)."""
-        return sum(s.draft for s in self.decodes) + sum(
-            s.draft and s.seq.num_cached_tokens + s.num_new_tokens == s.seq.num_tokens for s in self.prefills)
+        return sum(s.draft > 0 for s in self.decodes) + sum(
+            s.draft > 0 and s.seq.num_cached_tokens + s.num_new_tokens == s.seq.num_tokens for s in self.prefills)
 
 
 class Scheduler:
@@ -96,12 +102,13 @@ class Scheduler:
         tree_budget = max(len(decoding), budget - pending_prefill)
         prefill_tokens = min(pending_prefill, budget)
         plan = self.policy.choose(decoding, prefill_tokens, tree_budget, prefill_tokens)
-        for seq, size, draft in zip(decoding, plan.sizes, plan.drafts):
+        for seq, size, draft, lookup in zip(decoding, plan.sizes, plan.drafts, plan.lookups):
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted to make room for an earlier arrival
+            size += len(lookup)
             if not self._reserve(seq, seq.num_cached_tokens + size, out):
                 continue  # seq itself was preempted
-            out.decodes.append(ScheduledSequence(seq, size, is_prefill=False, draft=draft))
+            out.decodes.append(ScheduledSequence(seq, size, is_prefill=False, draft=draft, lookup=lookup))
             budget -= size
         for seq in [s for s in self.running if s.is_prefilling]:
             if budget <= 0:

@@ -6,6 +6,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from server.lookup import ContextIndex
 from server.sampling_params import SamplingParams
 
 
@@ -33,7 +34,10 @@ class SpeculationStats:
     skill: float = 1.0
     plain_drafts: deque = field(default_factory=deque)
 
-    def record(self, accepted: int, drafted: int, expected_gain: float) -> None:
+    def record(self, accepted: int, drafted: int, expected_gain: float, head_accepted: int | None = None,
+               head_drafted: int | None = None) -> None:
+        """One verified tree; the skill counts the heads' own branch (head_*, when the tree
+        also held a context-lookup chain) against what the prior expected of it."""
         self.steps += 1
         self.drafted += drafted
         self.accepted += accepted
@@ -41,8 +45,9 @@ class SpeculationStats:
             self.accepted_per_depth.append(0)
         for d in range(accepted):
             self.accepted_per_depth[d] += 1
-        if drafted:
-            self._update_skill(accepted / max(expected_gain, 0.05))
+        head_accepted = accepted if head_accepted is None else head_accepted
+        if (drafted if head_drafted is None else head_drafted):
+            self._update_skill(head_accepted / max(expected_gain, 0.05))
 
     def record_shadow(self, kept: int, expected_gain: float) -> None:
         """A plain step scored after the fact: a tree would have kept `kept` of its draft."""
@@ -62,7 +67,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0       # tokens whose keys and values are in the cache
-    draft: list[list[int]] | None = None  # per head, its top-k guesses after the last token
+    draft: list[int] | None = None   # the heads' next tree, one token per path (server/drafter.py)
+    context_index: ContextIndex = field(default_factory=ContextIndex)  # for context lookup drafts
     spec: SpeculationStats = field(default_factory=SpeculationStats)
     finish_reason: str | None = None
     first_scheduled_time: float | None = None

@@ -40,14 +40,18 @@ PRICES = (0.0, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.35, 0.6,
 
 @dataclass
 class TreePlan:
-    sizes: list[int]     # tree nodes per sequence this step (1 = plain decoding)
-    drafts: list[bool]   # draft after this step, for a tree in the next one
+    sizes: list[int]     # the heads' tree nodes per sequence this step (1 = plain decoding)
+    drafts: list[int]    # tree nodes to draft after this step, for the next one (0: no draft)
+    lookups: list[list[int]]  # a context-lookup chain added to each sequence's tree (server/lookup.py)
 
 
 class SpeculationPolicy:
     def __init__(self, tree_paths: tuple[Path, ...], accuracies: list[list[float]],
-                 cost_model: StepCostModel, max_nodes: int, fixed_size: int | None = None):
+                 cost_model: StepCostModel, max_nodes: int, fixed_size: int | None = None,
+                 lookup_tokens: int = 0):
         self.tree_paths = tree_paths
+        self.max_nodes = max_nodes
+        self.lookup_tokens = lookup_tokens
         self.cost_model = cost_model
         self.fixed_size = fixed_size
         self.speculating = bool(tree_paths) and fixed_size != 1  # did the last plan have trees
@@ -59,10 +63,10 @@ class SpeculationPolicy:
         # expected gain (accepted drafted tokens) of each tree size under the prior accuracies
         self.gain = {n: expected_accept_length(list(tree_paths[: n - 1]), accuracies) - 1.0 for n in self.sizes}
         # plain steps are scored against this tree: what it would have kept (see `Sequence.spec`)
-        shadow_size = min(SHADOW_SIZE, limit)
-        self.shadow_paths = set(tree_paths[: shadow_size - 1])
-        self.shadow_gain = expected_accept_length(list(tree_paths[: shadow_size - 1]), accuracies) - 1.0
-        self.shadow_depth = max((len(p) for p in self.shadow_paths), default=0)
+        self.shadow_size = min(SHADOW_SIZE, limit)
+        self.accuracies = accuracies
+        self.shadow_gain: dict[int, float] = {}  # by the nodes a scored draft fills
+        self.shadow_depth = max((len(p) for p in tree_paths[: self.shadow_size - 1]), default=0)
 
     def score_plain_steps(self, seq: Sequence) -> None:
         """Once the tokens after a plain step are known, score what the shadow tree would have
@@ -71,8 +75,11 @@ class SpeculationPolicy:
         while pending and (seq.num_tokens > pending[0][1] + self.shadow_depth or seq.is_finished):
             draft, root = pending.popleft()
             future = seq.token_ids[root + 1: root + 1 + self.shadow_depth]
-            if len(future) == self.shadow_depth and self.shadow_gain > 0:
-                seq.spec.record_shadow(kept_by_tree(self.shadow_paths, draft, future), self.shadow_gain)
+            size = min(self.shadow_size, len(draft) + 1)
+            if size not in self.shadow_gain:
+                self.shadow_gain[size] = expected_accept_length(list(self.tree_paths[: size - 1]), self.accuracies) - 1
+            if len(future) == self.shadow_depth and self.shadow_gain[size] > 0:
+                seq.spec.record_shadow(kept_by_tree(self.tree_paths[: size - 1], draft, future), self.shadow_gain[size])
 
     def prior_length(self, size: int) -> float:
         """Expected tokens per step from a tree of `size` nodes under the prior accuracies."""
@@ -83,7 +90,7 @@ class SpeculationPolicy:
         made in the step before) and which sequences draft for the next step."""
         if not seqs:  # a new prompt will have the batch (nearly) to itself
             self.speculating = bool(self.tree_paths) and self.fixed_size != 1
-            return TreePlan([], [])
+            return TreePlan([], [], [])
         reach = [self._reach(seq) for seq in seqs]
         if len(self.sizes) == 1:
             plan = self._fit([min(self.sizes[0], r) for r in reach], token_limit, seqs)
@@ -101,15 +108,46 @@ class SpeculationPolicy:
             step = self.cost_model(len(seqs) + other_tokens, other_keys + sum(q.num_cached_tokens for q in seqs))
             if self.cost_model.draft(drafting + extra) - self.cost_model.draft(drafting) > HOPE_BUDGET * step:
                 hopeful = plan
-        drafts = [n > 1 or h > 1 or (r > 1 and self.fixed_size is None and seq.spec.steps % EXPLORE_EVERY == 0)
+        drafts = [self._grown(n) if n > 1 else h if h > 1 else self.shadow_size if (
+                      r > 1 and self.fixed_size is None and seq.spec.steps % EXPLORE_EVERY == 0) else 0
                   for seq, n, h, r in zip(seqs, plan, hopeful, reach)]
-        sizes = [n if seq.draft is not None else 1 for seq, n in zip(seqs, plan)]
-        return TreePlan(sizes, drafts)
+        sizes = [self._drafted(n, seq.draft) for seq, n in zip(seqs, plan)]
+        return TreePlan(sizes, drafts, self._lookups(seqs, sizes, token_limit))
 
-    def draft_after_prefill(self, seq: Sequence) -> bool:
-        """Whether a prompt that completes now drafts its first tree: if the last plan had
-        trees (seeded sampling always: its tree size never changes)."""
-        return self._reach(seq) > 1 and (self.speculating or self.is_pinned(seq))
+    def draft_after_prefill(self, seq: Sequence) -> int:
+        """Tree nodes a prompt that completes now drafts for its first tree: some if the last
+        plan had trees (seeded sampling always: its tree size never changes), else none."""
+        if self._reach(seq) <= 1 or not (self.speculating or self.is_pinned(seq)):
+            return 0
+        return self.pinned_size if self.is_pinned(seq) else min(self.shadow_size, self.sizes[-1])
+
+    def _grown(self, size: int) -> int:
+        """Nodes to draft for a sequence verifying `size` now: the next size up, so that its
+        tree can grow by one step (heads whose drafts cost by the node draft no more)."""
+        bigger = [n for n in self.sizes if n > size]
+        return bigger[0] if bigger else size
+
+    def _lookups(self, seqs: list[Sequence], sizes: list[int], token_limit: int) -> list[list[int]]:
+        """A lookup chain for every sequence that verifies a tree this step (the policy found
+        speculation worth its cost here), while the step's tokens stay within the limit
+        (seeded sampling always, like its tree size: a seed must give the same text)."""
+        room = token_limit - sum(sizes)
+        lookups = []
+        for seq, size in zip(seqs, sizes):
+            chain = []
+            if size > 1 and self.lookup_tokens:
+                longest = min(self.lookup_tokens, self.max_nodes - size, seq.remaining_tokens - 1)
+                if not self.is_pinned(seq):
+                    longest = min(longest, room)
+                chain = seq.context_index.continuation(seq.token_ids, longest)
+                room -= len(chain)
+            lookups.append(chain)
+        return lookups
+
+    @staticmethod
+    def _drafted(size: int, draft: list[int] | None) -> int:
+        """The planned size, shrunk to the tree the sequence's draft fills."""
+        return 1 if draft is None else min(size, len(draft) + 1)
 
     def _best_plan(self, seqs: list[Sequence], reach: list[int], other_tokens: int, token_limit: int,
                    other_keys: int, optimistic: bool = False) -> list[int]:

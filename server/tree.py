@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 Path = tuple[int, ...]
+# A path that starts with LOOKUP_RANK is a node of the context-lookup chain (server/lookup.py):
+# (LOOKUP_RANK,) * d is its d-th token, hung under the root beside the heads' guesses.
+LOOKUP_RANK = -1
 
 
 @dataclass(frozen=True)
@@ -100,19 +103,22 @@ def expected_accept_length(paths: list[Path], accuracies: list[list[float]]) -> 
     return total
 
 
-@lru_cache(maxsize=256)
-def tree_of(paths: tuple[Path, ...], num_nodes: int) -> Tree:
-    """The tree made of the first num_nodes - 1 of an expansion-ordered path list."""
-    return Tree.from_paths(paths[: num_nodes - 1])
+@lru_cache(maxsize=1024)
+def tree_of(paths: tuple[Path, ...], num_nodes: int, lookup: int = 0) -> Tree:
+    """The tree made of the first num_nodes - 1 of an expansion-ordered path list, plus a
+    lookup chain of `lookup` nodes under the root (num_nodes + lookup nodes in all)."""
+    return Tree.from_paths(paths[: num_nodes - 1] + tuple((LOOKUP_RANK,) * d for d in range(1, lookup + 1)))
 
 
-def kept_by_tree(paths: set[Path], draft: list[list[int]], future: list[int]) -> int:
-    """Drafted tokens a greedy tree made of `paths` would have kept from `draft` (per head, its
-    ranked guesses) had the text gone on with `future`: the deepest path whose guesses match."""
+def kept_by_tree(paths: tuple[Path, ...], draft: list[int], future: list[int]) -> int:
+    """Drafted tokens a greedy tree made of `paths` would have kept had the text gone on with
+    `future`: the deepest path whose tokens match. draft[j] is the token of paths[j] (the
+    layout of server/drafter.py; extra draft tokens are ignored)."""
+    token_of = dict(zip(paths, draft))
     kept, prefix = 0, ()
-    for depth, token in enumerate(future[: len(draft)]):
-        rank = next((r for r, guess in enumerate(draft[depth]) if guess == token and prefix + (r,) in paths), None)
-        if rank is None:
+    for token in future:
+        child = next((p for p in token_of if len(p) == kept + 1 and p[:-1] == prefix and token_of[p] == token), None)
+        if child is None:
             break
-        prefix, kept = prefix + (rank,), kept + 1
+        prefix, kept = child, kept + 1
     return kept

@@ -44,13 +44,14 @@ def test_batch_of_8_different_lengths_equals_plain_greedy(engine, references):
     check_exact(engine, references, PROMPTS[3:11])
 
 
-def test_heads_reading_the_next_token_are_exact_in_a_batch(model, random_heads, references):
+@pytest.mark.parametrize("chained", [False, True], ids=["independent", "chained"])
+def test_heads_reading_the_next_token_are_exact_in_a_batch(model, random_heads, references, chained):
     from types import SimpleNamespace
 
     from models.heads import HeadsConfig, MedusaHeads
     torch.manual_seed(99)
     heads = MedusaHeads(HeadsConfig(hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size,
-                                    token_input=True))
+                                    token_input=True, chained=chained))
     for p in heads.parameters():
         torch.nn.init.normal_(p, std=0.05)
     heads.set_draft_vocab(torch.arange(0, model.config.vocab_size, 3))
@@ -89,11 +90,11 @@ def test_kv_commit_moves_accepted_rows_into_place(random_heads, monkeypatch):
         results = execute(batch)
         for item, result in results:
             future = expected[item.seq.num_output_tokens + len(result.new_token_ids):]
-            for head, guesses in enumerate(result.draft or []):
-                if head < len(path) and head < len(future):
-                    wrong = [(future[head] + 1 + r) % engine.model.config.vocab_size for r in range(len(guesses))]
-                    guesses[:] = wrong
-                    guesses[path[head]] = future[head]
+            for j, node in enumerate(engine.runner.tree_paths[:len(result.draft or [])]):
+                depth = len(node)
+                if depth <= len(future):  # the true token on `path`, a wrong one elsewhere
+                    right = node == path[:depth]
+                    result.draft[j] = future[depth - 1] if right else (future[depth - 1] + 1) % 1000
         return results
 
     monkeypatch.setattr(engine.runner, "execute", with_oracle_drafts)

@@ -15,7 +15,7 @@ def seqs(n, skill=1.0, **params):
     out = []
     for i in range(n):
         seq = Sequence(str(i), [1, 2, 3], SamplingParams(max_tokens=100, temperature=0.0, **params))
-        seq.draft = [[0, 0, 0]] * 4
+        seq.draft = [0] * len(PATHS)
         seq.spec.skill = skill
         out.append(seq)
     return out
@@ -63,7 +63,7 @@ def test_seeded_sampling_keeps_one_tree_size_whatever_the_load():
     alone = p.choose([seeded], 0, 1024)
     crowded = p.choose([seeded] + seqs(40), 0, 1024)
     assert alone.sizes[0] == crowded.sizes[0] == p.pinned_size
-    assert alone.drafts[0] and crowded.drafts[0] and p.draft_after_prefill(seeded)
+    assert alone.drafts[0] and crowded.drafts[0] and p.draft_after_prefill(seeded) == p.pinned_size
 
 
 def test_cost_model_interpolates_and_adds_attention_and_drafting():
@@ -103,16 +103,16 @@ def test_only_sequences_planned_for_a_tree_draft():
     (seq,) = seqs(1)
     seq.draft = None
     plan = cheap.choose([seq], 0, 1024)
-    assert plan.sizes == [1] and plan.drafts == [True]
+    assert plan.sizes == [1] and plan.drafts[0] > 1
     linear = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel({1: 0.01, 16: 0.16, 64: 0.64, 256: 2.56}),
                                max_nodes=64)
     batch = seqs(8)
     for s in batch:
         s.spec.steps = 3
-    assert linear.choose(batch, 0, 1024).drafts == [False] * 8
+    assert linear.choose(batch, 0, 1024).drafts == [0] * 8
     assert not linear.draft_after_prefill(seqs(1)[0])
     batch[0].spec.steps = EXPLORE_EVERY
-    assert linear.choose(batch, 0, 1024).drafts == [True] + [False] * 7
+    assert linear.choose(batch, 0, 1024).drafts == [linear.shadow_size] + [0] * 7
 
 
 def test_drafting_cost_can_tip_the_balance():
@@ -126,7 +126,7 @@ def test_plain_decoding_never_drafts():
     p = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel({1: 0.05, 64: 0.05}), max_nodes=64, fixed_size=1)
     batch = seqs(3)
     batch[0].spec.steps = 0
-    assert p.choose(batch, 0, 1024).drafts == [False] * 3 and not p.draft_after_prefill(batch[0])
+    assert p.choose(batch, 0, 1024).drafts == [0] * 3 and not p.draft_after_prefill(batch[0])
 
 
 def test_plain_steps_bring_a_quiet_sequence_back_to_speculation():
@@ -136,8 +136,8 @@ def test_plain_steps_bring_a_quiet_sequence_back_to_speculation():
     p = policy({1: 0.05, 2: 0.06, 16: 0.07, 64: 0.2, 256: 0.8})  # a tree costs ~1.2x a plain step
     (seq,) = seqs(1, skill=0.02)
     assert p.choose([seq], 0, 1024).sizes == [1]
-    draft = [[10 * h + r for r in range(3)] for h in range(4)]       # head h's rank r guess
-    right = [draft[h][0] for h in range(4)]                           # every head's best guess
+    draft = [10 * len(path) + path[-1] for path in PATHS]             # the rank-r guess at depth d: 10 d + r
+    right = [10 * d for d in range(1, 5)]                             # every head's best guess
     for _ in range(10):
         seq.spec.plain_drafts.append((draft, seq.num_tokens - 1))
         seq.token_ids += right
@@ -153,7 +153,7 @@ def test_plain_steps_bring_a_quiet_sequence_back_to_speculation():
 def test_a_plain_step_waits_for_the_tokens_after_it():
     p = policy({1: 0.05, 16: 0.06, 64: 0.1, 256: 0.4})
     (seq,) = seqs(1)
-    draft = [[7], [8], [9], [6]]
+    draft = [7 if path == (0,) else 0 for path in PATHS]
     seq.spec.plain_drafts.append((draft, seq.num_tokens - 1))
     seq.token_ids.append(7)
     p.score_plain_steps(seq)
@@ -165,8 +165,8 @@ def test_a_plain_step_waits_for_the_tokens_after_it():
 
 def test_kept_by_tree_follows_the_matching_path():
     from server.tree import kept_by_tree
-    draft = [[1, 2], [3, 4], [5, 6]]
-    paths = {(0,), (1,), (0, 0), (1, 1), (1, 1, 0)}
+    paths = ((0,), (1,), (0, 0), (1, 1), (1, 1, 0), (0, 0, 0))
+    draft = [1, 2, 3, 4, 5]                                # the token of each path; (0, 0, 0) not drafted
     assert kept_by_tree(paths, draft, [2, 4, 5]) == 3
     assert kept_by_tree(paths, draft, [1, 3, 5]) == 2     # (0, 0, 0) is not in the tree
     assert kept_by_tree(paths, draft, [1, 4, 5]) == 1     # (0, 1) is not in the tree
@@ -176,7 +176,7 @@ def test_kept_by_tree_follows_the_matching_path():
 @pytest.mark.parametrize("fixed", [None, 1, 8, 32, 64])
 def test_any_fixed_tree_size_builds_a_policy(fixed):
     p = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel({1: 0.05, 64: 0.1}), max_nodes=64, fixed_size=fixed)
-    assert p.shadow_gain > 0 and len(p.shadow_paths) == 15
+    assert p.shadow_size == 16
     assert p.choose(seqs(2), 0, 1024).sizes == [fixed or p.choose(seqs(2), 0, 1024).sizes[0]] * 2
 
 
@@ -190,12 +190,12 @@ def test_hopeful_drafting_only_while_drafts_are_cheap(monkeypatch):
     (cold,) = seqs(1, skill=0.02)
     cold.spec.steps = 3
     plan = cheap.choose([cold], 0, 1024)
-    assert plan.sizes == [1] and plan.drafts == [True]
+    assert plan.sizes == [1] and plan.drafts[0] > 1
     dear = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel(costs, draft_fixed=0.001, draft_per_seq=0.001),
                              max_nodes=64)
     batch = seqs(8, skill=0.02)
     for s in batch:
         s.spec.steps = 3
-    assert dear.choose(batch, 0, 1024).drafts == [False] * 8   # 9 ms of drafts in a 50 ms step
+    assert dear.choose(batch, 0, 1024).drafts == [0] * 8   # 9 ms of drafts in a 50 ms step
     monkeypatch.setattr("server.speculation_policy.HOPE_BUDGET", 1.0)
-    assert dear.choose(batch, 0, 1024).drafts == [True] * 8    # trees would pay at skill 1
+    assert all(n > 1 for n in dear.choose(batch, 0, 1024).drafts)    # trees would pay at skill 1

@@ -1,0 +1,97 @@
+"""Context lookup drafts: the index against a brute-force search, and the lookup chain in
+trees, acceptance and the policy."""
+import random
+
+import pytest
+
+from server.acceptance import accept_greedy
+from server.cost_model import StepCostModel
+from server.lookup import MAX_MATCH, MIN_MATCH, ContextIndex
+from server.sampling_params import SamplingParams
+from server.sequence import Sequence
+from server.speculation_policy import SpeculationPolicy
+from server.tree import LOOKUP_RANK, expand_tree, tree_of
+
+ACCURACIES = [[0.7, 0.15, 0.05], [0.5, 0.1, 0.05], [0.4, 0.08], [0.3, 0.05]]
+PATHS = tuple(expand_tree(ACCURACIES, 64))
+
+
+def brute_force(tokens: list[int], max_tokens: int) -> list[int]:
+    """The latest earlier occurrence of the longest suffix of MAX_MATCH..MIN_MATCH tokens."""
+    end = len(tokens)
+    for n in range(MAX_MATCH, MIN_MATCH - 1, -1):
+        if end <= n:
+            continue
+        for start in range(end - 1, n - 1, -1):   # start: the index after the occurrence
+            if tokens[start - n:start] == tokens[end - n:]:
+                return tokens[start:start + max_tokens]
+    return []
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_index_finds_what_a_full_search_finds(seed):
+    """(Fewer than MAX_CANDIDATES occurrences of any gram here, so the index sees them all.)"""
+    rng = random.Random(seed)
+    tokens = [rng.randrange(4) for _ in range(6)]
+    index = ContextIndex()
+    for _ in range(100):   # grown a few tokens at a time, as a sequence is
+        tokens += [rng.randrange(4 if rng.random() < 0.7 else 9) for _ in range(rng.randint(1, 3))]
+        assert index.continuation(tokens, 5) == brute_force(tokens, 5)
+
+
+def test_a_repeated_phrase_is_proposed_and_an_unseen_one_is_not():
+    index = ContextIndex()
+    text = [5, 6, 7, 8, 9, 10, 11, 1, 2, 6, 7]
+    assert index.continuation(text, 4) == [8, 9, 10, 11]
+    assert index.continuation(text + [42], 4) == []          # (7, 42) never occurred
+    assert ContextIndex().continuation([1, 2], 4) == []
+
+
+def test_the_longer_match_wins_over_the_later_one():
+    tokens = [1, 2, 3, 50, 9, 2, 3, 60, 1, 2, 3]
+    assert ContextIndex().continuation(tokens, 1) == [50]     # (1, 2, 3) beats the later (2, 3)
+
+
+def test_lookup_chain_hangs_under_the_root():
+    tree = tree_of(PATHS, 4, lookup=3)
+    assert tree.num_nodes == 7
+    chain = [i for i, p in enumerate(tree.paths) if p and p[0] == LOOKUP_RANK]
+    assert [tree.depths[i] for i in chain] == [1, 2, 3]
+    assert tree.parents[chain[0]] == 0 and tree.parents[chain[1]] == chain[0]
+
+
+def test_greedy_acceptance_follows_the_longer_of_two_equal_siblings():
+    """The heads' rank-0 guess and the lookup chain both start with token 7; only the lookup
+    chain goes on matching, and its path must win whichever sibling comes first."""
+    tree = tree_of(PATHS, 2, lookup=3)     # root, heads (0,), lookup chain of 3
+    tokens = [0] * tree.num_nodes
+    heads_node = tree.paths.index((0,))
+    chain = [tree.paths.index((LOOKUP_RANK,) * d) for d in (1, 2, 3)]
+    tokens[heads_node], tokens[chain[0]], tokens[chain[1]], tokens[chain[2]] = 7, 7, 8, 9
+    argmax = [0] * tree.num_nodes
+    argmax[0], argmax[chain[0]], argmax[chain[1]], argmax[chain[2]], argmax[heads_node] = 7, 8, 9, 10, 99
+    kept, bonus = accept_greedy(tree, tokens, argmax)
+    assert kept == chain and bonus == 10
+
+
+def make_seq(tokens, max_tokens=100):
+    seq = Sequence("s", tokens, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    seq.draft = [0] * len(PATHS)
+    return seq
+
+
+def test_policy_adds_lookup_only_to_speculating_sequences_within_the_limit():
+    cheap = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel({1: 0.05, 16: 0.055, 64: 0.07, 256: 0.2}),
+                              max_nodes=64, lookup_tokens=8)
+    repeating = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 3, 4]
+    plan = cheap.choose([make_seq(repeating)], 0, 1024)
+    assert plan.sizes[0] > 1 and plan.lookups[0] == [5, 6, 7, 8, 9, 10, 11, 12]
+    tight = cheap.choose([make_seq(repeating)], 0, plan.sizes[0] + 2)
+    assert len(tight.lookups[0]) <= 2
+    near_the_end = cheap.choose([make_seq(repeating, max_tokens=3)], 0, 1024)
+    assert len(near_the_end.lookups[0]) <= 2
+    plain = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel({1: 0.05, 64: 0.05}), max_nodes=64, fixed_size=1,
+                              lookup_tokens=8)
+    assert plain.choose([make_seq(repeating)], 0, 1024).lookups == [[]]
+    off = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel({1: 0.05, 64: 0.05}), max_nodes=64)
+    assert off.choose([make_seq(repeating)], 0, 1024).lookups == [[]]
