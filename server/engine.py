@@ -65,7 +65,8 @@ class LLMEngine:
     def set_tree_budget(self, tree_budget: int | None) -> None:
         """Fix every tree's size in nodes (1 = plain decoding) or, with None, adapt it to load."""
         self.policy = SpeculationPolicy(self.runner.tree_paths, self.accuracies, self.cost_model,
-                                        self.config.max_tree_nodes, tree_budget, self.config.lookup_tokens)
+                                        self.config.max_tree_nodes, tree_budget,
+                                        self.config.lookup_tokens if self.config.speculation else 0)
         self.scheduler.policy = self.policy
 
     # ---- requests in -------------------------------------------------------------------
@@ -143,7 +144,7 @@ class LLMEngine:
                 metrics.prompt_tokens.inc(item.num_new_tokens)
             else:
                 self._record_speculation(seq, item, result)
-                if item.num_new_tokens == 1 and seq.draft is not None:  # a plain step: score it later
+                if item.head_nodes == 1 and seq.draft is not None:  # no heads' tree: score the draft later
                     seq.spec.plain_drafts.append((seq.draft, seq.num_tokens - 1))
             seq.draft = result.draft
             if not result.new_token_ids:
@@ -166,6 +167,8 @@ class LLMEngine:
         nodes, accepted = item.num_new_tokens, result.accepted
         seq.spec.record(accepted, nodes - 1, self.policy.prior_length(item.head_nodes) - 1.0,
                         result.head_accepted, item.head_nodes - 1)
+        if item.lookup:
+            seq.spec.record_lookup(result.lookup_kept)
         if item.head_nodes > 1:
             self.skill_prior = max(SKILL_PRIOR_FLOOR, 0.95 * self.skill_prior + 0.05 * seq.spec.skill)
         metrics.spec_steps.inc()

@@ -30,6 +30,7 @@ class StepResult:
     drafted: int = 0              # tree nodes besides the root
     accepted: int = 0             # drafted tokens kept
     head_accepted: int = 0        # of them, those the heads' branch of the tree would have kept
+    lookup_kept: int = 0          # the lookup chain's tokens that matched what was kept
     draft: list[int] | None = None  # the next tree's tokens (server/drafter.py)
 
 
@@ -114,9 +115,12 @@ class ModelRunner:
                 new_tokens = [tokens[k] for k in kept] + [bonus]
                 head_accepted = len(kept)
                 if kept and tree.paths[kept[0]][0] == LOOKUP_RANK:  # what the heads' own branch would have kept
-                    head_accepted = kept_by_tree(self.tree_paths[:item.head_nodes - 1], seq.draft, new_tokens)
+                    head_accepted = 0 if item.head_nodes == 1 else kept_by_tree(
+                        self.tree_paths[:item.head_nodes - 1], seq.draft, new_tokens)
+                lookup_kept = next((i for i, (a, b) in enumerate(zip(item.lookup, new_tokens)) if a != b),
+                                   min(len(item.lookup), len(new_tokens)))
                 results.append(StepResult(new_tokens, start + 1 + len(kept), drafted=n - 1, accepted=len(kept),
-                                          head_accepted=head_accepted))
+                                          head_accepted=head_accepted, lookup_kept=lookup_kept))
                 if item.draft:
                     head_rows.append(offset + (kept[-1] if kept else 0))
                     head_items.append((len(results) - 1, item.draft))

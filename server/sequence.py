@@ -13,6 +13,11 @@ from server.sampling_params import SamplingParams
 SKILL_FLOOR = 0.02
 
 
+# Tokens a lookup chain keeps, until a sequence has shown its own: on the base model's greedy
+# answers to the evaluation prompts, chains after a >= 2-token match kept ~2 (chat) to ~3
+# (code) tokens when proposed (docs/benchmarks.md); the prior is set below both.
+LOOKUP_GAIN_PRIOR = 1.0
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -33,6 +38,9 @@ class SpeculationStats:
     # starts again when its text turns predictable.
     skill: float = 1.0
     plain_drafts: deque = field(default_factory=deque)
+    # Moving average of the tokens a context-lookup chain kept when verified (whichever
+    # branch the step accepted); the policy weighs it against a chain's cost on plain steps.
+    lookup_gain: float = LOOKUP_GAIN_PRIOR
 
     def record(self, accepted: int, drafted: int, expected_gain: float, head_accepted: int | None = None,
                head_drafted: int | None = None) -> None:
@@ -48,6 +56,9 @@ class SpeculationStats:
         head_accepted = accepted if head_accepted is None else head_accepted
         if (drafted if head_drafted is None else head_drafted):
             self._update_skill(head_accepted / max(expected_gain, 0.05))
+
+    def record_lookup(self, kept: int) -> None:
+        self.lookup_gain = 0.8 * self.lookup_gain + 0.2 * kept
 
     def record_shadow(self, kept: int, expected_gain: float) -> None:
         """A plain step scored after the fact: a tree would have kept `kept` of its draft."""

@@ -112,7 +112,7 @@ class SpeculationPolicy:
                       r > 1 and self.fixed_size is None and seq.spec.steps % EXPLORE_EVERY == 0) else 0
                   for seq, n, h, r in zip(seqs, plan, hopeful, reach)]
         sizes = [self._drafted(n, seq.draft) for seq, n in zip(seqs, plan)]
-        return TreePlan(sizes, drafts, self._lookups(seqs, sizes, token_limit))
+        return TreePlan(sizes, drafts, self._lookups(seqs, sizes, token_limit, other_tokens, other_keys))
 
     def draft_after_prefill(self, seq: Sequence) -> int:
         """Tree nodes a prompt that completes now drafts for its first tree: some if the last
@@ -127,20 +127,34 @@ class SpeculationPolicy:
         bigger = [n for n in self.sizes if n > size]
         return bigger[0] if bigger else size
 
-    def _lookups(self, seqs: list[Sequence], sizes: list[int], token_limit: int) -> list[list[int]]:
-        """A lookup chain for every sequence that verifies a tree this step (the policy found
-        speculation worth its cost here), while the step's tokens stay within the limit
-        (seeded sampling always, like its tree size: a seed must give the same text)."""
+    def _lookups(self, seqs: list[Sequence], sizes: list[int], token_limit: int, other_tokens: int,
+                 other_keys: int) -> list[list[int]]:
+        """A lookup chain (server/lookup.py) per sequence, within the step's token limit. The
+        adaptive policy adds a chain, to a tree or to a plain decode, when the tokens it
+        expects the chain to keep (the sequence's running `lookup_gain`) raise the step's
+        tokens per second; a fixed tree size always gets one (and plain decoding none);
+        seeded sampling always does, like its tree size, so that a seed gives the same text."""
         room = token_limit - sum(sizes)
+        num_tokens = sum(sizes) + other_tokens
+        context = other_keys + sum(seq.num_cached_tokens for seq in seqs) + num_tokens
+        expected = sum(self.prior_length(n) if n > 1 else 1.0 for n in sizes)
         lookups = []
         for seq, size in zip(seqs, sizes):
             chain = []
-            if size > 1 and self.lookup_tokens:
-                longest = min(self.lookup_tokens, self.max_nodes - size, seq.remaining_tokens - 1)
-                if not self.is_pinned(seq):
-                    longest = min(longest, room)
+            longest = min(self.lookup_tokens, self.max_nodes - size, seq.remaining_tokens - 1)
+            if not self.is_pinned(seq):
+                longest = min(longest, room)
+            if size > 1 or (self.fixed_size is None and seq.params.speculate):
                 chain = seq.context_index.continuation(seq.token_ids, longest)
-                room -= len(chain)
+            if chain and self.fixed_size is None and not self.is_pinned(seq):
+                before = expected / self.cost_model(num_tokens, context)
+                after = (expected + seq.spec.lookup_gain) / self.cost_model(num_tokens + len(chain), context + len(chain))
+                if after > before * (1.0 + MARGIN):
+                    expected += seq.spec.lookup_gain
+                    num_tokens, context = num_tokens + len(chain), context + len(chain)
+                else:
+                    chain = []
+            room -= len(chain)
             lookups.append(chain)
         return lookups
 

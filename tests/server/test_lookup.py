@@ -95,3 +95,24 @@ def test_policy_adds_lookup_only_to_speculating_sequences_within_the_limit():
     assert plain.choose([make_seq(repeating)], 0, 1024).lookups == [[]]
     off = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel({1: 0.05, 64: 0.05}), max_nodes=64)
     assert off.choose([make_seq(repeating)], 0, 1024).lookups == [[]]
+
+
+def test_a_plainly_decoding_sequence_gets_a_chain_only_when_it_pays():
+    """Heads that never hit keep a sequence plain; its lookup chain still runs while the
+    chain's kept tokens (its running lookup_gain) are worth the chain's tokens."""
+    repeating = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 3, 4]
+    flat = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel({1: 0.05, 16: 0.055, 64: 0.07, 256: 0.2}),
+                             max_nodes=64, lookup_tokens=8)
+    linear = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel({1: 0.01, 16: 0.16, 64: 0.64, 256: 2.56}),
+                               max_nodes=64, lookup_tokens=8)
+    seq = make_seq(repeating)
+    seq.spec.skill = 0.01    # heads that never hit: no tree
+    plan = flat.choose([seq], 0, 1024)
+    assert plan.sizes == [1] and plan.lookups == [[5, 6, 7, 8, 9, 10, 11, 12]]
+    assert linear.choose([seq], 0, 1024).lookups == [[]]        # 9 tokens cost 9x one
+    for _ in range(20):
+        seq.spec.record_lookup(0)                                  # chains that never hit stop
+    assert flat.choose([seq], 0, 1024).lookups == [[]]
+    fixed = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel({1: 0.05, 64: 0.05}), max_nodes=64, fixed_size=1,
+                              lookup_tokens=8)
+    assert fixed.choose([make_seq(repeating)], 0, 1024).lookups == [[]]   # plain decoding stays plain
