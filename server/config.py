@@ -11,7 +11,7 @@ class EngineConfig:
     speculation: bool = True          # False: plain one-token-per-step decoding, same engine
     tree_budget: int | None = None    # fixed tree size (nodes); None = adaptive to load
     max_tree_nodes: int = 64
-    lookup_tokens: int = 8            # longest context-lookup chain added to a tree (0: none)
+    lookup_tokens: int = 16           # longest context-lookup chain added to a tree (0: none)
     dtype: str = "float32"
     device: str = "auto"              # auto = cuda when available, else cpu
     attention_backend: str = "auto"   # auto | torch | triton

@@ -151,6 +151,7 @@ class LLMEngine:
                 continue
             appended, text = self.output_processor.append(seq, result.new_token_ids)
             self.policy.score_plain_steps(seq)
+            self.policy.score_dropped_lookups(seq)
             self._record_timing(seq, len(appended), now)
             if seq.finish_reason is not None:
                 self._finish(seq, now)

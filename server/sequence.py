@@ -14,8 +14,8 @@ SKILL_FLOOR = 0.02
 
 
 # Tokens a lookup chain keeps, until a sequence has shown its own: on the base model's greedy
-# answers to the evaluation prompts, chains after a >= 2-token match kept ~2 (chat) to ~3
-# (code) tokens when proposed (docs/benchmarks.md); the prior is set below both.
+# answers to the evaluation prompts, chains of up to 8 after a >= 2-token match kept 2.5
+# (chat) and 3.9 (code) tokens on average (docs/benchmarks.md); the prior stays well below.
 LOOKUP_GAIN_PRIOR = 1.0
 
 class SequenceStatus(enum.Enum):
@@ -41,6 +41,7 @@ class SpeculationStats:
     # Moving average of the tokens a context-lookup chain kept when verified (whichever
     # branch the step accepted); the policy weighs it against a chain's cost on plain steps.
     lookup_gain: float = LOOKUP_GAIN_PRIOR
+    dropped_lookups: deque = field(default_factory=deque)  # (chain, root index) left out of a step
 
     def record(self, accepted: int, drafted: int, expected_gain: float, head_accepted: int | None = None,
                head_drafted: int | None = None) -> None:

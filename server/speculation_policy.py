@@ -81,6 +81,16 @@ class SpeculationPolicy:
             if len(future) == self.shadow_depth and self.shadow_gain[size] > 0:
                 seq.spec.record_shadow(kept_by_tree(self.tree_paths[: size - 1], draft, future), self.shadow_gain[size])
 
+    @staticmethod
+    def score_dropped_lookups(seq: Sequence) -> None:
+        """Once the tokens after a step are known, score the lookup chain the policy left out
+        of it, so that a sequence's lookup_gain stays current while its chains are not run."""
+        pending = seq.spec.dropped_lookups
+        while pending and (seq.num_tokens >= pending[0][1] + 1 + len(pending[0][0]) or seq.is_finished):
+            chain, root = pending.popleft()
+            future = seq.token_ids[root + 1: root + 1 + len(chain)]
+            seq.spec.record_lookup(next((i for i, (a, b) in enumerate(zip(chain, future)) if a != b), len(future)))
+
     def prior_length(self, size: int) -> float:
         """Expected tokens per step from a tree of `size` nodes under the prior accuracies."""
         return 1.0 + self.gain.get(size, 0.0)
@@ -152,7 +162,8 @@ class SpeculationPolicy:
                 if after > before * (1.0 + MARGIN):
                     expected += seq.spec.lookup_gain
                     num_tokens, context = num_tokens + len(chain), context + len(chain)
-                else:
+                else:  # scored once the text after it is known
+                    seq.spec.dropped_lookups.append((chain, seq.num_tokens - 1))
                     chain = []
             room -= len(chain)
             lookups.append(chain)

@@ -116,3 +116,20 @@ def test_a_plainly_decoding_sequence_gets_a_chain_only_when_it_pays():
     fixed = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel({1: 0.05, 64: 0.05}), max_nodes=64, fixed_size=1,
                               lookup_tokens=8)
     assert fixed.choose([make_seq(repeating)], 0, 1024).lookups == [[]]   # plain decoding stays plain
+
+
+def test_a_chain_left_out_is_scored_once_its_text_is_known():
+    """A dropped chain keeps lookup_gain current, so chains come back when they would hit."""
+    linear = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel({1: 0.01, 16: 0.16, 64: 0.64, 256: 2.56}),
+                               max_nodes=64, lookup_tokens=4)
+    seq = make_seq([3, 4, 5, 6, 7, 8, 3, 4])
+    seq.spec.lookup_gain = 0.0
+    assert linear.choose([seq], 0, 1024).lookups == [[]]
+    assert list(seq.spec.dropped_lookups) == [([5, 6, 7, 8], 7)]
+    seq.token_ids += [5, 6, 7]
+    linear.score_dropped_lookups(seq)
+    assert seq.spec.lookup_gain == 0.0                     # 3 of 4 tokens known: not yet
+    seq.token_ids += [8]
+    linear.score_dropped_lookups(seq)
+    assert seq.spec.lookup_gain == pytest.approx(0.8)      # all 4 kept: 0.8 * 0 + 0.2 * 4
+    assert not seq.spec.dropped_lookups
