@@ -87,7 +87,10 @@ class LLMEngine:
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         seq = Sequence(request_id, list(prompt_ids), params)
-        seq.spec.skill = self.skill_prior  # new requests start from what recent ones achieved
+        # new requests start from what recent ones achieved, never above the measured
+        # accuracies: the sequences that verify trees under load are the best-guessed ones,
+        # and seeding every newcomer with their skill made a busy batch plan trees for all
+        seq.spec.skill = min(1.0, self.skill_prior)
         seq.generator = make_generator(params, self.device)
         self.output_processor.start(seq)
         self.sequences[request_id] = seq
