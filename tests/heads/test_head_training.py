@@ -137,3 +137,21 @@ def test_token_input_heads_need_the_next_tokens():
     trainer = make_trainer(lm_head, 64, token_input=True)
     with pytest.raises(ValueError, match="next tokens"):
         trainer.loss(hidden.float(), targets)
+
+
+def test_detached_chain_keeps_each_heads_loss_on_that_head():
+    """Chained heads: with detach_chain, head 2's loss does not train head 1 (whose output it
+    reads); without it, it does."""
+    from models.heads import HeadsConfig, MedusaHeads
+    torch.manual_seed(0)
+    heads = MedusaHeads(HeadsConfig(num_heads=2, num_layers=1, hidden_size=8, vocab_size=16, token_input=True,
+                                    chained=True))
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    hidden, nxt, path = torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 1, 8)
+    for detach, reaches_head_1 in ((True, False), (False, True)):
+        heads.zero_grad(set_to_none=True)
+        heads(hidden, nxt, path, detach_chain=detach)[:, 1].pow(2).sum().backward()
+        grad = heads.blocks[0][0].linear.weight.grad
+        assert (grad is not None and bool(grad.abs().sum() > 0)) == reaches_head_1
+        assert heads.blocks[1][0].linear.weight.grad.abs().sum() > 0
