@@ -60,7 +60,8 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         logger.info("engine ready: model %s, %d KV blocks of %d tokens, speculation %s",
                     self.model_name, num_blocks, config.block_size,
-                    f"on ({len(tree_paths) + 1}-node trees max)" if tree_paths else "off")
+                    f"on ({len(tree_paths) + 1}-node trees max)" if tree_paths else
+                    "context lookup only (no heads)" if config.speculation and config.lookup_tokens else "off")
 
     def set_tree_budget(self, tree_budget: int | None) -> None:
         """Fix every tree's size in nodes (1 = plain decoding) or, with None, adapt it to load."""

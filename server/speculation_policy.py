@@ -20,6 +20,11 @@ step (a small batch): its draft is then scored against the text that follows
 (`score_plain_steps`), so its skill stays current and a cold streak does not end its
 speculation. Otherwise (a busy batch) it drafts only every EXPLORE_EVERY steps, and
 drafting stops costing time.
+
+Once the sizes are set, a context-lookup chain (server/lookup.py) joins a sequence's tree,
+or its plain decode, when the tokens that sequence's chains have been keeping
+(`lookup_gain`) raise the step's tokens per second at the step's cost; chains left out are
+scored once the text after them is known (`score_dropped_lookups`), like plain steps' drafts.
 """
 from __future__ import annotations
 
