@@ -38,7 +38,6 @@ class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, heads: MedusaHeads | None, kv_cache: KVCache,
                  attention_cls, tree_paths: tuple[Path, ...]):
         self.model = model
-        self.heads = heads
         self.kv_cache = kv_cache
         self.attention_cls = attention_cls
         self.tree_paths = tree_paths
