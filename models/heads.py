@@ -147,10 +147,16 @@ class MedusaHeads(nn.Module):
     def top_tokens(self, head_hidden: torch.Tensor, base_lm_head: nn.Linear, k: int) -> torch.Tensor:
         """Head outputs [..., H] -> their k most likely token ids [..., k], best first (over the
         draft vocabulary when there is one)."""
+        return self.top_guesses(head_hidden, base_lm_head, k)[1]
+
+    def top_guesses(self, head_hidden: torch.Tensor, base_lm_head: nn.Linear, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head outputs [..., H] -> (probabilities, token ids) of their k most likely tokens
+        [..., k], best first: the head's own softmax, over the draft vocabulary when there is
+        one (the drafter's estimate of how likely each guess is right)."""
         if self.draft_vocab is None:
-            if self.lm_heads is None:
-                return base_lm_head(head_hidden).topk(k, dim=-1).indices
-            return self.logits(head_hidden, base_lm_head).topk(k, dim=-1).indices
+            logits = base_lm_head(head_hidden) if self.lm_heads is None else self.logits(head_hidden, base_lm_head)
+            top = logits.float().softmax(-1).topk(k, dim=-1)
+            return top.values, top.indices
         weight = base_lm_head.weight
         if self._draft_unembedding is None or self._draft_unembedding[0] is not weight:
             rows = nn.Linear(weight.shape[1], len(self.draft_vocab), bias=False, device=weight.device,
@@ -158,5 +164,6 @@ class MedusaHeads(nn.Module):
             rows.weight.copy_(weight.detach()[self.draft_vocab.to(weight.device)])
             self._draft_unembedding = (weight, PackedLinear(rows) if can_pack(weight.device, weight.dtype) else rows)
         vocab = self.draft_vocab.to(head_hidden.device)
-        top = self._draft_unembedding[1](head_hidden).topk(min(k, len(vocab)), dim=-1).indices
-        return vocab[top]
+        logits = self._draft_unembedding[1](head_hidden).float()
+        top = logits.softmax(-1).topk(min(k, len(vocab)), dim=-1)
+        return top.values, vocab[top.indices]

@@ -1,25 +1,45 @@
 """Drafting: the heads' guesses laid out on the candidate tree for the next step.
 
-A draft is one token per path of the expansion-ordered tree (`tree_paths`, whose every
-prefix is the best smaller tree, server/tree.py), in that order: `draft[j]` is the guess for
-`tree_paths[j]`, and a draft of m tokens can fill any tree of up to m + 1 nodes.
+A draft holds one token per path of the expansion-ordered tree (`tree_paths`, server/tree.py),
+in that order, with the heads' own estimate of each path's chance to come true: the product
+of the heads' softmax probabilities along it. The speculation policy verifies a
+sequence's likeliest nodes, so the tree changes with what the heads are sure of at each step
+(a confident run of code gets a deep chain, an open choice in prose a few siblings).
 
 Independent heads (Medusa's, with or without the next token's embedding) guess every depth
-from the same hidden state in one call, so their draft always covers the whole tree: a
+from the same hidden state in one call, so their draft always covers all the paths: a
 path's token is its last rank's guess of the head at its depth. Chained heads
 (models/heads.py) extend each path from its parent's output and its own token, depth by
 depth, so a draft costs one head call per tree node that has children; `draft` fills only
-the `size` nodes the speculation policy asked for.
+the first `size` - 1 paths, the tree of that size the policy asked for.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
 from models.heads import MedusaHeads
 from models.llama import LlamaForCausalLM
-from server.tree import LOOKUP_RANK, Path, tree_of
+from server.tree import Path, tree_of
+
+
+@dataclass(frozen=True)
+class Draft:
+    """The heads' guesses for one sequence's next tree, laid out on the tree paths.
+
+    tokens[j] is the guess for tree_paths[j]; chances[j] is the heads' own estimate that the
+    whole path comes true: the product of each head's softmax probability of its guess along
+    the path (heads guess independently). A child's chance never exceeds its parent's, so
+    the nodes sorted by chance (ties in path order) give, at every length, an ancestor-closed
+    tree: the most promising one of that size for this very step (server/tree.py, `best_nodes`).
+    """
+    tokens: list[int]
+    chances: list[float]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
 
 
 class Drafter:
@@ -30,42 +50,59 @@ class Drafter:
         self.device = model.lm_head.weight.device
         self.top_k = 1 + max((rank for path in tree_paths for rank in path), default=0)
         self.chained = heads.config.chained
+        # per path and depth, the rank guessed there (top_k past the path's end: a column of
+        # log-probability 0), to multiply the chances of all paths in one gather
+        depth = heads.config.num_heads
+        self._ranks = torch.tensor([list(path) + [self.top_k] * (depth - len(path)) for path in tree_paths],
+                                   dtype=torch.long, device=self.device).reshape(len(tree_paths), depth)
 
-    def draft(self, hidden: torch.Tensor, next_ids: list[int], sizes: list[int]) -> list[list[int]]:
+    def draft(self, hidden: torch.Tensor, next_ids: list[int], sizes: list[int]) -> list[Draft]:
         """hidden [N, H]: the state of each sequence's last kept token; next_ids: the token the
         base model picked from it (the next tree's root); sizes: tree nodes to fill per row."""
         next_embeds = None
         if self.heads.config.token_input:
             next_embeds = self._embed(next_ids, hidden.dtype)
         if not self.chained:
-            guesses = self.heads.guesses(hidden, self.model.lm_head, self.top_k, next_embeds).tolist()
-            return [[rows[len(path) - 1][path[-1]] for path in self.tree_paths] for rows in guesses]
+            probs, ids = self.heads.top_guesses(self.heads(hidden, next_embeds), self.model.lm_head, self.top_k)
+            return self._lay_out(probs, ids)
         return self._draft_chained(hidden, next_embeds, sizes)
+
+    def _lay_out(self, probs: torch.Tensor, ids: torch.Tensor) -> list[Draft]:
+        """Independent heads' top-k [N, heads, k] -> each row's guess and chance per path."""
+        n, depth, _ = probs.shape
+        logp = torch.nn.functional.pad(probs.clamp_min(1e-30).log(), (0, 1))   # [N, D, k + 1]
+        per_depth = torch.arange(depth, device=probs.device)
+        chances = logp[:, per_depth[None, :], self._ranks].sum(-1).exp()          # [N, P]
+        last = torch.tensor([len(path) - 1 for path in self.tree_paths], device=probs.device)
+        tokens = ids[:, last, torch.tensor([path[-1] for path in self.tree_paths], device=probs.device)]
+        return [Draft(t, c) for t, c in zip(tokens.tolist(), chances.tolist())]
 
     def _embed(self, token_ids: list[int], dtype: torch.dtype) -> torch.Tensor:
         return self.model.model.embed_tokens(torch.tensor(token_ids, device=self.device)).to(dtype)
 
-    def _draft_chained(self, hidden: torch.Tensor, next_embeds: torch.Tensor, sizes: list[int]) -> list[list[int]]:
+    def _draft_chained(self, hidden: torch.Tensor, next_embeds: torch.Tensor, sizes: list[int]) -> list[Draft]:
         """Depth by depth: head d runs on every node at depth d that has children in its
         sequence's tree (all sequences together), and its top-k fill those children."""
         sizes = [max(1, min(size, len(self.tree_paths) + 1)) for size in sizes]
-        drafts = [[0] * (size - 1) for size in sizes]
-        frontier = [(row, 0) for row, size in enumerate(sizes) if size > 1]   # (row, tree node)
+        drafts = [Draft([0] * (size - 1), [0.0] * (size - 1)) for size in sizes]
+        frontier = [(row, 0, 1.0) for row, size in enumerate(sizes) if size > 1]   # (row, tree node, chance)
         if not frontier:
             return drafts
-        keep = torch.tensor([row for row, _ in frontier], device=self.device)
+        keep = torch.tensor([row for row, _, _ in frontier], device=self.device)
         state, token_embeds = hidden[keep], next_embeds[keep]
         for depth in range(self.heads.config.num_heads):
             state = self.heads.step(depth, state, token_embeds)
-            top = self.heads.top_tokens(state, self.model.lm_head, self.top_k).tolist()
+            probs, ids = self.heads.top_guesses(state, self.model.lm_head, self.top_k)
+            probs, ids = probs.tolist(), ids.tolist()
             next_frontier, parents, tokens = [], [], []
-            for m, (row, node) in enumerate(frontier):
+            for m, (row, node, chance) in enumerate(frontier):
                 children, has_children, slots = _layout(self.tree_paths, sizes[row])
                 for rank, child in children.get(node, {}).items():
-                    token = top[m][rank]
-                    drafts[row][slots[child]] = token
+                    token, child_chance = ids[m][rank], chance * probs[m][rank]
+                    drafts[row].tokens[slots[child]] = token
+                    drafts[row].chances[slots[child]] = child_chance
                     if child in has_children:
-                        next_frontier.append((row, child))
+                        next_frontier.append((row, child, child_chance))
                         parents.append(m)
                         tokens.append(token)
             if not next_frontier:
@@ -81,21 +118,6 @@ def _layout(tree_paths: tuple[Path, ...], num_nodes: int):
     """For the tree of num_nodes nodes: {node: {rank: child}}, the nodes with children, and
     each node's slot in a draft (its index in tree_paths)."""
     tree = tree_of(tree_paths, num_nodes)
-    index = _index(tree_paths)
+    index = {path: j for j, path in enumerate(tree_paths)}
     slots = [-1] + [index[path] for path in tree.paths[1:]]
     return tree.child_ranks(), frozenset(p for p in tree.parents if p >= 0), slots
-
-
-def node_tokens(tree_paths: tuple[Path, ...], root: int, draft: list[int] | None, num_nodes: int,
-                lookup: list[int] = ()) -> list[int]:
-    """The tokens of the tree of num_nodes nodes from the draft (laid out on tree_paths) plus
-    a lookup chain (server/lookup.py), in the tree's node order, root first."""
-    tree = tree_of(tree_paths, num_nodes, len(lookup))
-    index = _index(tree_paths)
-    return [root] + [lookup[len(path) - 1] if path[0] == LOOKUP_RANK else draft[index[path]]
-                     for path in tree.paths[1:]]
-
-
-@lru_cache(maxsize=16)
-def _index(tree_paths: tuple[Path, ...]) -> dict[Path, int]:
-    return {path: j for j, path in enumerate(tree_paths)}

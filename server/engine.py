@@ -148,14 +148,14 @@ class LLMEngine:
                 metrics.prompt_tokens.inc(item.num_new_tokens)
             else:
                 self._record_speculation(seq, item, result)
-                if item.head_nodes == 1 and seq.draft is not None:  # no heads' tree: score the draft later
+                if not item.tree.head_paths and seq.draft is not None:  # no heads' tree: score the draft later
                     seq.spec.plain_drafts.append((seq.draft, seq.num_tokens - 1))
             seq.draft = result.draft
             if not result.new_token_ids:
                 continue
             appended, text = self.output_processor.append(seq, result.new_token_ids)
             self.policy.score_plain_steps(seq)
-            self.policy.score_dropped_lookups(seq)
+            self.policy.score_lookups(seq)
             self._record_timing(seq, len(appended), now)
             if seq.finish_reason is not None:
                 self._finish(seq, now)
@@ -169,12 +169,9 @@ class LLMEngine:
     # ---- bookkeeping -------------------------------------------------------------------
     def _record_speculation(self, seq: Sequence, item: ScheduledSequence, result: StepResult) -> None:
         """The heads' skill counts their own branch only; the metrics count the whole tree."""
-        nodes, accepted = item.num_new_tokens, result.accepted
-        seq.spec.record(accepted, nodes - 1, self.policy.prior_length(item.head_nodes) - 1.0,
-                        result.head_accepted, item.head_nodes - 1)
-        if item.lookup:
-            seq.spec.record_lookup(result.lookup_kept)
-        if item.head_nodes > 1:
+        nodes, accepted, heads = item.num_new_tokens, result.accepted, len(item.tree.head_paths)
+        seq.spec.record(accepted, nodes - 1, item.tree.expected, result.head_accepted, heads)
+        if heads:
             self.skill_prior = max(SKILL_PRIOR_FLOOR, 0.95 * self.skill_prior + 0.05 * seq.spec.skill)
         metrics.spec_steps.inc()
         metrics.spec_draft_tokens.inc(nodes - 1)

@@ -17,10 +17,10 @@ from models.attention import KVCache, build_metadata
 from models.heads import MedusaHeads
 from models.llama import LlamaForCausalLM
 from server.acceptance import accept_greedy, accept_rejection, accept_typical
-from server.drafter import Drafter, node_tokens
+from server.drafter import Draft, Drafter
 from server.sampler import pick
 from server.scheduler import SchedulerOutput, ScheduledSequence
-from server.tree import LOOKUP_RANK, Path, Tree, kept_by_tree, tree_of
+from server.tree import LOOKUP_RANK, Path, kept_by_tree
 
 
 @dataclass
@@ -30,8 +30,7 @@ class StepResult:
     drafted: int = 0              # tree nodes besides the root
     accepted: int = 0             # drafted tokens kept
     head_accepted: int = 0        # of them, those the heads' branch of the tree would have kept
-    lookup_kept: int = 0          # the lookup chain's tokens that matched what was kept
-    draft: list[int] | None = None  # the next tree's tokens (server/drafter.py)
+    draft: Draft | None = None    # the heads' guesses for the next tree (server/drafter.py)
 
 
 class ModelRunner:
@@ -43,12 +42,6 @@ class ModelRunner:
         self.tree_paths = tree_paths
         self.device = model.lm_head.weight.device
         self.drafter = Drafter(heads, model, tree_paths) if heads is not None else None
-
-    def node_tokens(self, item: ScheduledSequence) -> list[int]:
-        return node_tokens(self.tree_paths, item.seq.token_ids[-1], item.seq.draft, item.head_nodes, item.lookup)
-
-    def tree(self, item: ScheduledSequence) -> Tree:
-        return tree_of(self.tree_paths, item.head_nodes, len(item.lookup))
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> list[tuple[ScheduledSequence, StepResult]]:
@@ -64,8 +57,8 @@ class ModelRunner:
                 positions += range(start, start + n)
                 needs_logits = start + n == seq.num_tokens
             else:
-                tree = self.tree(item)
-                input_ids += self.node_tokens(item)
+                tree = item.tree.tree
+                input_ids += item.tree.tokens
                 positions += [start + d for d in tree.depths]
                 tree_masks.append(list(tree.ancestor_masks))
                 needs_logits = True
@@ -100,8 +93,7 @@ class ModelRunner:
                         head_rows.append(offset + n - 1)
                         head_items.append((len(results) - 1, item.draft))
             else:
-                tree = self.tree(item)
-                tokens = self.node_tokens(item)
+                tree, tokens = item.tree.tree, item.tree.tokens
                 if seq.params.is_greedy:
                     kept, bonus = accept_greedy(tree, tokens, argmax[row:row + n])
                 else:
@@ -113,13 +105,10 @@ class ModelRunner:
                         moves[1].append(self._slot(seq.block_table, start + depth))
                 new_tokens = [tokens[k] for k in kept] + [bonus]
                 head_accepted = len(kept)
-                if kept and tree.paths[kept[0]][0] == LOOKUP_RANK:  # what the heads' own branch would have kept
-                    head_accepted = 0 if item.head_nodes == 1 else kept_by_tree(
-                        self.tree_paths[:item.head_nodes - 1], seq.draft, new_tokens)
-                lookup_kept = next((i for i, (a, b) in enumerate(zip(item.lookup, new_tokens)) if a != b),
-                                   min(len(item.lookup), len(new_tokens)))
+                if kept and LOOKUP_RANK in tree.paths[kept[-1]]:  # what the heads' own branch would have kept
+                    head_accepted = kept_by_tree(item.tree.head_paths, item.tree.head_tokens, new_tokens)
                 results.append(StepResult(new_tokens, start + 1 + len(kept), drafted=n - 1, accepted=len(kept),
-                                          head_accepted=head_accepted, lookup_kept=lookup_kept))
+                                          head_accepted=head_accepted))
                 if item.draft:
                     head_rows.append(offset + (kept[-1] if kept else 0))
                     head_items.append((len(results) - 1, item.draft))

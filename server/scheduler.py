@@ -12,10 +12,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from server.block_manager import BlockManager
 from typing import TYPE_CHECKING
 
+from server.block_manager import BlockManager
 from server.sequence import Sequence, SequenceStatus
+from server.tree import StepTree
 
 if TYPE_CHECKING:
     from server.speculation_policy import SpeculationPolicy
@@ -27,12 +28,7 @@ class ScheduledSequence:
     num_new_tokens: int    # prompt chunk length, or the tree's node count for decodes
     is_prefill: bool
     draft: int = 0         # tree nodes the heads draft after this step, for the next one (0: none)
-    lookup: list[int] = field(default_factory=list)  # a context-lookup chain in this step's tree
-
-    @property
-    def head_nodes(self) -> int:
-        """The tree's nodes from the heads' draft, the root included (the rest are lookup's)."""
-        return self.num_new_tokens - len(self.lookup)
+    tree: StepTree | None = None  # decodes: what the sequence verifies (server/tree.py)
 
 
 @dataclass
@@ -102,14 +98,13 @@ class Scheduler:
         tree_budget = max(len(decoding), budget - pending_prefill)
         prefill_tokens = min(pending_prefill, budget)
         plan = self.policy.choose(decoding, prefill_tokens, tree_budget, prefill_tokens)
-        for seq, size, draft, lookup in zip(decoding, plan.sizes, plan.drafts, plan.lookups):
+        for seq, tree, draft in zip(decoding, plan.trees, plan.drafts):
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted to make room for an earlier arrival
-            size += len(lookup)
-            if not self._reserve(seq, seq.num_cached_tokens + size, out):
+            if not self._reserve(seq, seq.num_cached_tokens + tree.num_nodes, out):
                 continue  # seq itself was preempted
-            out.decodes.append(ScheduledSequence(seq, size, is_prefill=False, draft=draft, lookup=lookup))
-            budget -= size
+            out.decodes.append(ScheduledSequence(seq, tree.num_nodes, is_prefill=False, draft=draft, tree=tree))
+            budget -= tree.num_nodes
         for seq in [s for s in self.running if s.is_prefilling]:
             if budget <= 0:
                 break

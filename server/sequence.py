@@ -5,18 +5,27 @@ import enum
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from server.lookup import ContextIndex
 from server.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from server.drafter import Draft
 
 
 SKILL_FLOOR = 0.02
 
 
-# Tokens a lookup chain keeps, until a sequence has shown its own: on the base model's greedy
-# answers to the evaluation prompts, chains of up to 8 after a >= 2-token match kept 2.5
-# (chat) and 3.9 (code) tokens on average (docs/benchmarks.md); the prior stays well below.
-LOOKUP_GAIN_PRIOR = 1.0
+# How likely a context-lookup chain's i-th token is kept, until a sequence has shown its own:
+# LOOKUP_FIRST for the first token, each further one LOOKUP_DECAY times the one before (about
+# 1.7 tokens kept per full chain). On the base model's greedy answers to the evaluation prompts,
+# chains of up to 8 after a >= 2-token match kept 2.5 (chat) and 3.9 (code) tokens on average
+# (docs/benchmarks.md); the prior stays below.
+LOOKUP_FIRST = 0.5
+LOOKUP_DECAY = 0.7
+LOOKUP_WEIGHT = 0.2  # of each scored chain in the moving averages
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -30,23 +39,26 @@ class SpeculationStats:
     drafted: int = 0             # tree tokens verified, root excluded
     accepted: int = 0            # drafted tokens accepted
     accepted_per_depth: list[int] = field(default_factory=list)
-    # Exponential moving average of accepted / expected drafted tokens under the prior
-    # accuracies: how much better or worse than the tree's estimate this sequence's heads
-    # guess. Plain steps keep it current too: their drafts wait in `plain_drafts` (with the
-    # index of their root token) until the text after them is known, then are scored exactly
+    # Exponential moving average of accepted / expected drafted tokens, the expectation being
+    # the heads' own (the chances of the tree's nodes, server/drafter.py): how much better or
+    # worse than they think this sequence's heads guess, a calibration. Plain steps keep it
+    # current too: their drafts wait in `plain_drafts` (with the index of their root token)
+    # until the text after them is known, then are scored exactly
     # (SpeculationPolicy.score_plain_steps), so a sequence the policy stopped speculating for
     # starts again when its text turns predictable.
     skill: float = 1.0
     plain_drafts: deque = field(default_factory=deque)
-    # Moving average of the tokens a context-lookup chain kept when verified (whichever
-    # branch the step accepted); the policy weighs it against a chain's cost on plain steps.
-    lookup_gain: float = LOOKUP_GAIN_PRIOR
-    dropped_lookups: deque = field(default_factory=deque)  # (chain, root index) left out of a step
+    # Per position i of a context-lookup chain, a moving average of whether its first i + 1
+    # tokens came true: what the i-th chain token is worth in a tree. Every chain the policy
+    # proposed, verified or left out, waits in `pending_lookups` (with the index of its root
+    # token) until the text after it is known, then is scored (SpeculationPolicy.score_lookups).
+    lookup_survival: list[float] = field(default_factory=list)
+    pending_lookups: deque = field(default_factory=deque)
 
     def record(self, accepted: int, drafted: int, expected_gain: float, head_accepted: int | None = None,
                head_drafted: int | None = None) -> None:
         """One verified tree; the skill counts the heads' own branch (head_*, when the tree
-        also held a context-lookup chain) against what the prior expected of it."""
+        also held a context-lookup chain) against what the heads expected of it."""
         self.steps += 1
         self.drafted += drafted
         self.accepted += accepted
@@ -58,8 +70,21 @@ class SpeculationStats:
         if (drafted if head_drafted is None else head_drafted):
             self._update_skill(head_accepted / max(expected_gain, 0.05))
 
-    def record_lookup(self, kept: int) -> None:
-        self.lookup_gain = 0.8 * self.lookup_gain + 0.2 * kept
+    def lookup_value(self, position: int) -> float:
+        """How likely a chain's tokens 0..position all come true (the position-th token's worth)."""
+        if position < len(self.lookup_survival):
+            return self.lookup_survival[position]
+        return LOOKUP_FIRST * LOOKUP_DECAY ** position
+
+    def record_lookup(self, proposed: int, kept: int) -> None:
+        """A chain of `proposed` tokens (as far as the text is known) of which the first `kept` came true."""
+        for i in range(proposed):
+            value = self.lookup_value(i)
+            value += LOOKUP_WEIGHT * (float(kept > i) - value)
+            if i < len(self.lookup_survival):
+                self.lookup_survival[i] = value
+            else:
+                self.lookup_survival.append(value)
 
     def record_shadow(self, kept: int, expected_gain: float) -> None:
         """A plain step scored after the fact: a tree would have kept `kept` of its draft."""
@@ -79,7 +104,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0       # tokens whose keys and values are in the cache
-    draft: list[int] | None = None   # the heads' next tree, one token per path (server/drafter.py)
+    draft: Draft | None = None       # the heads' guesses for the next tree (server/drafter.py)
     context_index: ContextIndex = field(default_factory=ContextIndex)  # for context lookup drafts
     spec: SpeculationStats = field(default_factory=SpeculationStats)
     finish_reason: str | None = None

@@ -1,41 +1,42 @@
-"""Load-adaptive speculation: how big a tree each sequence verifies this step.
+"""Load-adaptive speculation: which candidate nodes each sequence verifies this step.
 
-A bigger tree is expected to yield more tokens per step but makes the step slower for every
-sequence in the batch. With `E_i(n)` the tokens sequence i is expected to keep from a tree
-of n nodes (from the heads' measured accuracies, scaled by how well its own guesses have
-been accepted) and `t` the step-time model (server/cost_model.py: tokens, keys read,
-trees, drafting sequences), we pick the n_i that maximise generated tokens per second,
-sum_i E_i(n_i) / t(step). We search a price per token (lambda): at a given price each
-sequence independently takes the tree size with the best E_i(n) - lambda * n, and we keep
-the price whose batch is fastest. n = 1 (no speculation) is always a candidate, and trees
-are only taken when the models say they beat it by MARGIN (3%): near the break-even point
-the estimates' errors would otherwise make speculation a small loss.
+Every candidate node carries an estimate of the chance that it is kept: a heads' node the
+heads' own (the product of their softmax probabilities along its path, server/drafter.py)
+times the sequence's `skill`, a calibration learnt from what its trees really kept; a
+context-lookup chain's i-th token (server/lookup.py) the sequence's running rate of chains
+whose first i + 1 tokens came true. A sequence's tree of n nodes is its n - 1 likeliest
+nodes (ancestor-closed: a node is never likelier than its parent), so it is expected to
+yield 1 + the sum of their chances, and this changes from step to step with what the heads
+are sure of. With `t` the step-time model (server/cost_model.py: tokens, keys read, trees,
+drafting sequences) we pick the nodes that maximise generated tokens per second,
+sum_i E_i / t(step): at a price per node (lambda) every sequence takes the nodes whose
+chance beats it, and we keep the price whose batch is fastest. No node at all (plain
+decoding) is always a candidate, and trees are only taken when the models say they beat it
+by MARGIN (3%): near the break-even point the estimates' errors would otherwise make
+speculation a small loss.
 
 Drafting is part of a tree's cost: a tree verified in step k was drafted by the heads at the
-end of step k - 1. So the plan is made as if every sequence had a draft; sequences planned
-for a tree draft after this step (and decode plainly in this step if they have no draft
-yet). A sequence planned for plain decoding drafts too if a tree would pay for it with
-heads as good as measured (skill 1) and those extra drafts cost under HOPE_BUDGET of the
-step (a small batch): its draft is then scored against the text that follows
-(`score_plain_steps`), so its skill stays current and a cold streak does not end its
-speculation. Otherwise (a busy batch) it drafts only every EXPLORE_EVERY steps, and
-drafting stops costing time.
-
-Once the sizes are set, a context-lookup chain (server/lookup.py) joins a sequence's tree,
-or its plain decode, when the tokens that sequence's chains have been keeping
-(`lookup_gain`) raise the step's tokens per second at the step's cost; chains left out are
-scored once the text after them is known (`score_dropped_lookups`), like plain steps' drafts.
+end of step k - 1. So the plan is made as if every sequence had a draft (one without gets
+the prior chances of the heads' measured accuracies); sequences planned for a tree draft
+after this step (and decode plainly in this step if they have no draft yet). A sequence
+planned for plain decoding drafts too if a tree would pay for it with heads as good as
+they think (skill 1) and those extra drafts cost under HOPE_BUDGET of the step (a small
+batch): its draft is then scored against the text that follows (`score_plain_steps`), so
+its skill stays current and a cold streak does not end its speculation. Otherwise (a busy
+batch) it drafts only every EXPLORE_EVERY steps, and drafting stops costing time. Every
+lookup chain proposed is scored the same way once the text after it is known
+(`score_lookups`), whether or not it was verified.
 """
 from __future__ import annotations
 
+import bisect
 import heapq
 from dataclasses import dataclass
-
-import torch
+from itertools import accumulate
 
 from server.cost_model import StepCostModel
 from server.sequence import Sequence
-from server.tree import Path, expected_accept_length, kept_by_tree
+from server.tree import Path, StepTree, best_nodes, kept_by_tree, step_tree
 
 TREE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 PINNED_DEFAULT = 16
@@ -43,14 +44,49 @@ SHADOW_SIZE = 16
 MARGIN = 0.03
 EXPLORE_EVERY = 16  # a sequence that decodes plainly still drafts every this many steps
 HOPE_BUDGET = 0.05  # share of a step that drafting "in case the skill is better" may cost
-PRICES = (0.0, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.35, 0.6, 1.0)
+PRICES = (0.0,) + tuple(0.001 * 1.4 ** k for k in range(21))  # a node's chance, 0.001 .. 0.84
 
 
 @dataclass
 class TreePlan:
-    sizes: list[int]     # the heads' tree nodes per sequence this step (1 = plain decoding)
-    drafts: list[int]    # tree nodes to draft after this step, for the next one (0: no draft)
-    lookups: list[list[int]]  # a context-lookup chain added to each sequence's tree (server/lookup.py)
+    trees: list[StepTree]  # what each sequence verifies this step (a lone root: plain decoding)
+    drafts: list[int]      # tree nodes to draft after this step, for the next one (0: no draft)
+
+    @property
+    def sizes(self) -> list[int]:
+        """The heads' nodes of each tree, the root included (1 = no heads' guesses)."""
+        return [len(t.head_paths) + 1 for t in self.trees]
+
+    @property
+    def lookups(self) -> list[list[int]]:
+        return [list(t.lookup) for t in self.trees]
+
+
+@dataclass
+class _Candidates:
+    """One sequence's candidate nodes, likeliest first: the heads' (tree-path indices and
+    calibrated chances) and its lookup chain's (chances per token)."""
+    nodes: list[int]
+    head_gain: list[float]    # head_gain[m]: the chances of the m likeliest heads' nodes, summed
+    head_neg: list[float]     # minus each heads' node chance, ascending (to count those above a price)
+    chain: list[int]
+    chain_gain: list[float]
+    chain_neg: list[float]
+
+    def gain(self, nodes: int) -> float:
+        """The chances of the heads' `nodes` likeliest nodes, summed (a forced size may ask for more than there are)."""
+        return self.head_gain[min(nodes, len(self.head_gain) - 1)]
+
+    def heads_above(self, price: float) -> int:
+        return bisect.bisect_left(self.head_neg, -price)
+
+    def chain_above(self, price: float) -> int:
+        return bisect.bisect_left(self.chain_neg, -price)
+
+
+def _candidates(nodes: list[int], head_chances: list[float], chain: list[int], chain_chances: list[float]):
+    return _Candidates(nodes, [0.0] + list(accumulate(head_chances)), [-c for c in head_chances],
+                       chain, [0.0] + list(accumulate(chain_chances)), [-c for c in chain_chances])
 
 
 class SpeculationPolicy:
@@ -68,14 +104,12 @@ class SpeculationPolicy:
         # tree size of seeded sampling requests: the fixed size, else a moderate default
         self.pinned_size = self.sizes[-1] if fixed_size is not None else max(
             n for n in self.sizes if n <= PINNED_DEFAULT)
-        # expected gain (accepted drafted tokens) of each tree size under the prior accuracies
-        self.gain = {n: expected_accept_length(list(tree_paths[: n - 1]), accuracies) - 1.0 for n in self.sizes}
-        self._gains = torch.tensor([self.gain[n] for n in self.sizes], dtype=torch.float64)
-        # plain steps are scored against this tree: what it would have kept (see `Sequence.spec`)
+        # each path's chance under the measured accuracies: a sequence without a draft is
+        # planned with these (the paths are expansion-ordered: likeliest first)
+        self.prior_chances = [_chance(path, accuracies) for path in tree_paths]
+        # plain steps are scored against the tree of this size their draft would have made
         self.shadow_size = min(SHADOW_SIZE, limit)
-        self.accuracies = accuracies
-        self.shadow_gain: dict[int, float] = {}  # by the nodes a scored draft fills
-        self.shadow_depth = max((len(p) for p in tree_paths[: self.shadow_size - 1]), default=0)
+        self.shadow_depth = max((len(p) for p in tree_paths), default=0)
 
     def score_plain_steps(self, seq: Sequence) -> None:
         """Once the tokens after a plain step are known, score what the shadow tree would have
@@ -84,54 +118,62 @@ class SpeculationPolicy:
         while pending and (seq.num_tokens > pending[0][1] + self.shadow_depth or seq.is_finished):
             draft, root = pending.popleft()
             future = seq.token_ids[root + 1: root + 1 + self.shadow_depth]
-            size = min(self.shadow_size, len(draft) + 1)
-            if size not in self.shadow_gain:
-                self.shadow_gain[size] = expected_accept_length(list(self.tree_paths[: size - 1]), self.accuracies) - 1
-            if len(future) == self.shadow_depth and self.shadow_gain[size] > 0:
-                seq.spec.record_shadow(kept_by_tree(self.tree_paths[: size - 1], draft, future), self.shadow_gain[size])
+            nodes = best_nodes(draft.chances, min(self.shadow_size - 1, len(draft)))
+            expected = sum(draft.chances[j] for j in nodes)
+            if len(future) == self.shadow_depth and expected > 0:
+                kept = kept_by_tree(tuple(self.tree_paths[j] for j in nodes), [draft.tokens[j] for j in nodes], future)
+                seq.spec.record_shadow(kept, expected)
 
     @staticmethod
-    def score_dropped_lookups(seq: Sequence) -> None:
-        """Once the tokens after a step are known, score the lookup chain the policy left out
-        of it, so that a sequence's lookup_gain stays current while its chains are not run."""
-        pending = seq.spec.dropped_lookups
+    def score_lookups(seq: Sequence) -> None:
+        """Once the tokens after a step are known, score the lookup chain proposed for it (as
+        far as the text goes), so a sequence's chain chances stay current whether or not the
+        policy verified its chains."""
+        pending = seq.spec.pending_lookups
         while pending and (seq.num_tokens >= pending[0][1] + 1 + len(pending[0][0]) or seq.is_finished):
             chain, root = pending.popleft()
             future = seq.token_ids[root + 1: root + 1 + len(chain)]
-            seq.spec.record_lookup(next((i for i, (a, b) in enumerate(zip(chain, future)) if a != b), len(future)))
-
-    def prior_length(self, size: int) -> float:
-        """Expected tokens per step from a tree of `size` nodes under the prior accuracies."""
-        return 1.0 + self.gain.get(size, 0.0)
+            kept = next((i for i, (a, b) in enumerate(zip(chain, future)) if a != b), len(future))
+            seq.spec.record_lookup(len(future), kept)
 
     def choose(self, seqs: list[Sequence], other_tokens: int, token_limit: int, other_keys: int = 0) -> TreePlan:
-        """Tree size per sequence for this step (1 = plain decoding; a tree needs the draft
-        made in the step before) and which sequences draft for the next step."""
+        """What each sequence verifies this step (a tree needs the draft made in the step
+        before) and which sequences draft for the next step."""
         if not seqs:  # a new prompt will have the batch (nearly) to itself
             self.speculating = bool(self.tree_paths) and self.fixed_size != 1
-            return TreePlan([], [], [])
+            return TreePlan([], [])
         reach = [self._reach(seq) for seq in seqs]
-        if len(self.sizes) == 1:
-            plan = self._fit([min(self.sizes[0], r) for r in reach], token_limit, seqs)
+        chains = [self._chain(seq) for seq in seqs]
+        for seq, chain in zip(seqs, chains):
+            if chain:  # scored once the text after it is known, verified or not
+                seq.spec.pending_lookups.append((chain, seq.num_tokens - 1))
+        candidates = [self._candidates(seq, r, chain) for seq, r, chain in zip(seqs, reach, chains)]
+        pinned = [self.is_pinned(seq) and self._reach(seq, pinned=True) > 1 for seq in seqs]
+        if self.fixed_size is not None:
+            heads = self._fit([min(self.sizes[0], r) for r in reach], token_limit, seqs)
+            forced = [(h, len(c.chain) if p else 0 if self.fixed_size == 1 else None)
+                      for h, c, p in zip(heads, candidates, pinned)]
         else:
-            plan = self._best_plan(seqs, reach, other_tokens, token_limit, other_keys)
-        self.speculating = any(n > 1 for n in plan)
-        hopeful = plan
-        if len(self.sizes) > 1 and any(n == 1 and seq.spec.skill < 1.0 for seq, n in zip(seqs, plan)):
-            # would a tree pay if the heads guessed as well as measured? then keep drafting:
+            forced = [(self.pinned_size, len(c.chain)) if p else (None, None) for c, p in zip(candidates, pinned)]
+        heads, chain_lens = self._best_plan(seqs, candidates, forced, other_tokens, token_limit, other_keys)
+        self.speculating = any(n > 1 for n in heads)
+        hopeful = heads
+        if self.fixed_size is None and any(n == 1 and seq.spec.skill < 1.0 for seq, n in zip(seqs, heads)):
+            # would a tree pay if the heads guessed as well as they think? then keep drafting:
             # the draft is scored either way, and a cold streak must not end speculation;
             # but only while those drafts are cheap next to the step (a small batch)
-            hopeful = self._best_plan(seqs, reach, other_tokens, token_limit, other_keys, optimistic=True)
-            extra = sum(h > 1 and n == 1 for n, h in zip(plan, hopeful))
-            drafting = sum(n > 1 for n in plan)
+            optimistic = [self._candidates(seq, r, chain, optimistic=True) for seq, r, chain in zip(seqs, reach, chains)]
+            hopeful, _ = self._best_plan(seqs, optimistic, forced, other_tokens, token_limit, other_keys)
+            extra = sum(h > 1 and n == 1 for n, h in zip(heads, hopeful))
+            drafting = sum(n > 1 for n in heads)
             step = self.cost_model(len(seqs) + other_tokens, other_keys + sum(q.num_cached_tokens for q in seqs))
             if self.cost_model.draft(drafting + extra) - self.cost_model.draft(drafting) > HOPE_BUDGET * step:
-                hopeful = plan
+                hopeful = heads
         drafts = [self._grown(n) if n > 1 else h if h > 1 else self.shadow_size if (
                       r > 1 and self.fixed_size is None and seq.spec.steps % EXPLORE_EVERY == 0) else 0
-                  for seq, n, h, r in zip(seqs, plan, hopeful, reach)]
-        sizes = [self._drafted(n, seq.draft) for seq, n in zip(seqs, plan)]
-        return TreePlan(sizes, drafts, self._lookups(seqs, sizes, token_limit, other_tokens, other_keys))
+                  for seq, n, h, r in zip(seqs, heads, hopeful, reach)]
+        trees = [self._step_tree(seq, n, c.chain[:m]) for seq, n, m, c in zip(seqs, heads, chain_lens, candidates)]
+        return TreePlan(trees, drafts)
 
     def draft_after_prefill(self, seq: Sequence) -> int:
         """Tree nodes a prompt that completes now drafts for its first tree: some if the last
@@ -146,75 +188,67 @@ class SpeculationPolicy:
         bigger = [n for n in self.sizes if n > size]
         return bigger[0] if bigger else size
 
-    def _lookups(self, seqs: list[Sequence], sizes: list[int], token_limit: int, other_tokens: int,
-                 other_keys: int) -> list[list[int]]:
-        """A lookup chain (server/lookup.py) per sequence, within the step's token limit. The
-        adaptive policy adds a chain, to a tree or to a plain decode, when the tokens it
-        expects the chain to keep (the sequence's running `lookup_gain`) raise the step's
-        tokens per second; a fixed tree size always gets one (and plain decoding none);
-        seeded sampling always does, like its tree size, so that a seed gives the same text."""
-        room = token_limit - sum(sizes)
-        num_tokens = sum(sizes) + other_tokens
-        context = other_keys + sum(seq.num_cached_tokens for seq in seqs) + num_tokens
-        expected = sum(self.prior_length(n) if n > 1 else 1.0 for n in sizes)
-        lookups = []
-        for seq, size in zip(seqs, sizes):
-            chain = []
-            longest = min(self.lookup_tokens, self.max_nodes - size, seq.remaining_tokens - 1)
-            if not self.is_pinned(seq):
-                longest = min(longest, room)
-            if size > 1 or (self.fixed_size is None and seq.params.speculate):
-                chain = seq.context_index.continuation(seq.token_ids, longest)
-            if chain and self.fixed_size is None and not self.is_pinned(seq):
-                before = expected / self.cost_model(num_tokens, context)
-                after = (expected + seq.spec.lookup_gain) / self.cost_model(num_tokens + len(chain), context + len(chain))
-                if after > before * (1.0 + MARGIN):
-                    expected += seq.spec.lookup_gain
-                    num_tokens, context = num_tokens + len(chain), context + len(chain)
-                else:  # scored once the text after it is known
-                    seq.spec.dropped_lookups.append((chain, seq.num_tokens - 1))
-                    chain = []
-            room -= len(chain)
-            lookups.append(chain)
-        return lookups
+    def _chain(self, seq: Sequence) -> list[int]:
+        """The sequence's context-lookup chain (server/lookup.py), at its longest."""
+        if not self.lookup_tokens or self.fixed_size == 1 or not seq.params.speculate:
+            return []
+        longest = min(self.lookup_tokens, self.max_nodes - 1, seq.remaining_tokens - 1)
+        return seq.context_index.continuation(seq.token_ids, longest)
 
-    @staticmethod
-    def _drafted(size: int, draft: list[int] | None) -> int:
-        """The planned size, shrunk to the tree the sequence's draft fills."""
-        return 1 if draft is None else min(size, len(draft) + 1)
+    def _candidates(self, seq: Sequence, reach: int, chain: list[int], optimistic: bool = False) -> _Candidates:
+        skill = max(seq.spec.skill, 1.0) if optimistic else seq.spec.skill
+        if seq.draft is not None:
+            nodes = best_nodes(seq.draft.chances, min(reach - 1, len(seq.draft)))
+            nodes.sort(key=lambda j: (-seq.draft.chances[j], j))
+            chances = [seq.draft.chances[j] * skill for j in nodes]
+        else:  # planned as if it had a draft as good as the measured accuracies
+            nodes = list(range(min(reach - 1, len(self.prior_chances))))
+            chances = [self.prior_chances[j] * skill for j in nodes]
+        chain_chances = list(accumulate((seq.spec.lookup_value(i) for i in range(len(chain))), min))
+        return _candidates(nodes, chances, chain, chain_chances)
 
-    def _best_plan(self, seqs: list[Sequence], reach: list[int], other_tokens: int, token_limit: int,
-                   other_keys: int, optimistic: bool = False) -> list[int]:
-        """The tree sizes (as if every sequence had a draft) with the most tokens per second;
-        optimistic: as if no sequence's heads guessed worse than their measured accuracies."""
+    def _step_tree(self, seq: Sequence, heads: int, chain: list[int]) -> StepTree:
+        """The tree of the sequence's `heads` - 1 likeliest drafted nodes (none without a
+        draft) with its lookup chain merged in."""
+        draft = seq.draft
+        nodes = best_nodes(draft.chances, min(heads - 1, len(draft))) if draft is not None else []
+        return step_tree(seq.token_ids[-1], tuple(self.tree_paths[j] for j in nodes),
+                         tuple(draft.tokens[j] for j in nodes), tuple(chain),
+                         sum(draft.chances[j] for j in nodes))
+
+    def _best_plan(self, seqs: list[Sequence], candidates: list[_Candidates],
+                   forced: list[tuple[int | None, int | None]], other_tokens: int, token_limit: int,
+                   other_keys: int) -> tuple[list[int], list[int]]:
+        """Per sequence the heads' nodes (root included) and lookup tokens, as if every
+        sequence had a draft, with the most tokens per second; forced: (heads, chain) counts
+        that are not the policy's to choose (None: they are)."""
         context = other_keys + sum(seq.num_cached_tokens for seq in seqs)
-        skills = [max(seq.spec.skill, 1.0) if optimistic else seq.spec.skill for seq in seqs]
 
-        def length(i: int, n: int) -> float:
-            return 1.0 + self.gain[n] * skills[i]
+        def rate(heads: list[int], chains: list[int]) -> float:
+            tokens = sum(1.0 + c.gain(h - 1) + c.chain_gain[m] for c, h, m in zip(candidates, heads, chains))
+            num_tokens = sum(heads) + sum(chains) + other_tokens
+            trees = sum(h + m > 1 for h, m in zip(heads, chains))
+            drafts = sum(h > 1 for h in heads)
+            return tokens / self.cost_model(num_tokens, context + num_tokens, trees, drafts)
 
-        def rate(sizes: list[int]) -> float:
-            tokens = sum(length(i, n) for i, n in enumerate(sizes))
-            num_tokens = sum(sizes) + other_tokens
-            trees = sum(n > 1 for n in sizes)
-            return tokens / self.cost_model(num_tokens, context + num_tokens, trees, trees)
+        def plan_at(price: float | None) -> tuple[list[int], list[int]]:
+            heads, chains = [], []
+            for c, (h, m) in zip(candidates, forced):
+                heads.append(h if h is not None else 1 if price is None else 1 + c.heads_above(price))
+                chains.append(m if m is not None else 0 if price is None else c.chain_above(price))
+                chains[-1] = min(chains[-1], self.max_nodes - heads[-1])
+            if sum(heads) + sum(chains) > token_limit:  # chains give way first, then the biggest trees
+                chains = [m if f[1] is not None else 0 for m, f in zip(chains, forced)]
+                heads = self._fit(heads, token_limit - sum(chains), seqs)
+            return heads, chains
 
-        best = self._fit([1] * len(seqs), token_limit, seqs)
-        best_rate = rate(best) * (1.0 + MARGIN)  # trees must win clearly: the models are estimates
-        # each sequence's size at each price of a node: the first size with the most
-        # length - price * size, among those it can use (all prices and sequences at once:
-        # in Python loops this took ~12 ms a step at 32 sequences)
-        sizes_t = torch.tensor(self.sizes, dtype=torch.float64)
-        score = (torch.tensor(skills, dtype=torch.float64)[None, :, None] * self._gains[None, None, :]
-                 - torch.tensor(PRICES, dtype=torch.float64)[:, None, None] * sizes_t[None, None, :])
-        score.masked_fill_(sizes_t[None, None, :] > torch.tensor(reach, dtype=torch.float64)[None, :, None],
-                           float("-inf"))
-        choices = score.argmax(-1).tolist()                                  # [prices][sequences]
-        for per_seq in {tuple(c): None for c in choices}:  # neighbouring prices often agree
-            sizes = self._fit([self.sizes[j] for j in per_seq], token_limit, seqs)
-            candidate = rate(sizes)
-            if candidate > best_rate * 1.001:  # prefer the cheaper batch when rates tie
-                best, best_rate = sizes, candidate
+        best = plan_at(None)
+        best_rate = rate(*best) * (1.0 + MARGIN)  # trees must win clearly: the models are estimates
+        for price in PRICES:
+            candidate = plan_at(price)
+            candidate_rate = rate(*candidate)
+            if candidate_rate > best_rate * 1.001:  # prefer the cheaper batch when rates tie
+                best, best_rate = candidate, candidate_rate
         return best
 
     def _reach(self, seq: Sequence, pinned: bool = False) -> int:
@@ -246,3 +280,11 @@ class SpeculationPolicy:
             if sizes[i] > 1:
                 heapq.heappush(biggest, (-sizes[i], i))
         return sizes
+
+
+def _chance(path: Path, accuracies: list[list[float]]) -> float:
+    """A path's chance to be kept under independent heads with these top-k accuracies."""
+    chance = 1.0
+    for depth, rank in enumerate(path):
+        chance *= accuracies[depth][rank] if depth < len(accuracies) and rank < len(accuracies[depth]) else 0.0
+    return chance

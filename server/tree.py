@@ -104,10 +104,63 @@ def expected_accept_length(paths: list[Path], accuracies: list[list[float]]) -> 
 
 
 @lru_cache(maxsize=1024)
-def tree_of(paths: tuple[Path, ...], num_nodes: int, lookup: int = 0) -> Tree:
-    """The tree made of the first num_nodes - 1 of an expansion-ordered path list, plus a
-    lookup chain of `lookup` nodes under the root (num_nodes + lookup nodes in all)."""
-    return Tree.from_paths(paths[: num_nodes - 1] + tuple((LOOKUP_RANK,) * d for d in range(1, lookup + 1)))
+def tree_of(paths: tuple[Path, ...], num_nodes: int) -> Tree:
+    """The tree made of the first num_nodes - 1 of an expansion-ordered path list."""
+    return Tree.from_paths(paths[: num_nodes - 1])
+
+
+@lru_cache(maxsize=4096)
+def _tree(paths: tuple[Path, ...]) -> Tree:
+    return Tree.from_paths(paths)
+
+
+def best_nodes(chances: list[float], count: int) -> list[int]:
+    """The `count` most likely paths of a draft (indices into its tree paths), in path order.
+
+    A path's chance is never above its parent's and a parent comes before its children in the
+    expansion-ordered paths, so ranking by chance (ties by path order) never picks a node
+    without its parent: every count gives a tree, the likeliest of its size.
+    """
+    if count <= 0:
+        return []
+    ranked = heapq.nsmallest(count, range(len(chances)), key=lambda j: (-chances[j], j))
+    return sorted(ranked)
+
+
+@dataclass(frozen=True)
+class StepTree:
+    """What one sequence verifies in a step: the tree, its tokens, and where they came from."""
+    tree: Tree
+    tokens: tuple[int, ...]          # per node, the root (the sequence's last token) first
+    head_paths: tuple[Path, ...] = ()  # the heads' nodes (tree-path entries), for scoring their branch
+    head_tokens: tuple[int, ...] = ()
+    lookup: tuple[int, ...] = ()     # the context-lookup chain merged in (its tokens from depth 1)
+    expected: float = 0.0            # the heads' own estimate of their tokens kept (sum of chances)
+
+    @property
+    def num_nodes(self) -> int:
+        return self.tree.num_nodes
+
+
+def step_tree(root: int, head_paths: tuple[Path, ...] = (), head_tokens: tuple[int, ...] = (),
+              lookup: tuple[int, ...] = (), expected: float = 0.0) -> StepTree:
+    """The tree of the heads' nodes (an ancestor-closed set of paths and their tokens) with a
+    context-lookup chain merged in: the chain follows the heads' nodes while their tokens
+    agree (no node twice) and hangs its remaining tokens under the last one it reached, as
+    paths that continue with LOOKUP_RANK."""
+    token_of = dict(zip(head_paths, head_tokens))
+    prefix: Path = ()
+    depth = 0
+    while depth < len(lookup):
+        child = next((p for p in head_paths if len(p) == depth + 1 and p[:-1] == prefix
+                      and token_of[p] == lookup[depth]), None)
+        if child is None:
+            break
+        prefix, depth = child, depth + 1
+    chain = tuple(prefix + (LOOKUP_RANK,) * k for k in range(1, len(lookup) - depth + 1))
+    tree = _tree(tuple(head_paths) + chain)
+    tokens = tuple([root] + [token_of[p] if LOOKUP_RANK not in p else lookup[len(p) - 1] for p in tree.paths[1:]])
+    return StepTree(tree, tokens, tuple(head_paths), tuple(head_tokens), tuple(lookup), expected)
 
 
 def kept_by_tree(paths: tuple[Path, ...], draft: list[int], future: list[int]) -> int:

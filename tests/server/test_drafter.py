@@ -1,11 +1,12 @@
 """Drafts laid out on the tree: independent heads read once per sequence, chained heads
-extend every path from its parent; both checked against a node-by-node construction."""
+extend every path from its parent; both checked against a node-by-node construction, tokens
+and chances (the product of the heads' probabilities along the path)."""
 import pytest
 import torch
 
 from models.heads import HeadsConfig, MedusaHeads
-from server.drafter import Drafter, node_tokens
-from server.tree import expand_tree, tree_of
+from server.drafter import Drafter
+from server.tree import expand_tree
 
 ACCURACIES = [[0.6, 0.1, 0.05, 0.03], [0.4, 0.1, 0.05], [0.3, 0.08], [0.2, 0.06]]
 PATHS = tuple(expand_tree(ACCURACIES, 64))
@@ -35,11 +36,13 @@ def test_chained_drafts_extend_each_path_from_its_parent(model):
     assert [len(d) for d in drafts] == [15, 0, 5]
     for row, (root, size) in enumerate(zip(roots, sizes)):
         for j, path in enumerate(PATHS[: size - 1]):
-            state, token = hidden[row:row + 1], root
+            state, token, chance = hidden[row:row + 1], root, 1.0
             for depth in range(len(path)):   # walk the path, feeding each node's own token
                 state = heads.step(depth, state, embed(model, token))
-                token = int(heads.top_tokens(state, model.lm_head, drafter.top_k)[0, path[depth]])
-            assert drafts[row][j] == token, (row, path)
+                probs, ids = heads.top_guesses(state, model.lm_head, drafter.top_k)
+                token, chance = int(ids[0, path[depth]]), chance * float(probs[0, path[depth]])
+            assert drafts[row].tokens[j] == token, (row, path)
+            assert drafts[row].chances[j] == pytest.approx(chance, rel=1e-4), (row, path)
 
 
 @torch.inference_mode()
@@ -48,20 +51,20 @@ def test_independent_drafts_fill_the_whole_tree_from_one_call(model):
     drafter = Drafter(heads, model, PATHS)
     hidden = torch.randn(2, model.config.hidden_size)
     drafts = drafter.draft(hidden, [5, 6], [4, 0])
-    guesses = heads.guesses(hidden, model.lm_head, drafter.top_k, model.model.embed_tokens(torch.tensor([5, 6])))
+    embeds = model.model.embed_tokens(torch.tensor([5, 6]))
+    probs, ids = heads.top_guesses(heads(hidden, embeds), model.lm_head, drafter.top_k)
     for row in range(2):
         assert len(drafts[row]) == len(PATHS)
         for j, path in enumerate(PATHS):
-            assert drafts[row][j] == int(guesses[row, len(path) - 1, path[-1]])
-
-
-@pytest.mark.parametrize("num_nodes", [2, 5, 16])
-def test_node_tokens_follow_the_tree_order(num_nodes):
-    draft = [100 + j for j in range(num_nodes - 1)]
-    tree = tree_of(PATHS, num_nodes)
-    tokens = node_tokens(PATHS, 9, draft, num_nodes)
-    assert tokens[0] == 9
-    assert tokens[1:] == [100 + PATHS.index(path) for path in tree.paths[1:]]
+            assert drafts[row].tokens[j] == int(ids[row, len(path) - 1, path[-1]])
+            chance = 1.0
+            for depth, rank in enumerate(path):
+                chance *= float(probs[row, depth, rank])
+            assert drafts[row].chances[j] == pytest.approx(chance, rel=1e-4)
+        # a child is never likelier than its parent: every best-first prefix is a tree
+        for j, path in enumerate(PATHS):
+            if len(path) > 1:
+                assert drafts[row].chances[j] <= drafts[row].chances[PATHS.index(path[:-1])]
 
 
 def test_chained_heads_need_token_input_and_the_shared_unembedding():

@@ -92,9 +92,10 @@ def test_kv_commit_moves_accepted_rows_into_place(random_heads, monkeypatch):
             future = expected[item.seq.num_output_tokens + len(result.new_token_ids):]
             for j, node in enumerate(engine.runner.tree_paths[:len(result.draft or [])]):
                 depth = len(node)
+                result.draft.chances[j] = 1.0 - 1e-3 * j   # the tree of 16 nodes is the first 15 paths
                 if depth <= len(future):  # the true token on `path`, a wrong one elsewhere
                     right = node == path[:depth]
-                    result.draft[j] = future[depth - 1] if right else (future[depth - 1] + 1) % 1000
+                    result.draft.tokens[j] = future[depth - 1] if right else (future[depth - 1] + 1) % 1000
         return results
 
     monkeypatch.setattr(engine.runner, "execute", with_oracle_drafts)

@@ -10,7 +10,8 @@ from server.lookup import MAX_MATCH, MIN_MATCH, ContextIndex
 from server.sampling_params import SamplingParams
 from server.sequence import Sequence
 from server.speculation_policy import SpeculationPolicy
-from server.tree import LOOKUP_RANK, expand_tree, tree_of
+from server.drafter import Draft
+from server.tree import LOOKUP_RANK, Tree, expand_tree
 
 ACCURACIES = [[0.7, 0.15, 0.05], [0.5, 0.1, 0.05], [0.4, 0.08], [0.3, 0.05]]
 PATHS = tuple(expand_tree(ACCURACIES, 64))
@@ -52,18 +53,10 @@ def test_the_longer_match_wins_over_the_later_one():
     assert ContextIndex().continuation(tokens, 1) == [50]     # (1, 2, 3) beats the later (2, 3)
 
 
-def test_lookup_chain_hangs_under_the_root():
-    tree = tree_of(PATHS, 4, lookup=3)
-    assert tree.num_nodes == 7
-    chain = [i for i, p in enumerate(tree.paths) if p and p[0] == LOOKUP_RANK]
-    assert [tree.depths[i] for i in chain] == [1, 2, 3]
-    assert tree.parents[chain[0]] == 0 and tree.parents[chain[1]] == chain[0]
-
-
 def test_greedy_acceptance_follows_the_longer_of_two_equal_siblings():
     """The heads' rank-0 guess and the lookup chain both start with token 7; only the lookup
     chain goes on matching, and its path must win whichever sibling comes first."""
-    tree = tree_of(PATHS, 2, lookup=3)     # root, heads (0,), lookup chain of 3
+    tree = Tree.from_paths(((0,),) + tuple((LOOKUP_RANK,) * d for d in (1, 2, 3)))   # heads (0,), a chain of 3
     tokens = [0] * tree.num_nodes
     heads_node = tree.paths.index((0,))
     chain = [tree.paths.index((LOOKUP_RANK,) * d) for d in (1, 2, 3)]
@@ -76,60 +69,76 @@ def test_greedy_acceptance_follows_the_longer_of_two_equal_siblings():
 
 def make_seq(tokens, max_tokens=100):
     seq = Sequence("s", tokens, SamplingParams(max_tokens=max_tokens, temperature=0.0))
-    seq.draft = [0] * len(PATHS)
+    policy = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel({1: 0.05}), max_nodes=64)
+    seq.draft = Draft([0] * len(PATHS), list(policy.prior_chances))
     return seq
 
 
+FLAT = {1: 0.05, 16: 0.055, 64: 0.07, 256: 0.2}
+LINEAR = {1: 0.01, 16: 0.16, 64: 0.64, 256: 2.56}
+REPEATING = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 3, 4]
+
+
 def test_policy_adds_lookup_only_to_speculating_sequences_within_the_limit():
-    cheap = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel({1: 0.05, 16: 0.055, 64: 0.07, 256: 0.2}),
-                              max_nodes=64, lookup_tokens=8)
-    repeating = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 3, 4]
-    plan = cheap.choose([make_seq(repeating)], 0, 1024)
+    cheap = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel(FLAT), max_nodes=64, lookup_tokens=8)
+    plan = cheap.choose([make_seq(REPEATING)], 0, 1024)
     assert plan.sizes[0] > 1 and plan.lookups[0] == [5, 6, 7, 8, 9, 10, 11, 12]
-    tight = cheap.choose([make_seq(repeating)], 0, plan.sizes[0] + 2)
-    assert len(tight.lookups[0]) <= 2
-    near_the_end = cheap.choose([make_seq(repeating, max_tokens=3)], 0, 1024)
+    tight = cheap.choose([make_seq(REPEATING)], 0, plan.sizes[0] + 2)
+    assert tight.trees[0].num_nodes <= plan.sizes[0] + 2               # heads' nodes and chain share the limit
+    near_the_end = cheap.choose([make_seq(REPEATING, max_tokens=3)], 0, 1024)
     assert len(near_the_end.lookups[0]) <= 2
     plain = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel({1: 0.05, 64: 0.05}), max_nodes=64, fixed_size=1,
                               lookup_tokens=8)
-    assert plain.choose([make_seq(repeating)], 0, 1024).lookups == [[]]
+    assert plain.choose([make_seq(REPEATING)], 0, 1024).lookups == [[]]
     off = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel({1: 0.05, 64: 0.05}), max_nodes=64)
-    assert off.choose([make_seq(repeating)], 0, 1024).lookups == [[]]
+    assert off.choose([make_seq(REPEATING)], 0, 1024).lookups == [[]]
 
 
 def test_a_plainly_decoding_sequence_gets_a_chain_only_when_it_pays():
     """Heads that never hit keep a sequence plain; its lookup chain still runs while the
-    chain's kept tokens (its running lookup_gain) are worth the chain's tokens."""
-    repeating = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 3, 4]
-    flat = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel({1: 0.05, 16: 0.055, 64: 0.07, 256: 0.2}),
-                             max_nodes=64, lookup_tokens=8)
-    linear = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel({1: 0.01, 16: 0.16, 64: 0.64, 256: 2.56}),
-                               max_nodes=64, lookup_tokens=8)
-    seq = make_seq(repeating)
+    chain's tokens are likely enough to be worth their cost."""
+    flat = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel(FLAT), max_nodes=64, lookup_tokens=8)
+    linear = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel(LINEAR), max_nodes=64, lookup_tokens=8)
+    seq = make_seq(REPEATING)
     seq.spec.skill = 0.01    # heads that never hit: no tree
     plan = flat.choose([seq], 0, 1024)
     assert plan.sizes == [1] and plan.lookups == [[5, 6, 7, 8, 9, 10, 11, 12]]
     assert linear.choose([seq], 0, 1024).lookups == [[]]        # 9 tokens cost 9x one
     for _ in range(20):
-        seq.spec.record_lookup(0)                                  # chains that never hit stop
+        seq.spec.record_lookup(8, 0)                               # chains that never hit stop
     assert flat.choose([seq], 0, 1024).lookups == [[]]
     fixed = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel({1: 0.05, 64: 0.05}), max_nodes=64, fixed_size=1,
                               lookup_tokens=8)
-    assert fixed.choose([make_seq(repeating)], 0, 1024).lookups == [[]]   # plain decoding stays plain
+    assert fixed.choose([make_seq(REPEATING)], 0, 1024).lookups == [[]]   # plain decoding stays plain
 
 
-def test_a_chain_left_out_is_scored_once_its_text_is_known():
-    """A dropped chain keeps lookup_gain current, so chains come back when they would hit."""
-    linear = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel({1: 0.01, 16: 0.16, 64: 0.64, 256: 2.56}),
-                               max_nodes=64, lookup_tokens=4)
+def test_a_chain_is_cut_where_its_tokens_stop_paying():
+    """A chain whose first three tokens usually come true and the rest rarely, where 4 tokens
+    cost what one does and 8 cost 1.6x: the step verifies the first three only."""
+    knee = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel({1: 0.05, 4: 0.0505, 8: 0.08, 64: 0.6}),
+                             max_nodes=64, lookup_tokens=8)
+    seq = make_seq(REPEATING)
+    seq.spec.skill = 0.01
+    seq.spec.lookup_survival = [0.9, 0.9, 0.9, 0.05, 0.05, 0.05, 0.05, 0.05]
+    assert knee.choose([seq], 0, 1024).lookups == [[5, 6, 7]]
+
+
+def test_every_chain_is_scored_once_its_text_is_known():
+    """A chain left out keeps its chances current too, so chains come back when they would hit."""
+    linear = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel(LINEAR), max_nodes=64, lookup_tokens=4)
     seq = make_seq([3, 4, 5, 6, 7, 8, 3, 4])
-    seq.spec.lookup_gain = 0.0
+    seq.spec.lookup_survival = [0.0] * 4
     assert linear.choose([seq], 0, 1024).lookups == [[]]
-    assert list(seq.spec.dropped_lookups) == [([5, 6, 7, 8], 7)]
+    assert list(seq.spec.pending_lookups) == [([5, 6, 7, 8], 7)]
     seq.token_ids += [5, 6, 7]
-    linear.score_dropped_lookups(seq)
-    assert seq.spec.lookup_gain == 0.0                     # 3 of 4 tokens known: not yet
+    linear.score_lookups(seq)
+    assert seq.spec.lookup_survival == [0.0] * 4              # 3 of 4 tokens known: not yet
     seq.token_ids += [8]
-    linear.score_dropped_lookups(seq)
-    assert seq.spec.lookup_gain == pytest.approx(0.8)      # all 4 kept: 0.8 * 0 + 0.2 * 4
-    assert not seq.spec.dropped_lookups
+    linear.score_lookups(seq)
+    assert seq.spec.lookup_survival == pytest.approx([0.2] * 4)   # all 4 came true
+    assert not seq.spec.pending_lookups
+    seq.token_ids += [3, 4]
+    linear.choose([seq], 0, 1024)                              # [5, 6, 7, 8] again, but the text turns
+    seq.token_ids += [5, 9, 9, 9]
+    linear.score_lookups(seq)
+    assert seq.spec.lookup_survival == pytest.approx([0.36, 0.16, 0.16, 0.16])
