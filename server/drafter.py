@@ -55,6 +55,9 @@ class Drafter:
         depth = heads.config.num_heads
         self._ranks = torch.tensor([list(path) + [self.top_k] * (depth - len(path)) for path in tree_paths],
                                    dtype=torch.long, device=self.device).reshape(len(tree_paths), depth)
+        index = {path: j for j, path in enumerate(tree_paths)}
+        self._parents = torch.tensor([index[path[:-1]] + 1 if len(path) > 1 else 0 for path in tree_paths],
+                                     dtype=torch.long, device=self.device)   # 0: the root (chance 1)
 
     def draft(self, hidden: torch.Tensor, next_ids: list[int], sizes: list[int]) -> list[Draft]:
         """hidden [N, H]: the state of each sequence's last kept token; next_ids: the token the
@@ -75,6 +78,9 @@ class Drafter:
         chances = logp[:, per_depth[None, :], self._ranks].sum(-1).exp()          # [N, P]
         last = torch.tensor([len(path) - 1 for path in self.tree_paths], device=probs.device)
         tokens = ids[:, last, torch.tensor([path[-1] for path in self.tree_paths], device=probs.device)]
+        # a child is never likelier than its parent (kept exactly, not just up to rounding)
+        for _ in range(depth - 1):
+            chances = torch.minimum(chances, torch.cat([chances.new_ones(n, 1), chances], 1)[:, self._parents])
         return [Draft(t, c) for t, c in zip(tokens.tolist(), chances.tolist())]
 
     def _embed(self, token_ids: list[int], dtype: torch.dtype) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Everything the engine loads at start-up: model, tokenizer, heads, attention backend, costs."""
 from __future__ import annotations
 
+import copy
 import logging
 import statistics
 import time
@@ -13,6 +14,7 @@ from models.attention import TorchAttention, build_metadata
 from models.heads import MedusaHeads
 from models.llama import LlamaForCausalLM
 from models.loader import load_model, parse_dtype
+from models.packed_linear import can_pack, pack_linears
 from models.tokenizer import Tokenizer
 from server.config import EngineConfig
 from server.cost_model import MEASURED_SIZES, StepCostModel
@@ -72,6 +74,9 @@ def load_components(config: EngineConfig, heads_override=None) -> Components:
             logger.warning("the heads were trained for another base model (%s); they will guess poorly "
                            "but output stays exact", checkpoint.base_model)
     heads = checkpoint.heads.to(device=device, dtype=dtype).eval() if checkpoint is not None else None
+    if heads is not None and can_pack(device, dtype):  # the engine only drafts with them: packed like the
+        heads = copy.deepcopy(heads)                    # model's (a copy: the caller's heads stay trainable)
+        pack_linears(heads)
     return Components(
         model=model, tokenizer=tokenizer, heads=heads,
         tree_paths=tuple(checkpoint.tree_paths) if checkpoint is not None else (),

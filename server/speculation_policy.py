@@ -23,7 +23,8 @@ planned for plain decoding drafts too if a tree would pay for it with heads as g
 they think (skill 1) and those extra drafts cost under HOPE_BUDGET of the step (a small
 batch): its draft is then scored against the text that follows (`score_plain_steps`), so
 its skill stays current and a cold streak does not end its speculation. Otherwise (a busy
-batch) it drafts only every EXPLORE_EVERY steps, and drafting stops costing time. Every
+batch) it drafts only every EXPLORE_EVERY steps, all such sequences in the same step (a
+draft call has a fixed cost), and drafting stops costing time. Every
 lookup chain proposed is scored the same way once the text after it is known
 (`score_lookups`), whether or not it was verified.
 """
@@ -42,7 +43,7 @@ TREE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 PINNED_DEFAULT = 16
 SHADOW_SIZE = 16
 MARGIN = 0.03
-EXPLORE_EVERY = 16  # a sequence that decodes plainly still drafts every this many steps
+EXPLORE_EVERY = 16  # sequences that decode plainly still draft every this many steps
 HOPE_BUDGET = 0.05  # share of a step that drafting "in case the skill is better" may cost
 PRICES = (0.0,) + tuple(0.001 * 1.4 ** k for k in range(21))  # a node's chance, 0.001 .. 0.84
 
@@ -65,7 +66,7 @@ class TreePlan:
 @dataclass
 class _Candidates:
     """One sequence's candidate nodes, likeliest first: the heads' (tree-path indices and
-    calibrated chances) and its lookup chain's (chances per token)."""
+    chances before the sequence's calibration `skill`) and its lookup chain's."""
     nodes: list[int]
     head_gain: list[float]    # head_gain[m]: the chances of the m likeliest heads' nodes, summed
     head_neg: list[float]     # minus each heads' node chance, ascending (to count those above a price)
@@ -73,12 +74,13 @@ class _Candidates:
     chain_gain: list[float]
     chain_neg: list[float]
 
-    def gain(self, nodes: int) -> float:
-        """The chances of the heads' `nodes` likeliest nodes, summed (a forced size may ask for more than there are)."""
-        return self.head_gain[min(nodes, len(self.head_gain) - 1)]
+    def gain(self, nodes: int, skill: float) -> float:
+        """What the heads' `nodes` likeliest nodes are expected to keep (a forced size may ask
+        for more nodes than there are)."""
+        return skill * self.head_gain[min(nodes, len(self.head_gain) - 1)]
 
-    def heads_above(self, price: float) -> int:
-        return bisect.bisect_left(self.head_neg, -price)
+    def heads_above(self, price: float, skill: float) -> int:
+        return bisect.bisect_left(self.head_neg, -price / skill)
 
     def chain_above(self, price: float) -> int:
         return bisect.bisect_left(self.chain_neg, -price)
@@ -110,6 +112,7 @@ class SpeculationPolicy:
         # plain steps are scored against the tree of this size their draft would have made
         self.shadow_size = min(SHADOW_SIZE, limit)
         self.shadow_depth = max((len(p) for p in tree_paths), default=0)
+        self.steps = 0  # plans made for decoding sequences
 
     def score_plain_steps(self, seq: Sequence) -> None:
         """Once the tokens after a plain step are known, score what the shadow tree would have
@@ -148,6 +151,7 @@ class SpeculationPolicy:
             if chain:  # scored once the text after it is known, verified or not
                 seq.spec.pending_lookups.append((chain, seq.num_tokens - 1))
         candidates = [self._candidates(seq, r, chain) for seq, r, chain in zip(seqs, reach, chains)]
+        skills = [seq.spec.skill for seq in seqs]
         pinned = [self.is_pinned(seq) and self._reach(seq, pinned=True) > 1 for seq in seqs]
         if self.fixed_size is not None:
             heads = self._fit([min(self.sizes[0], r) for r in reach], token_limit, seqs)
@@ -155,23 +159,25 @@ class SpeculationPolicy:
                       for h, c, p in zip(heads, candidates, pinned)]
         else:
             forced = [(self.pinned_size, len(c.chain)) if p else (None, None) for c, p in zip(candidates, pinned)]
-        heads, chain_lens = self._best_plan(seqs, candidates, forced, other_tokens, token_limit, other_keys)
+        heads, chain_lens = self._best_plan(seqs, candidates, skills, forced, other_tokens, token_limit, other_keys)
         self.speculating = any(n > 1 for n in heads)
         hopeful = heads
-        if self.fixed_size is None and any(n == 1 and seq.spec.skill < 1.0 for seq, n in zip(seqs, heads)):
+        if self.fixed_size is None and any(n == 1 and skill < 1.0 for skill, n in zip(skills, heads)):
             # would a tree pay if the heads guessed as well as they think? then keep drafting:
             # the draft is scored either way, and a cold streak must not end speculation;
             # but only while those drafts are cheap next to the step (a small batch)
-            optimistic = [self._candidates(seq, r, chain, optimistic=True) for seq, r, chain in zip(seqs, reach, chains)]
-            hopeful, _ = self._best_plan(seqs, optimistic, forced, other_tokens, token_limit, other_keys)
+            hopeful, _ = self._best_plan(seqs, candidates, [max(skill, 1.0) for skill in skills], forced,
+                                         other_tokens, token_limit, other_keys)
             extra = sum(h > 1 and n == 1 for n, h in zip(heads, hopeful))
             drafting = sum(n > 1 for n in heads)
             step = self.cost_model(len(seqs) + other_tokens, other_keys + sum(q.num_cached_tokens for q in seqs))
             if self.cost_model.draft(drafting + extra) - self.cost_model.draft(drafting) > HOPE_BUDGET * step:
                 hopeful = heads
-        drafts = [self._grown(n) if n > 1 else h if h > 1 else self.shadow_size if (
-                      r > 1 and self.fixed_size is None and seq.spec.steps % EXPLORE_EVERY == 0) else 0
-                  for seq, n, h, r in zip(seqs, heads, hopeful, reach)]
+        # the others draft together every EXPLORE_EVERY steps: drafting has a fixed cost per step
+        self.steps += 1
+        explore = self.fixed_size is None and self.steps % EXPLORE_EVERY == 0
+        drafts = [self._grown(n) if n > 1 else h if h > 1 else self.shadow_size if r > 1 and explore else 0
+                  for n, h, r in zip(heads, hopeful, reach)]
         trees = [self._step_tree(seq, n, c.chain[:m]) for seq, n, m, c in zip(seqs, heads, chain_lens, candidates)]
         return TreePlan(trees, drafts)
 
@@ -195,17 +201,15 @@ class SpeculationPolicy:
         longest = min(self.lookup_tokens, self.max_nodes - 1, seq.remaining_tokens - 1)
         return seq.context_index.continuation(seq.token_ids, longest)
 
-    def _candidates(self, seq: Sequence, reach: int, chain: list[int], optimistic: bool = False) -> _Candidates:
-        skill = max(seq.spec.skill, 1.0) if optimistic else seq.spec.skill
+    def _candidates(self, seq: Sequence, reach: int, chain: list[int]) -> _Candidates:
         if seq.draft is not None:
-            nodes = best_nodes(seq.draft.chances, min(reach - 1, len(seq.draft)))
-            nodes.sort(key=lambda j: (-seq.draft.chances[j], j))
-            chances = [seq.draft.chances[j] * skill for j in nodes]
+            chances = seq.draft.chances
+            nodes = sorted(range(len(chances)), key=lambda j: -chances[j])[: reach - 1]   # ties in path order
         else:  # planned as if it had a draft as good as the measured accuracies
-            nodes = list(range(min(reach - 1, len(self.prior_chances))))
-            chances = [self.prior_chances[j] * skill for j in nodes]
+            chances = self.prior_chances
+            nodes = list(range(min(reach - 1, len(chances))))
         chain_chances = list(accumulate((seq.spec.lookup_value(i) for i in range(len(chain))), min))
-        return _candidates(nodes, chances, chain, chain_chances)
+        return _candidates(nodes, [chances[j] for j in nodes], chain, chain_chances)
 
     def _step_tree(self, seq: Sequence, heads: int, chain: list[int]) -> StepTree:
         """The tree of the sequence's `heads` - 1 likeliest drafted nodes (none without a
@@ -216,36 +220,49 @@ class SpeculationPolicy:
                          tuple(draft.tokens[j] for j in nodes), tuple(chain),
                          sum(draft.chances[j] for j in nodes))
 
-    def _best_plan(self, seqs: list[Sequence], candidates: list[_Candidates],
+    def _best_plan(self, seqs: list[Sequence], candidates: list[_Candidates], skills: list[float],
                    forced: list[tuple[int | None, int | None]], other_tokens: int, token_limit: int,
                    other_keys: int) -> tuple[list[int], list[int]]:
         """Per sequence the heads' nodes (root included) and lookup tokens, as if every
-        sequence had a draft, with the most tokens per second; forced: (heads, chain) counts
-        that are not the policy's to choose (None: they are)."""
+        sequence had a draft, with the most tokens per second; skills: the calibration of each
+        sequence's heads' chances; forced: (heads, chain) counts that are not the policy's to
+        choose (None: they are)."""
         context = other_keys + sum(seq.num_cached_tokens for seq in seqs)
 
         def rate(heads: list[int], chains: list[int]) -> float:
-            tokens = sum(1.0 + c.gain(h - 1) + c.chain_gain[m] for c, h, m in zip(candidates, heads, chains))
+            tokens = sum(1.0 + c.gain(h - 1, skill) + c.chain_gain[m]
+                         for c, skill, h, m in zip(candidates, skills, heads, chains))
             num_tokens = sum(heads) + sum(chains) + other_tokens
             trees = sum(h + m > 1 for h, m in zip(heads, chains))
             drafts = sum(h > 1 for h in heads)
             return tokens / self.cost_model(num_tokens, context + num_tokens, trees, drafts)
 
-        def plan_at(price: float | None) -> tuple[list[int], list[int]]:
+        def plan_at(price: float | None) -> tuple[list[int], list[int]] | None:
+            """The nodes worth `price` (None: none), or None if they do not fit the step."""
             heads, chains = [], []
-            for c, (h, m) in zip(candidates, forced):
-                heads.append(h if h is not None else 1 if price is None else 1 + c.heads_above(price))
+            for c, skill, (h, m) in zip(candidates, skills, forced):
+                heads.append(h if h is not None else 1 if price is None else 1 + c.heads_above(price, skill))
                 chains.append(m if m is not None else 0 if price is None else c.chain_above(price))
                 chains[-1] = min(chains[-1], self.max_nodes - heads[-1])
-            if sum(heads) + sum(chains) > token_limit:  # chains give way first, then the biggest trees
+            if sum(heads) + sum(chains) > token_limit:
+                if price is not None and self.fixed_size is None:
+                    return None   # a higher price fits: there are enough of them
+                # chains give way first, then the biggest trees
                 chains = [m if f[1] is not None else 0 for m, f in zip(chains, forced)]
                 heads = self._fit(heads, token_limit - sum(chains), seqs)
             return heads, chains
 
         best = plan_at(None)
         best_rate = rate(*best) * (1.0 + MARGIN)  # trees must win clearly: the models are estimates
-        for price in PRICES:
+        seen = {(tuple(best[0]), tuple(best[1]))}
+        for price in reversed(PRICES):   # fewer nodes first: a lower price never takes fewer
             candidate = plan_at(price)
+            if candidate is None:
+                break
+            key = (tuple(candidate[0]), tuple(candidate[1]))
+            if key in seen:   # neighbouring prices often agree
+                continue
+            seen.add(key)
             candidate_rate = rate(*candidate)
             if candidate_rate > best_rate * 1.001:  # prefer the cheaper batch when rates tie
                 best, best_rate = candidate, candidate_rate

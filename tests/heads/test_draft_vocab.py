@@ -35,6 +35,14 @@ def test_guesses_are_the_full_top_k_restricted_to_the_draft_vocab():
     mask[vocab] = 0
     assert torch.equal(restricted, (logits + mask).topk(3, dim=-1).indices)
     assert set(restricted.flatten().tolist()) <= set(vocab.tolist())
+    # their probabilities: the heads' softmax over the draft vocabulary
+    probs, ids = heads.top_guesses(heads(x), lm_head, 3)
+    assert torch.equal(ids, restricted)
+    expected = (logits + mask).softmax(-1).gather(-1, restricted)
+    assert torch.allclose(probs, expected, atol=1e-6)
+    heads.set_draft_vocab(None)
+    probs, ids = heads.top_guesses(heads(x), lm_head, 3)
+    assert torch.allclose(probs, logits.softmax(-1).gather(-1, ids), atol=1e-6)
 
 
 def test_draft_unembedding_follows_a_new_base_weight():
