@@ -4,7 +4,7 @@
                                   [--rounds 1]
 
 For each concurrency c, c requests (evaluation prompts, greedy) are in flight at once in one
-engine; the same engine runs (a) plain decoding (tree of 1), (b) a fixed tree and (c) the
+engine (max(c, --min-requests) in a run, each finished one replaced by the next); the same engine runs (a) plain decoding (tree of 1), (b) a fixed tree and (c) the
 load-adaptive policy, side by side in one run. With --rounds R each mode runs R times at
 each concurrency, the modes interleaved and their order rotated every round (so that a slow
 spell of a shared machine hits every mode alike), each round on the next prompts. Prints
@@ -32,11 +32,21 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run(engine: LLMEngine, prompts: list[list[int]], concurrency: int, max_tokens: int,
-        first: int = 0) -> tuple[int, float, list[float]]:
-    """c requests from prompts[first:] at once -> (tokens, seconds, inter-token gaps)."""
+        first: int = 0, requests: int | None = None) -> tuple[int, float, list[float]]:
+    """`requests` (default: concurrency) requests from prompts[first:], `concurrency` of them
+    in flight at a time (a finished one is replaced at once, as by a closed-loop client)
+    -> (tokens, seconds, inter-token gaps)."""
+    requests = requests or concurrency
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    for i in range(concurrency):
-        engine.add_request(f"r{i}", prompts[(first + i) % len(prompts)], params)
+    submitted = 0
+
+    def submit() -> None:
+        nonlocal submitted
+        engine.add_request(f"r{submitted}", prompts[(first + submitted) % len(prompts)], params)
+        submitted += 1
+
+    for _ in range(min(concurrency, requests)):
+        submit()
     last: dict[str, float] = {}
     gaps: list[float] = []
     tokens = 0
@@ -49,6 +59,8 @@ def run(engine: LLMEngine, prompts: list[list[int]], concurrency: int, max_token
             if out.request_id in last and out.token_ids:
                 gaps += [(now - last[out.request_id]) / len(out.token_ids)] * len(out.token_ids)
             last[out.request_id] = now
+            if out.finish_reason is not None and submitted < requests:
+                submit()
     return tokens, time.perf_counter() - started, gaps
 
 
@@ -59,6 +71,9 @@ def main(argv=None) -> None:
     parser.add_argument("--fixed-tree", type=int, default=16)
     parser.add_argument("--heads", default=None)
     parser.add_argument("--rounds", type=int, default=1, help="runs of each mode per concurrency, interleaved")
+    parser.add_argument("--min-requests", type=int, default=8,
+                        help="requests per run at least (concurrency c keeps c in flight): low concurrency "
+                             "gets enough tokens to measure")
     args = parser.parse_args(argv)
     engine = LLMEngine(EngineConfig(heads=args.heads, max_num_seqs=64, max_num_batched_tokens=1024,
                                     kv_cache_memory_gb=2.0))
@@ -73,7 +88,8 @@ def main(argv=None) -> None:
         for r in range(args.rounds):
             for label, size in modes[r % len(modes):] + modes[:r % len(modes)]:
                 engine.set_tree_budget(size)
-                tokens, seconds, gaps = run(engine, prompts, concurrency, args.max_tokens, r * concurrency)
+                requests = max(concurrency, args.min_requests)
+                tokens, seconds, gaps = run(engine, prompts, concurrency, args.max_tokens, r * requests, requests)
                 totals[label][0] += tokens
                 totals[label][1] += seconds
                 totals[label][2] += gaps

@@ -68,6 +68,7 @@ class LLMEngine:
         self.policy = SpeculationPolicy(self.runner.tree_paths, self.accuracies, self.cost_model,
                                         self.config.max_tree_nodes, tree_budget,
                                         self.config.lookup_tokens if self.config.speculation else 0)
+        self.policy.typical_skill = min(1.0, self.skill_prior)
         self.scheduler.policy = self.policy
 
     # ---- requests in -------------------------------------------------------------------
@@ -173,6 +174,7 @@ class LLMEngine:
         seq.spec.record(accepted, nodes - 1, item.tree.expected, result.head_accepted, heads)
         if heads:
             self.skill_prior = max(SKILL_PRIOR_FLOOR, 0.95 * self.skill_prior + 0.05 * seq.spec.skill)
+            self.policy.typical_skill = min(1.0, self.skill_prior)
         metrics.spec_steps.inc()
         metrics.spec_draft_tokens.inc(nodes - 1)
         metrics.spec_accepted_tokens.inc(accepted)

@@ -20,12 +20,12 @@ end of step k - 1. So the plan is made as if every sequence had a draft (one wit
 the prior chances of the heads' measured accuracies); sequences planned for a tree draft
 after this step (and decode plainly in this step if they have no draft yet). A sequence
 planned for plain decoding drafts too if a tree would pay for it with heads as good as
-they think (skill 1) and those extra drafts cost under HOPE_BUDGET of the step (a small
-batch): its draft is then scored against the text that follows (`score_plain_steps`), so
-its skill stays current and a cold streak does not end its speculation. Otherwise (a busy
-batch) it drafts only every EXPLORE_EVERY steps, all such sequences in the same step (a
-draft call has a fixed cost), and drafting stops costing time. Every
-lookup chain proposed is scored the same way once the text after it is known
+they usually are (`typical_skill`) and those extra drafts cost under HOPE_BUDGET of the
+step (a small batch): its draft is then scored against the text that follows
+(`score_plain_steps`), so its skill stays current and a cold streak does not end its
+speculation. Otherwise (a busy batch) it drafts only every EXPLORE_EVERY steps, all such
+sequences in the same step (a draft call has a fixed cost), and drafting stops costing
+time. Every lookup chain proposed is scored the same way once the text after it is known
 (`score_lookups`), whether or not it was verified.
 """
 from __future__ import annotations
@@ -113,6 +113,9 @@ class SpeculationPolicy:
         self.shadow_size = min(SHADOW_SIZE, limit)
         self.shadow_depth = max((len(p) for p in tree_paths), default=0)
         self.steps = 0  # plans made for decoding sequences
+        # how well heads usually do against their own chances (the engine keeps it current):
+        # what a sequence on a cold streak may hope to return to
+        self.typical_skill = 1.0
 
     def score_plain_steps(self, seq: Sequence) -> None:
         """Once the tokens after a plain step are known, score what the shadow tree would have
@@ -162,12 +165,12 @@ class SpeculationPolicy:
         heads, chain_lens = self._best_plan(seqs, candidates, skills, forced, other_tokens, token_limit, other_keys)
         self.speculating = any(n > 1 for n in heads)
         hopeful = heads
-        if self.fixed_size is None and any(n == 1 and skill < 1.0 for skill, n in zip(skills, heads)):
-            # would a tree pay if the heads guessed as well as they think? then keep drafting:
-            # the draft is scored either way, and a cold streak must not end speculation;
-            # but only while those drafts are cheap next to the step (a small batch)
-            hopeful, _ = self._best_plan(seqs, candidates, [max(skill, 1.0) for skill in skills], forced,
-                                         other_tokens, token_limit, other_keys)
+        if self.fixed_size is None and any(n == 1 and skill < self.typical_skill for skill, n in zip(skills, heads)):
+            # would a tree pay if the heads guessed as well as they usually do? then keep
+            # drafting: the draft is scored either way, and a cold streak must not end
+            # speculation; but only while those drafts are cheap next to the step (a small batch)
+            hopeful, _ = self._best_plan(seqs, candidates, [max(skill, self.typical_skill) for skill in skills],
+                                         forced, other_tokens, token_limit, other_keys)
             extra = sum(h > 1 and n == 1 for n, h in zip(heads, hopeful))
             drafting = sum(n > 1 for n in heads)
             step = self.cost_model(len(seqs) + other_tokens, other_keys + sum(q.num_cached_tokens for q in seqs))
