@@ -5,7 +5,8 @@
 
 Runs every evaluation prompt (chat and code, never training prompts) alone through one
 engine, at temperature 0 and 0.7, for each fixed tree size (1 = plain decoding, the same
-engine) and the adaptive policy; prints a Markdown table. Several --heads or lookup lengths
+engine; the first size is the baseline) and the adaptive policy, prompt by prompt with every
+variant in turn; prints a Markdown table. Several --heads or lookup lengths
 (0: no context-lookup chain) run side by side, one engine each, interleaved size by size,
 each against its own plain rate.
 """
@@ -62,22 +63,24 @@ def main(argv=None) -> None:
     print("| heads | temperature | tree | mean accepted length | tokens/s | speed-up vs plain |")
     print("|---|---|---|---|---|---|")
     for temperature in [float(t) for t in args.temperatures.split(",")]:
-        plain_rate = {}
-        for size in sizes:
-            for heads, engine in engines.items():
-                engine.set_tree_budget(size)
-                total_tokens = total_time = steps = accepted = 0
-                for ids in prompts:
+        # prompt by prompt, every size and engine in turn: a slow spell of a shared machine
+        # then hits every variant alike instead of the ones that ran during it
+        totals = {(heads, size): [0, 0.0, 0, 0] for size in sizes for heads in engines}
+        for ids in prompts:
+            for size in sizes:
+                for heads, engine in engines.items():
+                    engine.set_tree_budget(size)
                     # no seed: seeded sampling pins the tree size, which would turn "adaptive" into a fixed tree
                     params = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, ignore_eos=True)
-                    t, s, n, a = run_one(engine, ids, params)
-                    total_tokens, total_time, steps, accepted = total_tokens + t, total_time + s, steps + n, accepted + a
-                rate = total_tokens / total_time
-                plain_rate.setdefault(heads, rate)
+                    for i, value in enumerate(run_one(engine, ids, params)):
+                        totals[heads, size][i] += value
+        for size in sizes:
+            for heads in engines:
+                tokens, seconds, steps, accepted = totals[heads, size]
+                rate, plain = tokens / seconds, totals[heads, sizes[0]][0] / totals[heads, sizes[0]][1]
                 label = "adaptive" if size is None else str(size)
                 print(f"| {heads} | {temperature} | {label} | {1 + accepted / max(steps, 1):.2f} | "
-                      f"{rate:.1f} | {rate / plain_rate[heads]:.2f}x |", flush=True)
-
+                      f"{rate:.1f} | {rate / plain:.2f}x |", flush=True)
 
 if __name__ == "__main__":
     main()

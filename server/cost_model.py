@@ -10,10 +10,14 @@ context), V the sequences that verify a tree (a tree costs more than its tokens:
 another attention group), D the sequences whose heads draft a tree for the next step, and
 dense(T) a piecewise-linear curve over token counts. dense, the cost per key read, per tree
 and of drafting are measured at start-up on the actual hardware (`server.loading`), so the
-model's marginal costs (what one more tree token or one more draft costs) come from
-controlled measurements. Real steps only move `offset`, a moving average of how far the
+model's marginal costs (what one more tree token or one more draft costs) start from
+controlled measurements. Real steps then move `offset`, a moving average of how far the
 model is off: per-sequence overheads (bookkeeping, sampling) and a busier machine show up
-there, at the current load, without bending the curve that the policy's choices depend on.
+there, at the current load. Where the real steps come in several sizes, each measured size
+also learns how much more or less than that average its own steps are off (`shape`): a
+start-up timing that a shared machine disturbed gets corrected by the steps the policy
+actually runs, while sizes it never runs keep their measured cost, and steps of a single
+size leave the marginal costs alone.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import bisect
 
 MEASURED_SIZES = (1, 2, 4, 8, 16, 32, 64, 256)  # small sizes too: the CPU curve bends early
 OFFSET_WEIGHT = 0.1
+SHAPE_WEIGHT = 0.05  # per measured size, scaled by how close a step's size is to it
 
 
 class StepCostModel:
@@ -43,19 +48,37 @@ class StepCostModel:
         self.draft_fixed = max(0.0, draft_fixed)
         self.draft_per_seq = max(0.0, draft_per_seq)
         self.offset = 0.0
+        self.shape = [0.0] * len(self.xs)   # per measured size: its steps' error beyond the offset
 
     def dense(self, num_tokens: int) -> float:
+        """The measured curve at num_tokens, with what real steps taught each measured size."""
         xs, ys = self.xs, self.ys
+        correction = self.correction(num_tokens)
         if num_tokens <= xs[0]:
-            return ys[0]
+            return ys[0] + correction
         if num_tokens >= xs[-1]:
             if len(xs) == 1:
-                return ys[0] * num_tokens / xs[0]
+                return ys[0] * num_tokens / xs[0] + correction
             slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
-            return ys[-1] + slope * (num_tokens - xs[-1])
+            return ys[-1] + slope * (num_tokens - xs[-1]) + correction
         i = bisect.bisect_right(xs, num_tokens)
         x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-        return y0 + (y1 - y0) * (num_tokens - x0) / (x1 - x0)
+        return y0 + (y1 - y0) * (num_tokens - x0) / (x1 - x0) + correction
+
+    def correction(self, num_tokens: int) -> float:
+        """What real steps of about this size taught the measured curve."""
+        return sum(w * self.shape[i] for i, w in self._neighbours(num_tokens))
+
+    def _neighbours(self, num_tokens: int) -> list[tuple[int, float]]:
+        """The measured sizes around num_tokens and their interpolation weights."""
+        xs = self.xs
+        if num_tokens <= xs[0]:
+            return [(0, 1.0)]
+        if num_tokens >= xs[-1]:
+            return [(len(xs) - 1, 1.0)]
+        i = bisect.bisect_right(xs, num_tokens)
+        f = (num_tokens - xs[i - 1]) / (xs[i] - xs[i - 1])
+        return [(i - 1, 1.0 - f), (i, f)]
 
     def draft(self, num_drafts: int) -> float:
         return self.draft_fixed + self.draft_per_seq * num_drafts if num_drafts > 0 else 0.0
@@ -69,7 +92,11 @@ class StepCostModel:
         return max(base + self.offset, 0.25 * base)
 
     def observe(self, num_tokens: int, keys: int, num_trees: int, num_drafts: int, seconds: float) -> None:
-        """Move the offset towards a real step's distance from the measured model."""
-        base = self.model(num_tokens, keys, num_trees, num_drafts)
+        """Move the offset towards a real step's distance from the measured model, and the
+        measured sizes around the step's towards how much more than the offset it is off (a
+        size whose steps are off by the average has nothing to learn)."""
+        base = self.model(num_tokens, keys, num_trees, num_drafts) - self.correction(num_tokens)  # as measured
         residual = min(seconds - base, 2.0 * base)  # one stalled step must not steer the policy
         self.offset += OFFSET_WEIGHT * (residual - self.offset)
+        for i, w in self._neighbours(num_tokens):
+            self.shape[i] += SHAPE_WEIGHT * w * (residual - self.offset - self.shape[i])
