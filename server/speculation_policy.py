@@ -37,7 +37,7 @@ from itertools import accumulate
 
 from server.cost_model import StepCostModel
 from server.sequence import Sequence
-from server.tree import Path, StepTree, best_nodes, kept_by_tree, step_tree
+from server.tree import Path, StepTree, best_nodes, kept_by_tree, path_chance, step_tree
 
 TREE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 PINNED_DEFAULT = 16
@@ -108,7 +108,7 @@ class SpeculationPolicy:
             n for n in self.sizes if n <= PINNED_DEFAULT)
         # each path's chance under the measured accuracies: a sequence without a draft is
         # planned with these (the paths are expansion-ordered: likeliest first)
-        self.prior_chances = [_chance(path, accuracies) for path in tree_paths]
+        self.prior_chances = [path_chance(path, accuracies) for path in tree_paths]
         # plain steps are scored against the tree of this size their draft would have made
         self.shadow_size = min(SHADOW_SIZE, limit)
         self.shadow_depth = max((len(p) for p in tree_paths), default=0)
@@ -181,7 +181,7 @@ class SpeculationPolicy:
         explore = self.fixed_size is None and self.steps % EXPLORE_EVERY == 0
         drafts = [self._grown(n) if n > 1 else h if h > 1 else self.shadow_size if r > 1 and explore else 0
                   for n, h, r in zip(heads, hopeful, reach)]
-        trees = [self._step_tree(seq, n, c.chain[:m]) for seq, n, m, c in zip(seqs, heads, chain_lens, candidates)]
+        trees = [self._step_tree(seq, c, n, m) for seq, c, n, m in zip(seqs, candidates, heads, chain_lens)]
         return TreePlan(trees, drafts)
 
     def draft_after_prefill(self, seq: Sequence) -> int:
@@ -214,13 +214,13 @@ class SpeculationPolicy:
         chain_chances = list(accumulate((seq.spec.lookup_value(i) for i in range(len(chain))), min))
         return _candidates(nodes, [chances[j] for j in nodes], chain, chain_chances)
 
-    def _step_tree(self, seq: Sequence, heads: int, chain: list[int]) -> StepTree:
+    def _step_tree(self, seq: Sequence, candidates: _Candidates, heads: int, chain: int) -> StepTree:
         """The tree of the sequence's `heads` - 1 likeliest drafted nodes (none without a
-        draft) with its lookup chain merged in."""
+        draft) with the first `chain` tokens of its lookup chain merged in."""
         draft = seq.draft
-        nodes = best_nodes(draft.chances, min(heads - 1, len(draft))) if draft is not None else []
+        nodes = sorted(candidates.nodes[: heads - 1]) if draft is not None else []
         return step_tree(seq.token_ids[-1], tuple(self.tree_paths[j] for j in nodes),
-                         tuple(draft.tokens[j] for j in nodes), tuple(chain),
+                         tuple(draft.tokens[j] for j in nodes), tuple(candidates.chain[:chain]),
                          sum(draft.chances[j] for j in nodes))
 
     def _best_plan(self, seqs: list[Sequence], candidates: list[_Candidates], skills: list[float],
@@ -301,10 +301,3 @@ class SpeculationPolicy:
                 heapq.heappush(biggest, (-sizes[i], i))
         return sizes
 
-
-def _chance(path: Path, accuracies: list[list[float]]) -> float:
-    """A path's chance to be kept under independent heads with these top-k accuracies."""
-    chance = 1.0
-    for depth, rank in enumerate(path):
-        chance *= accuracies[depth][rank] if depth < len(accuracies) and rank < len(accuracies[depth]) else 0.0
-    return chance

@@ -92,15 +92,17 @@ def expand_tree(accuracies: list[list[float]], num_nodes: int) -> list[Path]:
     return chosen
 
 
+def path_chance(path: Path, accuracies: list[list[float]]) -> float:
+    """A path's chance to be kept under independent heads with these top-k accuracies."""
+    chance = 1.0
+    for depth, rank in enumerate(path):
+        chance *= accuracies[depth][rank] if depth < len(accuracies) and rank < len(accuracies[depth]) else 0.0
+    return chance
+
+
 def expected_accept_length(paths: list[Path], accuracies: list[list[float]]) -> float:
     """1 + sum of each node's acceptance chance under independent heads."""
-    total = 1.0
-    for path in paths:
-        chance = 1.0
-        for depth, rank in enumerate(path):
-            chance *= accuracies[depth][rank] if rank < len(accuracies[depth]) else 0.0
-        total += chance
-    return total
+    return 1.0 + sum(path_chance(path, accuracies) for path in paths)
 
 
 @lru_cache(maxsize=1024)
