@@ -11,6 +11,7 @@ its `tree_mask` word (its ancestors and itself).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -127,11 +128,23 @@ class KVCache:
             flat[:, dst] = flat[:, src]
 
 
+class _Group(NamedTuple):
+    """Sequences attended to in one SDPA call, padded to the longest query and context."""
+    rows: torch.Tensor          # [b, mq] packed query row of each (sequence, query); 0 where padding
+    key_slots: torch.Tensor     # [b, mk] cache slot of each key
+    bias: torch.Tensor | None   # [b, 1, mq, mk] additive mask (None: plain causal)
+    flat: torch.Tensor          # real queries' indices into the [b * mq] output
+    out_rows: torch.Tensor      # ... and their packed rows
+    span: tuple[int, int] | None  # (first row, rows) when the queries are those rows, in order, unpadded
+
+
 class TorchAttention:
     """Reference attention over the paged cache: gather keys by slot, then masked SDPA.
 
     Built once per step from the metadata (the gather indices and masks are shared by all
-    layers), then called once per layer.
+    layers), then called once per layer. A group whose queries are a run of packed rows
+    without padding (a lone sequence, or equal-length trees side by side) reads and writes
+    them as slices: no gather, and no scatter when it is the whole step.
     """
 
     def __init__(self, metadata: AttentionMetadata, kv_cache: KVCache):
@@ -140,6 +153,7 @@ class TorchAttention:
         slot_mapping = metadata.slot_mapping
         self.write_rows = torch.nonzero(slot_mapping != PAD_SLOT).squeeze(1)
         self.write_slots = slot_mapping[self.write_rows]
+        self.write_all = len(self.write_rows) == len(slot_mapping)
         block_size = kv_cache.block_size
         tables = metadata.block_tables
         cu = [0]
@@ -198,22 +212,36 @@ class TorchAttention:
             bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)[:, None]
         # where each real query's output goes: flat index into [b * mq] -> packed row
         flat = torch.nonzero(valid.reshape(-1)).squeeze(1)
-        return rows, key_slots, bias, (flat, rows.reshape(-1)[flat])
+        first = cu[seqs[0]]
+        run = all(q == mq for q in q_lens) and min(k_lens) > 0 and all(cu[b] == first + i * mq for i, b in enumerate(seqs))
+        return _Group(rows, key_slots, bias, flat, rows.reshape(-1)[flat], (first, len(seqs) * mq) if run else None)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k and v [T, Hkv, D] -> output [T, Hq, D]; writes k and v to the cache."""
         k_cache = self.kv_cache.k[layer].view(-1, *k.shape[1:])
         v_cache = self.kv_cache.v[layer].view(-1, *v.shape[1:])
-        k_cache[self.write_slots] = k[self.write_rows]
-        v_cache[self.write_slots] = v[self.write_rows]
-        out = torch.zeros_like(q)  # rows of padding sequences stay zero
+        k_cache[self.write_slots] = k if self.write_all else k[self.write_rows]
+        v_cache[self.write_slots] = v if self.write_all else v[self.write_rows]
+        out = None
         scale = q.shape[-1] ** -0.5
-        for rows, key_slots, bias, (flat, out_rows) in self.groups:
-            qg = q[rows].transpose(1, 2)                                   # [b, Hq, mq, D]
-            kg = k_cache[key_slots].transpose(1, 2)                        # [b, Hkv, mk, D]
-            vg = v_cache[key_slots].transpose(1, 2)
-            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=bias, is_causal=bias is None,
+        for group in self.groups:
+            b, mq = group.rows.shape
+            if group.span is not None:
+                first, count = group.span
+                qg = q[first:first + count].view(b, mq, *q.shape[1:]).transpose(1, 2)   # [b, Hq, mq, D]
+            else:
+                qg = q[group.rows].transpose(1, 2)
+            kg = k_cache[group.key_slots].transpose(1, 2)                  # [b, Hkv, mk, D]
+            vg = v_cache[group.key_slots].transpose(1, 2)
+            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=group.bias, is_causal=group.bias is None,
                                                 scale=scale, enable_gqa=True)
             og = og.transpose(1, 2).reshape(-1, *q.shape[1:])              # [b * mq, Hq, D]
-            out[out_rows] = og[flat]
-        return out
+            if group.span == (0, self.num_tokens):
+                return og   # the whole step in one group, in order
+            if out is None:
+                out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # rows of padding sequences stay zero
+            if group.span is not None:
+                out[first:first + count] = og
+            else:
+                out[group.out_rows] = og[group.flat]
+        return out if out is not None else torch.zeros(q.shape, dtype=q.dtype, device=q.device)

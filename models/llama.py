@@ -25,6 +25,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op; the same arithmetic as below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -72,38 +74,42 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class LlamaAttention(nn.Module):
+    """Grouped-query attention; the query, key and value projections are one matmul
+    (`qkv_proj`, stacked by the loader from Hugging Face's q_proj, k_proj and v_proj): one
+    read of the input and one call instead of three, and rotary embeddings run on queries and
+    keys together."""
+
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        stacked_heads = self.num_heads + 2 * self.num_kv_heads
+        self.qkv_proj = nn.Linear(config.hidden_size, stacked_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size,
                                 bias=config.attention_out_bias)
 
     def forward(self, x, cos, sin, attn: Attention) -> torch.Tensor:
         tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attn(self.layer, q, k, v)                       # [T, num_heads, head_dim]
+        qkv = self.qkv_proj(x).view(tokens, -1, self.head_dim)
+        rotated = self.num_heads + self.num_kv_heads
+        q, k = apply_rotary(qkv[:, :rotated], cos, sin).split((self.num_heads, self.num_kv_heads), dim=1)
+        out = attn(self.layer, q, k, qkv[:, rotated:])        # [T, num_heads, head_dim]
         return self.o_proj(out.reshape(tokens, -1))
 
 
 class LlamaMLP(nn.Module):
+    """SwiGLU; the gate and up projections are one matmul (`gate_up_proj`, stacked by the loader)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):

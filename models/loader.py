@@ -15,6 +15,9 @@ from models.packed_linear import can_pack, pack_linears
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Hugging Face's separate projections and the stacked ones the model multiplies by in one call
+STACKED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+           "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -49,6 +52,18 @@ def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def stack_projections(state: dict[str, torch.Tensor]) -> None:
+    """Replace each layer's q/k/v (and gate/up) weights and biases by their concatenation, in
+    place; a layer missing one of them keeps what it has (and fails the name check)."""
+    for name in list(state):
+        for stacked, parts in STACKED.items():
+            if f".{parts[0]}." not in name:
+                continue
+            names = [name.replace(f".{parts[0]}.", f".{part}.") for part in parts]
+            if all(n in state for n in names):
+                state[name.replace(f".{parts[0]}.", f".{stacked}.")] = torch.cat([state.pop(n) for n in names])
+
+
 def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu", pack: bool = True) -> LlamaForCausalLM:
     """Build the model from a directory; every parameter must be present with its shape.
@@ -62,6 +77,7 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32",
     state = {k: v for k, v in read_state_dict(model_dir).items() if not k.endswith(IGNORED_SUFFIXES)}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    stack_projections(state)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     expected = {k: p.shape for k, p in model.named_parameters(remove_duplicate=True)}
@@ -69,7 +85,8 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32",
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"weights in {model_dir} do not match the config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+                         f"unexpected {unexpected[:5]} (q/k/v_proj are read into qkv_proj, "
+                         "gate/up_proj into gate_up_proj)")
     for name, shape in expected.items():
         if state[name].shape != shape:
             raise ValueError(f"{name} has shape {tuple(state[name].shape)}, the config implies {tuple(shape)}")

@@ -1,6 +1,7 @@
 """The PyTorch paged attention backend against dense attention with explicit masks."""
 import random
 
+import pytest
 import torch
 
 from models.attention import KVCache, TorchAttention, build_metadata
@@ -25,12 +26,17 @@ def dense_reference(q_seq, keys, values, visible):
     return (scores.softmax(-1) @ v).transpose(0, 1)
 
 
-def test_mixed_prefill_and_tree_batch_matches_dense():
+@pytest.mark.parametrize("seqs", [
+    # (cached, new, kind): two prompt chunks (one with a cached prefix), then decode/tree steps
+    [(0, 9, "prefill"), (5, 6, "prefill"), (10, 1, "tree"), (3, 7, "tree"), (17, 16, "tree")],
+    [(13, 8, "tree")],                                              # a lone tree: the whole step is one group
+    [(6, 1, "tree"), (9, 1, "tree"), (1, 1, "tree"), (22, 1, "tree")],   # plain decodes side by side
+    [(0, 5, "prefill"), (4, 3, "tree"), (7, 3, "tree"), (2, 2, "tree")],  # equal trees, then a smaller one
+])
+def test_paged_batch_matches_dense(seqs):
     rng = random.Random(0)
     torch.manual_seed(0)
     hq, hkv, d = 6, 2, 8
-    # (cached, new, kind): two prompt chunks (one with a cached prefix), then decode/tree steps
-    seqs = [(0, 9, "prefill"), (5, 6, "prefill"), (10, 1, "tree"), (3, 7, "tree"), (17, 16, "tree")]
     cache = KVCache(1, 64, BLOCK, hkv, d, torch.float32)
     free = list(range(64))
     rng.shuffle(free)
@@ -46,9 +52,11 @@ def test_mixed_prefill_and_tree_batch_matches_dense():
         history.append((hist_k, hist_v))
     masks = [random_tree_masks(new, rng) for cached, new, kind in seqs if kind == "tree"]
     metadata = build_metadata([n for _, n, _ in seqs], [c + n for c, n, _ in seqs], tables, BLOCK,
-                              num_prefills=2, tree_masks=masks)
+                              num_prefills=sum(kind == "prefill" for _, _, kind in seqs), tree_masks=masks)
     total = sum(n for _, n, _ in seqs)
-    q, k, v = torch.randn(total, hq, d), torch.randn(total, hkv, d), torch.randn(total, hkv, d)
+    # views of one stacked projection, as the model passes them: strided rows
+    qkv = torch.randn(total, hq + 2 * hkv, d)
+    q, k, v = qkv.split((hq, hkv, hkv), dim=1)
     out = TorchAttention(metadata, cache)(0, q, k, v)
 
     row = 0

@@ -34,6 +34,6 @@ def test_pack_linears_replaces_every_linear_and_keeps_named_weights():
 
 
 def test_loaded_model_is_packed_on_cpu(model):
-    assert isinstance(model.model.layers[0].mlp.up_proj, PackedLinear)
+    assert isinstance(model.model.layers[0].mlp.gate_up_proj, PackedLinear)
     assert isinstance(model.lm_head, PackedLinear)
     assert model.lm_head.weight is model.model.embed_tokens.weight   # tied, not copied
