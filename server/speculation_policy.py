@@ -19,11 +19,14 @@ Drafting is part of a tree's cost: a tree verified in step k was drafted by the 
 end of step k - 1. So the plan is made as if every sequence had a draft (one without gets
 the prior chances of the heads' measured accuracies); sequences planned for a tree draft
 after this step (and decode plainly in this step if they have no draft yet). A sequence
-planned for plain decoding drafts too if a tree would pay for it with heads as good as
-they usually are (`typical_skill`) and those extra drafts cost under HOPE_BUDGET of the
-step (a small batch): its draft is then scored against the text that follows
-(`score_plain_steps`), so its skill stays current and a cold streak does not end its
-speculation. Otherwise (a busy batch) it drafts only every EXPLORE_EVERY steps, all such
+planned for plain decoding (its draft was unsure, or its skill is low) drafts too if a
+tree would pay for it next step with a new draft as good as the measured accuracies and
+heads as good as they usually are (`typical_skill`), while those drafts cost at most
+HOPE_SHARE of the time such trees would save (a small batch, where trees gain much): an
+unsure draft then costs one plain step, not two, and a plain step's draft is scored
+against the text that follows (`score_plain_steps`), so its skill stays current and a cold
+streak does not end its speculation. Otherwise (a busy batch) it drafts only every
+EXPLORE_EVERY steps, all such
 sequences in the same step (a draft call has a fixed cost), and drafting stops costing
 time. Every lookup chain proposed is scored the same way once the text after it is known
 (`score_lookups`), whether or not it was verified.
@@ -44,7 +47,7 @@ PINNED_DEFAULT = 16
 SHADOW_SIZE = 16
 MARGIN = 0.03
 EXPLORE_EVERY = 16  # sequences that decode plainly still draft every this many steps
-HOPE_BUDGET = 0.05  # share of a step that drafting "in case the skill is better" may cost
+HOPE_SHARE = 0.25  # share of the time a hopeful tree would save that drafting for it may cost
 PRICES = (0.0,) + tuple(0.001 * 1.4 ** k for k in range(21))  # a node's chance, 0.001 .. 0.84
 
 
@@ -162,27 +165,41 @@ class SpeculationPolicy:
                       for h, c, p in zip(heads, candidates, pinned)]
         else:
             forced = [(self.pinned_size, len(c.chain)) if p else (None, None) for c, p in zip(candidates, pinned)]
-        heads, chain_lens = self._best_plan(seqs, candidates, skills, forced, other_tokens, token_limit, other_keys)
+        heads, chain_lens, _ = self._best_plan(seqs, candidates, skills, forced, other_tokens, token_limit, other_keys)
         self.speculating = any(n > 1 for n in heads)
-        hopeful = heads
-        if self.fixed_size is None and any(n == 1 and skill < self.typical_skill for skill, n in zip(skills, heads)):
-            # would a tree pay if the heads guessed as well as they usually do? then keep
-            # drafting: the draft is scored either way, and a cold streak must not end
-            # speculation; but only while those drafts are cheap next to the step (a small batch)
-            hopeful, _ = self._best_plan(seqs, candidates, [max(skill, self.typical_skill) for skill in skills],
-                                         forced, other_tokens, token_limit, other_keys)
-            extra = sum(h > 1 and n == 1 for n, h in zip(heads, hopeful))
-            drafting = sum(n > 1 for n in heads)
-            step = self.cost_model(len(seqs) + other_tokens, other_keys + sum(q.num_cached_tokens for q in seqs))
-            if self.cost_model.draft(drafting + extra) - self.cost_model.draft(drafting) > HOPE_BUDGET * step:
-                hopeful = heads
-        # the others draft together every EXPLORE_EVERY steps: drafting has a fixed cost per step
-        self.steps += 1
-        explore = self.fixed_size is None and self.steps % EXPLORE_EVERY == 0
-        drafts = [self._grown(n) if n > 1 else h if h > 1 else self.shadow_size if r > 1 and explore else 0
-                  for n, h, r in zip(heads, hopeful, reach)]
+        drafts = self._next_drafts(seqs, reach, chains, heads, skills, forced, other_tokens, token_limit, other_keys)
         trees = [self._step_tree(seq, c, n, m) for seq, c, n, m in zip(seqs, candidates, heads, chain_lens)]
         return TreePlan(trees, drafts)
+
+    def _next_drafts(self, seqs: list[Sequence], reach: list[int], chains: list[list[int]], heads: list[int],
+                     skills: list[float], forced, other_tokens: int, token_limit: int, other_keys: int) -> list[int]:
+        """Tree nodes each sequence drafts after this step. One that verifies a tree now drafts
+        for the next size up. One that decodes plainly now (its draft was unsure, or its skill
+        is low) plans its next step as if that had a draft as good as the measured accuracies,
+        with heads as good as usual (`typical_skill`): the next draft is a new one, and a cold
+        streak must not end speculation. It drafts if that plan has a tree for it, and the
+        drafts cost at most HOPE_SHARE of what that plan expects to gain (at most a small part
+        of a busy step, where trees gain little); the others draft together every
+        EXPLORE_EVERY steps, so their skill stays current."""
+        grown = [self._grown(n) if n > 1 else 0 for n in heads]
+        self.steps += 1
+        idle = [n == 1 and r > 1 for n, r in zip(heads, reach)]
+        if self.fixed_size is not None or not any(idle):
+            return grown
+        prior = [self._candidates(seq, r, chain, prior=True) for seq, r, chain in zip(seqs, reach, chains)]
+        hoped = [max(skill, self.typical_skill) for skill in skills]
+        next_heads, _, rate = self._best_plan(seqs, prior, hoped, forced, other_tokens, token_limit, other_keys)
+        extra = sum(i and h > 1 for i, h in zip(idle, next_heads))
+        if extra:
+            drafting = sum(n > 1 for n in heads)
+            tokens = len(seqs) + other_tokens
+            step = self.cost_model(tokens, other_keys + sum(q.num_cached_tokens for q in seqs) + tokens)
+            gain = (rate * step / len(seqs) - 1.0) * step   # seconds a step saves if the hope comes true
+            if self.cost_model.draft(drafting + extra) - self.cost_model.draft(drafting) > HOPE_SHARE * gain:
+                next_heads = heads
+        explore = self.steps % EXPLORE_EVERY == 0
+        return [g if n > 1 else h if h > 1 else self.shadow_size if i and explore else 0
+                for g, n, h, i in zip(grown, heads, next_heads, idle)]
 
     def draft_after_prefill(self, seq: Sequence) -> int:
         """Tree nodes a prompt that completes now drafts for its first tree: some if the last
@@ -204,8 +221,9 @@ class SpeculationPolicy:
         longest = min(self.lookup_tokens, self.max_nodes - 1, seq.remaining_tokens - 1)
         return seq.context_index.continuation(seq.token_ids, longest)
 
-    def _candidates(self, seq: Sequence, reach: int, chain: list[int]) -> _Candidates:
-        if seq.draft is not None:
+    def _candidates(self, seq: Sequence, reach: int, chain: list[int], prior: bool = False) -> _Candidates:
+        """prior: plan with the measured accuracies' chances, whatever the sequence's draft."""
+        if seq.draft is not None and not prior:
             chances = seq.draft.chances
             nodes = sorted(range(len(chances)), key=lambda j: -chances[j])[: reach - 1]   # ties in path order
         else:  # planned as if it had a draft as good as the measured accuracies
@@ -225,9 +243,10 @@ class SpeculationPolicy:
 
     def _best_plan(self, seqs: list[Sequence], candidates: list[_Candidates], skills: list[float],
                    forced: list[tuple[int | None, int | None]], other_tokens: int, token_limit: int,
-                   other_keys: int) -> tuple[list[int], list[int]]:
+                   other_keys: int) -> tuple[list[int], list[int], float]:
         """Per sequence the heads' nodes (root included) and lookup tokens, as if every
-        sequence had a draft, with the most tokens per second; skills: the calibration of each
+        sequence had a draft, with the most tokens per second (and that rate, in tokens per
+        second without the margin for trees); skills: the calibration of each
         sequence's heads' chances; forced: (heads, chain) counts that are not the policy's to
         choose (None: they are)."""
         context = other_keys + sum(seq.num_cached_tokens for seq in seqs)
@@ -269,7 +288,7 @@ class SpeculationPolicy:
             candidate_rate = rate(*candidate)
             if candidate_rate > best_rate * 1.001:  # prefer the cheaper batch when rates tie
                 best, best_rate = candidate, candidate_rate
-        return best
+        return best[0], best[1], rate(*best)
 
     def _reach(self, seq: Sequence, pinned: bool = False) -> int:
         """The biggest tree this sequence could use, given a draft (pinned: whatever is left)."""

@@ -202,9 +202,9 @@ def test_any_fixed_tree_size_builds_a_policy(fixed):
 
 
 def test_hopeful_drafting_only_while_drafts_are_cheap(monkeypatch):
-    """A sequence planned plain (low skill) still drafts when a tree would pay at skill 1,
-    so its skill can recover; in a batch where those drafts would cost more than
-    HOPE_BUDGET of the step, it does not."""
+    """A sequence planned plain (low skill) still drafts when a tree would pay at the usual
+    skill, so its skill can recover; in a batch where those drafts would cost more than
+    HOPE_SHARE of what such trees would save, it does not."""
     costs = {1: 0.05, 2: 0.051, 16: 0.06, 64: 0.2, 256: 0.8}
     cheap = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel(costs, draft_fixed=0.001, draft_per_seq=0.0005),
                               max_nodes=64)
@@ -218,8 +218,18 @@ def test_hopeful_drafting_only_while_drafts_are_cheap(monkeypatch):
     for s in batch:
         s.spec.steps = 3
     assert dear.choose(batch, 0, 1024).drafts == [0] * 8   # 9 ms of drafts in a 50 ms step
-    monkeypatch.setattr("server.speculation_policy.HOPE_BUDGET", 1.0)
+    monkeypatch.setattr("server.speculation_policy.HOPE_SHARE", 1.0)
     assert all(n > 1 for n in dear.choose(batch, 0, 1024).drafts)    # trees would pay at skill 1
+
+
+def test_an_unsure_draft_costs_one_plain_step_not_two():
+    """A lone sequence whose draft is unsure decodes plainly, but still drafts for the next
+    step: its next draft is a new one, likely as good as the heads usually are."""
+    p = policy({1: 0.05, 2: 0.051, 4: 0.052, 8: 0.055, 16: 0.06, 64: 0.2, 256: 0.8})
+    (seq,) = seqs(1)
+    seq.draft = Draft([0] * len(PATHS), [1e-4] * len(PATHS))
+    plan = p.choose([seq], 0, 1024)
+    assert plan.sizes == [1] and plan.drafts[0] > 1
 
 
 def test_the_tree_is_the_drafts_likeliest_nodes_and_grows_with_its_confidence():
