@@ -4,8 +4,12 @@
                                   [--rounds 1]
 
 For each concurrency c, c requests (evaluation prompts, greedy) are in flight at once in one
-engine (max(c, --min-requests) in a run, each finished one replaced by the next); the same engine runs (a) plain decoding (tree of 1), (b) a fixed tree and (c) the
-load-adaptive policy, side by side in one run. With --rounds R each mode runs R times at
+engine, each finished one replaced by the next (a closed-loop client); a run serves
+max(--requests-per-slot x c, --min-requests) requests and is timed while c of them are in
+flight: once the queue runs dry the batch drains, and a draining batch (where requests that
+speculation finished early are no longer replaced) says nothing about concurrency c. The
+same engine runs (a) plain decoding (tree of 1), (b) a fixed tree and (c) the load-adaptive
+policy, side by side in one run. With --rounds R each mode runs R times at
 each concurrency, the modes interleaved and their order rotated every round (so that a slow
 spell of a shared machine hits every mode alike), each round on the next prompts. Prints
 generated tokens/s over all rounds and p50/p99 inter-token latency (a step that yields k
@@ -35,7 +39,8 @@ def run(engine: LLMEngine, prompts: list[list[int]], concurrency: int, max_token
         first: int = 0, requests: int | None = None) -> tuple[int, float, list[float]]:
     """`requests` (default: concurrency) requests from prompts[first:], `concurrency` of them
     in flight at a time (a finished one is replaced at once, as by a closed-loop client)
-    -> (tokens, seconds, inter-token gaps)."""
+    -> (tokens, seconds, inter-token gaps) until fewer than `concurrency` are left in flight
+    (the rest runs to free the engine, untimed)."""
     requests = requests or concurrency
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     submitted = 0
@@ -51,17 +56,21 @@ def run(engine: LLMEngine, prompts: list[list[int]], concurrency: int, max_token
     gaps: list[float] = []
     tokens = 0
     started = time.perf_counter()
+    window = None
     while engine.has_unfinished_requests():
         outputs = engine.step()
         now = time.perf_counter()
         for out in outputs:
-            tokens += len(out.token_ids)
-            if out.request_id in last and out.token_ids:
-                gaps += [(now - last[out.request_id]) / len(out.token_ids)] * len(out.token_ids)
+            if window is None:
+                tokens += len(out.token_ids)
+                if out.request_id in last and out.token_ids:
+                    gaps += [(now - last[out.request_id]) / len(out.token_ids)] * len(out.token_ids)
             last[out.request_id] = now
             if out.finish_reason is not None and submitted < requests:
                 submit()
-    return tokens, time.perf_counter() - started, gaps
+        if window is None and len(engine.sequences) < concurrency:
+            window = now - started
+    return tokens, window, gaps
 
 
 def main(argv=None) -> None:
@@ -71,16 +80,18 @@ def main(argv=None) -> None:
     parser.add_argument("--fixed-tree", type=int, default=16)
     parser.add_argument("--heads", default=None)
     parser.add_argument("--rounds", type=int, default=1, help="runs of each mode per concurrency, interleaved")
+    parser.add_argument("--requests-per-slot", type=int, default=3,
+                        help="requests per run, per request in flight")
     parser.add_argument("--min-requests", type=int, default=8,
-                        help="requests per run at least (concurrency c keeps c in flight): low concurrency "
-                             "gets enough tokens to measure")
+                        help="requests per run at least: low concurrency gets enough tokens to measure")
     args = parser.parse_args(argv)
     engine = LLMEngine(EngineConfig(heads=args.heads, max_num_seqs=64, max_num_batched_tokens=1024,
                                     kv_cache_memory_gb=2.0))
     prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in MIXED]
     modes = [("plain", 1), (f"tree {args.fixed_tree}", args.fixed_tree), ("adaptive", None)]
     print(f"# {date.today()} {platform.node()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"float32, greedy, {args.max_tokens} new tokens per request, {args.rounds} round(s)")
+          f"float32, greedy, {args.max_tokens} new tokens per request, {args.rounds} round(s), "
+          f"max({args.requests_per_slot} x c, {args.min_requests}) requests per run, timed while c are in flight")
     print("| concurrency | mode | tokens/s | p50 ITL ms | p99 ITL ms | vs best fixed |")
     print("|---|---|---|---|---|---|")
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
@@ -88,7 +99,7 @@ def main(argv=None) -> None:
         for r in range(args.rounds):
             for label, size in modes[r % len(modes):] + modes[:r % len(modes)]:
                 engine.set_tree_budget(size)
-                requests = max(concurrency, args.min_requests)
+                requests = max(args.requests_per_slot * concurrency, args.min_requests)
                 tokens, seconds, gaps = run(engine, prompts, concurrency, args.max_tokens, r * requests, requests)
                 totals[label][0] += tokens
                 totals[label][1] += seconds
