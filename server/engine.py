@@ -171,6 +171,8 @@ class LLMEngine:
     def _record_speculation(self, seq: Sequence, item: ScheduledSequence, result: StepResult) -> None:
         """The heads' skill counts their own branch only; the metrics count the whole tree."""
         nodes, accepted, heads = item.num_new_tokens, result.accepted, len(item.tree.head_paths)
+        if heads:  # before the skill moves: the plan used the skill it has now
+            self.policy.record_tree(seq.spec.skill * item.tree.expected, result.head_accepted)
         seq.spec.record(accepted, nodes - 1, item.tree.expected, result.head_accepted, heads)
         if heads:
             self.skill_prior = max(SKILL_PRIOR_FLOOR, 0.95 * self.skill_prior + 0.05 * seq.spec.skill)

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
 
 SKILL_FLOOR = 0.02
+SKILL_WEIGHT = 0.2    # of each scored step in the skill's moving averages
+SKILL_PRIOR_TOKENS = 1.0  # the starting skill counts as a step expected to keep this many tokens
 
 
 # How likely a context-lookup chain's i-th token is kept, until a sequence has shown its own:
@@ -39,14 +41,17 @@ class SpeculationStats:
     drafted: int = 0             # tree tokens verified, root excluded
     accepted: int = 0            # drafted tokens accepted
     accepted_per_depth: list[int] = field(default_factory=list)
-    # Exponential moving average of accepted / expected drafted tokens, the expectation being
-    # the heads' own (the chances of the tree's nodes, server/drafter.py): how much better or
-    # worse than they think this sequence's heads guess, a calibration. Plain steps keep it
+    # Accepted over expected drafted tokens (exponential moving averages of each, so that a
+    # step the heads expected little of moves it little), the expectation being the heads'
+    # own (the chances of the tree's nodes, server/drafter.py): how much better or worse than
+    # they think this sequence's heads guess, a calibration. Plain steps keep it
     # current too: their drafts wait in `plain_drafts` (with the index of their root token)
     # until the text after them is known, then are scored exactly
     # (SpeculationPolicy.score_plain_steps), so a sequence the policy stopped speculating for
     # starts again when its text turns predictable.
     skill: float = 1.0
+    _kept: float | None = None      # the moving averages behind skill (None: skill is a prior so far)
+    _expected: float = SKILL_PRIOR_TOKENS
     plain_drafts: deque = field(default_factory=deque)
     # Per position i of a context-lookup chain, a moving average of whether its first i + 1
     # tokens came true: what the i-th chain token is worth in a tree. Every chain the policy
@@ -68,7 +73,7 @@ class SpeculationStats:
             self.accepted_per_depth[d] += 1
         head_accepted = accepted if head_accepted is None else head_accepted
         if (drafted if head_drafted is None else head_drafted):
-            self._update_skill(head_accepted / max(expected_gain, 0.05))
+            self._update_skill(head_accepted, expected_gain)
 
     def lookup_value(self, position: int) -> float:
         """How likely a chain's tokens 0..position all come true (the position-th token's worth)."""
@@ -88,10 +93,14 @@ class SpeculationStats:
 
     def record_shadow(self, kept: int, expected_gain: float) -> None:
         """A plain step scored after the fact: a tree would have kept `kept` of its draft."""
-        self._update_skill(kept / max(expected_gain, 0.05))
+        self._update_skill(kept, expected_gain)
 
-    def _update_skill(self, ratio: float) -> None:
-        self.skill = max(SKILL_FLOOR, 0.8 * self.skill + 0.2 * min(3.0, ratio))
+    def _update_skill(self, kept: int, expected: float) -> None:
+        if self._kept is None:   # whatever skill was set to so far is the prior
+            self._kept = self.skill * self._expected
+        self._kept += SKILL_WEIGHT * (kept - self._kept)
+        self._expected += SKILL_WEIGHT * (expected - self._expected)
+        self.skill = min(3.0, max(SKILL_FLOOR, self._kept / max(self._expected, 1e-3)))
 
 
 @dataclass

@@ -47,7 +47,8 @@ PINNED_DEFAULT = 16
 SHADOW_SIZE = 16
 MARGIN = 0.03
 EXPLORE_EVERY = 16  # sequences that decode plainly still draft every this many steps
-HOPE_SHARE = 0.25  # share of the time a hopeful tree would save that drafting for it may cost
+HOPE_SHARE = 0.5  # share of the time a hopeful tree would save that drafting for it may cost
+TRUST_WEIGHT = 0.05  # of each verified tree in the moving averages behind `trust`
 PRICES = (0.0,) + tuple(0.001 * 1.4 ** k for k in range(21))  # a node's chance, 0.001 .. 0.84
 
 
@@ -119,6 +120,18 @@ class SpeculationPolicy:
         # how well heads usually do against their own chances (the engine keeps it current):
         # what a sequence on a cold streak may hope to return to
         self.typical_skill = 1.0
+        # what the trees taken kept over what the plans expected of them (record_tree): the
+        # plan takes the sequences and nodes whose estimates look best, and so also those
+        # whose estimates err high; every plan's expectations are scaled by this
+        self.trust = 1.0
+        self._planned = self._kept = 1.0
+
+    def record_tree(self, planned: float, kept: int) -> None:
+        """A verified tree's heads' nodes: what the plan expected them to keep (their chances
+        times the sequence's skill) and what they kept."""
+        self._planned += TRUST_WEIGHT * (planned - self._planned)
+        self._kept += TRUST_WEIGHT * (kept - self._kept)
+        self.trust = min(1.5, max(0.3, self._kept / max(self._planned, 1e-3)))
 
     def score_plain_steps(self, seq: Sequence) -> None:
         """Once the tokens after a plain step are known, score what the shadow tree would have
@@ -157,7 +170,7 @@ class SpeculationPolicy:
             if chain:  # scored once the text after it is known, verified or not
                 seq.spec.pending_lookups.append((chain, seq.num_tokens - 1))
         candidates = [self._candidates(seq, r, chain) for seq, r, chain in zip(seqs, reach, chains)]
-        skills = [seq.spec.skill for seq in seqs]
+        skills = [seq.spec.skill * self.trust for seq in seqs]
         pinned = [self.is_pinned(seq) and self._reach(seq, pinned=True) > 1 for seq in seqs]
         if self.fixed_size is not None:
             heads = self._fit([min(self.sizes[0], r) for r in reach], token_limit, seqs)
@@ -187,7 +200,7 @@ class SpeculationPolicy:
         if self.fixed_size is not None or not any(idle):
             return grown
         prior = [self._candidates(seq, r, chain, prior=True) for seq, r, chain in zip(seqs, reach, chains)]
-        hoped = [max(skill, self.typical_skill) for skill in skills]
+        hoped = [max(skill, self.typical_skill * self.trust) for skill in skills]
         next_heads, _, rate = self._best_plan(seqs, prior, hoped, forced, other_tokens, token_limit, other_keys)
         extra = sum(i and h > 1 for i, h in zip(idle, next_heads))
         if extra:
