@@ -3,8 +3,9 @@
     python -m benchmarks.batching [--concurrency 1,4,16,32] [--max-tokens 64] [--fixed-tree 16]
                                   [--rounds 1]
 
-For each concurrency c, c requests (evaluation prompts, greedy) are in flight at once in one
-engine, each finished one replaced by the next (a closed-loop client); a run serves
+For each concurrency c, c requests (evaluation prompts, greedy, lengths spread around
+--max-tokens) are in flight at once in one engine, each finished one replaced by the next
+(a closed-loop client); a run serves
 max(--requests-per-slot x c, --min-requests) requests and is timed while c of them are in
 flight: once the queue runs dry the batch drains, and a draining batch (where requests that
 speculation finished early are no longer replaced) says nothing about concurrency c. The
@@ -36,17 +37,19 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run(engine: LLMEngine, prompts: list[list[int]], concurrency: int, max_tokens: int,
-        first: int = 0, requests: int | None = None) -> tuple[int, float, list[float]]:
+        first: int = 0, requests: int | None = None, spread: float = 0.0) -> tuple[int, float, list[float]]:
     """`requests` (default: concurrency) requests from prompts[first:], `concurrency` of them
     in flight at a time (a finished one is replaced at once, as by a closed-loop client)
     -> (tokens, seconds, inter-token gaps) until fewer than `concurrency` are left in flight
-    (the rest runs to free the engine, untimed)."""
+    (the rest runs to free the engine, untimed). Request i asks for max_tokens times
+    1 - spread .. 1 + spread (the same lengths in every mode, evenly spread)."""
     requests = requests or concurrency
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     submitted = 0
 
     def submit() -> None:
         nonlocal submitted
+        scale = 1.0 + spread * (2.0 * ((first + submitted) * 0.618034 % 1.0) - 1.0)
+        params = SamplingParams(max_tokens=max(1, round(max_tokens * scale)), temperature=0.0, ignore_eos=True)
         engine.add_request(f"r{submitted}", prompts[(first + submitted) % len(prompts)], params)
         submitted += 1
 
@@ -80,6 +83,9 @@ def main(argv=None) -> None:
     parser.add_argument("--fixed-tree", type=int, default=16)
     parser.add_argument("--heads", default=None)
     parser.add_argument("--rounds", type=int, default=1, help="runs of each mode per concurrency, interleaved")
+    parser.add_argument("--spread", type=float, default=0.5,
+                        help="request lengths vary by this share of --max-tokens either way (0: all equal, "
+                             "and a plain-decoding batch finishes and refills in lockstep, as real traffic never does)")
     parser.add_argument("--requests-per-slot", type=int, default=3,
                         help="requests per run, per request in flight")
     parser.add_argument("--min-requests", type=int, default=8,
@@ -90,7 +96,7 @@ def main(argv=None) -> None:
     prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in MIXED]
     modes = [("plain", 1), (f"tree {args.fixed_tree}", args.fixed_tree), ("adaptive", None)]
     print(f"# {date.today()} {platform.node()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"float32, greedy, {args.max_tokens} new tokens per request, {args.rounds} round(s), "
+          f"float32, greedy, {args.max_tokens} +- {args.spread:.0%} new tokens per request, {args.rounds} round(s), "
           f"max({args.requests_per_slot} x c, {args.min_requests}) requests per run, timed while c are in flight")
     print("| concurrency | mode | tokens/s | p50 ITL ms | p99 ITL ms | vs best fixed |")
     print("|---|---|---|---|---|---|")
@@ -100,7 +106,8 @@ def main(argv=None) -> None:
             for label, size in modes[r % len(modes):] + modes[:r % len(modes)]:
                 engine.set_tree_budget(size)
                 requests = max(args.requests_per_slot * concurrency, args.min_requests)
-                tokens, seconds, gaps = run(engine, prompts, concurrency, args.max_tokens, r * requests, requests)
+                tokens, seconds, gaps = run(engine, prompts, concurrency, args.max_tokens, r * requests, requests,
+                                            args.spread)
                 totals[label][0] += tokens
                 totals[label][1] += seconds
                 totals[label][2] += gaps
