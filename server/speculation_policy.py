@@ -26,10 +26,11 @@ HOPE_SHARE of the time such trees would save (a small batch, where trees gain mu
 unsure draft then costs one plain step, not two, and a plain step's draft is scored
 against the text that follows (`score_plain_steps`), so its skill stays current and a cold
 streak does not end its speculation. Otherwise (a busy batch) it drafts only every
-EXPLORE_EVERY steps, all such
-sequences in the same step (a draft call has a fixed cost), and drafting stops costing
-time. Every lookup chain proposed is scored the same way once the text after it is known
-(`score_lookups`), whether or not it was verified.
+EXPLORE_EVERY steps, all such sequences in the same step (a draft call has a fixed cost),
+and drafting stops costing time. Every lookup chain proposed is scored the same way once
+the text after it is known (`score_lookups`), whether or not it was verified. `trust`
+scales every plan's expectations by what the trees taken really kept against what their
+plans expected (picking the best-looking estimates picks those that err high).
 """
 from __future__ import annotations
 
