@@ -386,8 +386,8 @@ def markdown(results: dict, args, command: str, heads_note: str, plots: list[str
     lines = [f"## Peers: Gorgon vs llama.cpp vs transformers ({started})", "",
              f"- command: `{command}`",
              f"- machine: {results['machine']}",
-             f"- model: SmolLM2-135M-Instruct; Gorgon and transformers fp32 from the converted directory, "
-             f"llama.cpp on the Q4_1 GGUF (4-bit weights: not the same arithmetic, the same network)",
+             "- model: SmolLM2-135M-Instruct; Gorgon and transformers fp32 from the converted directory, "
+             "llama.cpp on the Q4_1 GGUF (4-bit weights: not the same arithmetic, the same network)",
              f"- workload: {args.max_tokens} new tokens per request, greedy, chat template, evaluation prompts "
              f"(benchmarks/eval_prompts.py); at concurrency c, max(c, {args.requests}) requests with c in flight. "
              f"A deliberately small run.",

@@ -8,8 +8,6 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
-
 from models.attention import KVCache
 from server import metrics
 from server.block_manager import BlockManager, blocks_for
