@@ -7,8 +7,10 @@ from kernels.backend import TritonAttention, attention_backend
 from models.attention import KVCache, TorchAttention
 
 
+@pytest.mark.parametrize("stacked", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_mixed_step_matches_torch_backend(rng, dtype, monkeypatch):
+def test_mixed_step_matches_torch_backend(rng, dtype, stacked, monkeypatch):
+    """stacked: q, k and v are views of one [T, Hq + 2 Hkv, D] projection, as the model passes them."""
     # Two prompt chunks (one with a cached prefix), then a decode row, two trees and a padding row.
     query_lens = [9, 4, 1, 7, 1, 12]
     seq_lens = [9, 30, 41, 7 + 50, 0, 12 + 3]
@@ -23,6 +25,8 @@ def test_mixed_step_matches_torch_backend(rng, dtype, monkeypatch):
     triton_attention, torch_attention = TritonAttention(md, batch.cache), TorchAttention(md, expected)
     for layer in range(2):
         q, k, v = (x * (layer + 1) for x in (batch.q, batch.k, batch.v))
+        if stacked:
+            q, k, v = torch.cat((q, k, v), dim=1).split((q.shape[1], k.shape[1], v.shape[1]), dim=1)
         out = triton_attention(layer, q, k, v)
         reference = torch_attention(layer, q, k, v)
         assert_close(out, reference, dtype)
