@@ -77,7 +77,7 @@ def measure(fn, timed: bool) -> float | None:
         fn()
         return None
     import triton.testing
-    return triton.testing.do_bench(fn)
+    return triton.testing.do_bench(fn, return_mode="median")
 
 
 def device_bandwidth(device) -> float:

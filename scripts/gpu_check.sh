@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The project's checks that need a CUDA GPU, in two stages that each fit one short device call.
+#
+#   scripts/gpu_check.sh kernels   # kernel tests on CUDA, then kernels.bench (fp16, bf16): no model needed
+#   scripts/gpu_check.sh model     # greedy parity CUDA vs CPU, a server run on CUDA, speculation timings
+#
+# Logs go to $OUT (default ./gpu-check-out); each stage prints its tables last. The model stage
+# needs the default model in the model cache (`python -m models.fetch`, or its GGUF placed in
+# $GORGON_HOME/gguf when the machine has no network) and the server's Python packages.
+set -uo pipefail
+OUT=${OUT:-gpu-check-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+status=0
+step() {  # step NAME SECONDS COMMAND...: run under a time limit, log to $OUT/NAME.txt, note a failure, go on
+    local name=$1 limit=$2; shift 2
+    echo "=== $name: $* ($(date -u +%T))"
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt" || { echo "=== $name FAILED"; status=1; }
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+
+case ${1:-} in
+kernels)
+    step kernel-tests 150 $PY -m pytest tests/kernels -q -p no:cacheprovider -n 8 --timeout 300
+    step bench-fp16 150 $PY -m kernels.bench --dtype float16
+    step bench-bf16 120 $PY -m kernels.bench --dtype bfloat16
+    # The engine on CUDA before the real model is there: random weights in the default
+    # model's shape (its config and tokenizer files in $RANDOM_MODEL), a smoke test of the path
+    if [ -d "${RANDOM_MODEL:-}" ]; then
+        $PY -c "import sys, torch, transformers as t; torch.manual_seed(0); t.AutoModelForCausalLM.from_config(
+t.AutoConfig.from_pretrained(sys.argv[1])).save_pretrained(sys.argv[1])" "$RANDOM_MODEL"
+        step engine-smoke 90 $PY -m benchmarks.parity --model "$RANDOM_MODEL" --prompts 4 --max-tokens 24 \
+            --variants cuda/triton/plain,cuda/triton/adaptive,cuda/torch/plain,cpu/torch/plain
+    fi
+    tail -n 33 "$OUT/bench-fp16.txt"
+    [ -f "$OUT/engine-smoke.txt" ] && tail -n 7 "$OUT/engine-smoke.txt"
+    ;;
+model)
+    step fetch 90 $PY -m models.fetch
+    # fp32 (no TF32): the CUDA paths against each other and against the CPU path
+    step parity-fp32 150 $PY -m benchmarks.parity --save "$OUT/texts.json" --variants \
+        cuda/triton/plain,cuda/triton/adaptive,cuda/triton/8,cuda/torch/plain,cuda/torch/adaptive,cpu/torch/plain
+    step parity-bf16 90 $PY -m benchmarks.parity --dtype bfloat16 --variants \
+        cuda/triton/plain,cuda/triton/adaptive,cuda/torch/plain
+    $PY -m server --device cuda --port 8000 --log-level warning >"$OUT/server.log" 2>&1 &
+    server=$!
+    step server-check 120 $PY -m benchmarks.server_check --expected "$OUT/texts.json"
+    kill -TERM $server; wait $server
+    step speculation 120 $PY -m benchmarks.speculation --sizes 1,4,16,64 --temperatures 0 --prompts 6
+    tail -n 12 "$OUT/parity-fp32.txt"; tail -n 8 "$OUT/parity-bf16.txt"; tail -n 7 "$OUT/server-check.txt"
+    tail -n 6 "$OUT/speculation.txt"
+    ;;
+*)
+    echo "usage: $0 kernels|model" >&2; exit 2 ;;
+esac
+exit $status
