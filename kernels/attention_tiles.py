@@ -18,6 +18,11 @@ NEG_LARGE = tl.constexpr(-1.0e30)
 LOG2E = 1.4426950408889634
 
 
+def head_dim_class(head_dim: int) -> int:
+    """The key of a kernel's TILES table: 64 for head dims up to 64, else 128."""
+    return 64 if head_dim <= 64 else 128
+
+
 def uses_fp32_dot(dtype: torch.dtype) -> bool:
     """fp32 inputs, and bf16 under the interpreter (whose bf16 dot is wrong), take an exact fp32 dot."""
     return dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")

@@ -1,9 +1,12 @@
 """Check each kernel against its reference and time it on a GPU; prints a table last.
 
     python -m kernels.bench                       # CUDA GPU: correctness and timings, a few minutes
+    python -m kernels.bench --sweep 150           # first time tile configurations (up to 150 s), keep the best
     python -m kernels.bench --interpret --quick   # CPU: Triton's interpreter, tiny sizes, no timings
 
-Times are triton.testing.do_bench medians (ms). Baselines: PyTorch SDPA on a contiguous
+Times are triton.testing.do_bench medians (ms), launched from Python as the server launches
+them; the "graph" columns replay the same calls from a CUDA graph (the GPU's own time, which
+small problems hide under launch overhead otherwise). Baselines: PyTorch SDPA on a contiguous
 (un-paged) copy of the keys/values, expanded to every query head, with the equivalent boolean
 mask (the gather is not timed); plain-PyTorch indexing for the cache kernels. The memory
 floor is the bytes a kernel must move divided by the bandwidth of one big device copy.
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import time
 
 import torch
 import torch.nn.functional as F
@@ -72,11 +76,19 @@ class Case:
         return 2 * batch * seq_len * num_kv_heads * head_dim * self.q.element_size() + 2 * self.q.nbytes
 
 
-def measure(fn, timed: bool) -> float | None:
+def measure(fn, timed: bool, graph: bool = False) -> float | None:
+    """Median ms of fn: launched from Python as a server does, or (graph) replayed from a CUDA
+    graph, which leaves the GPU time alone (small problems are launch-bound otherwise)."""
     if not timed:
         fn()
         return None
     import triton.testing
+    if graph:
+        try:
+            return triton.testing.do_bench_cudagraph(fn, return_mode="median")
+        except Exception as e:  # a capture that fails leaves its column empty, not the table
+            print(f"graph capture failed: {type(e).__name__}: {e}"[:200], flush=True)
+            return None
     return triton.testing.do_bench(fn, return_mode="median")
 
 
@@ -87,35 +99,99 @@ def device_bandwidth(device) -> float:
     return 2 * src.nbytes / measure(lambda: dst.copy_(src), True)
 
 
-def bench_attention(case: Case, timed: bool, bandwidth: float | None):
+def attention_runner(case: Case):
+    """-> (run: writes our kernel's output into out, out poisoned with NaN, PyTorch reference output)."""
     from kernels.prefill_attention import prefill_attention, prefill_attention_reference
     from kernels.tree_attention import tree_attention, tree_attention_reference
     md, q = case.md, case.q
-    batch, seq_len, query_len, (num_heads, _, head_dim) = case.shape
+    batch, seq_len, query_len, _ = case.shape
     out = torch.full_like(q, float("nan"))
     if case.tree_masks is not None:
-        def ours():
+        def run():
             tree_attention(q, case.k_cache, case.v_cache, out, md.block_tables, md.seq_lens, md.cu_seqlens_q,
                            md.tree_mask, 0, batch, 0, q.shape[0], query_len, seq_len)
         reference = tree_attention_reference(q, case.k_cache, case.v_cache, md.block_tables, md.seq_lens,
                                              md.cu_seqlens_q, md.tree_mask, 0, batch, 0)
     else:
-        def ours():
+        def run():
             prefill_attention(q, case.k_cache, case.v_cache, out, md.block_tables, md.seq_lens,
                               md.cu_seqlens_q, batch, query_len)
         reference = prefill_attention_reference(q, case.k_cache, case.v_cache, md.block_tables,
                                                 md.seq_lens, md.cu_seqlens_q, batch)
+    return run, out, reference
+
+
+def max_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    return (out.float() - reference.float()).abs().max().item()  # NaN (an unwritten element) stays NaN
+
+
+def attention_flops(case: Case) -> int:
+    batch, seq_len, query_len, (num_heads, _, head_dim) = case.shape
+    return 4 * num_heads * head_dim * batch * (query_len * (seq_len - query_len) + query_len * (query_len + 1) // 2)
+
+
+def bench_attention(case: Case, timed: bool, bandwidth: float | None):
+    ours, out, reference = attention_runner(case)
     ours_ms = measure(ours, timed)
-    error = (out.float() - reference.float()).abs().max().item()
+    error = max_error(out, reference)
+    ours_graph_ms = measure(ours, timed, graph=True) if timed else None
     # The baseline must compute the same thing: its error counts as the row's error too.
     sq, sk, sv, mask = case.sdpa_inputs()
     sdpa_out = F.scaled_dot_product_attention(sq, sk, sv, attn_mask=mask).transpose(1, 2).flatten(0, 1)
-    error = max(error, (sdpa_out.float() - reference.float()).abs().max().item())
-    sdpa_ms = measure(lambda: F.scaled_dot_product_attention(sq, sk, sv, attn_mask=mask), timed)
-    del sq, sk, sv, mask, sdpa_out
+    error = max(error, max_error(sdpa_out, reference))
+    sdpa = lambda: F.scaled_dot_product_attention(sq, sk, sv, attn_mask=mask)  # noqa: E731
+    sdpa_ms = measure(sdpa, timed)
+    sdpa_graph_ms = measure(sdpa, timed, graph=True) if timed else None
     floor_ms = case.kv_bytes() / bandwidth if bandwidth else None
-    flops = 4 * num_heads * head_dim * batch * (query_len * (seq_len - query_len) + query_len * (query_len + 1) // 2)
-    return error, ours_ms, sdpa_ms, floor_ms, flops
+    return error, (ours_ms, ours_graph_ms, sdpa_ms, sdpa_graph_ms), floor_ms, attention_flops(case)
+
+
+# Tile configurations tried by --sweep, the launchers' current default first in each.
+TREE_SWEEP = [(n, w, s) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
+PREFILL_SWEEP = [(m, n, w, s) for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
+SWEEP_CASES = {"tree": (64, 8192, 64), "prefill": (1, 8192, 1024)}  # (batch, context, new tokens)
+
+
+def sweep(dtype, device, bandwidth: float, seconds: float, tolerance: float) -> list[str]:
+    """Time every tile configuration of both attention kernels at long context, per head
+    shape; keep the fastest that matches the reference as the launcher's TILES entry."""
+    from kernels import prefill_attention, tree_attention
+    from kernels.attention_tiles import head_dim_class
+    lines = [f"{'kernel':<9}{'shape':<34}{'tiles':<18}{'max err':>9}{'ms':>9}  note"]
+    for name, module, configs in (("tree", tree_attention, TREE_SWEEP), ("prefill", prefill_attention, PREFILL_SWEEP)):
+        batch, seq_len, query_len = SWEEP_CASES[name]
+        is_tree = name == "tree"
+        for heads in HEAD_SHAPES.values():
+            key = head_dim_class(heads[2])
+            default = module.TILES[key]
+            case = Case(batch, seq_len, query_len, heads, dtype, device, is_tree)
+            run, out, reference = attention_runner(case)
+            shape = f"B={batch} L={seq_len} Q={query_len} H={heads[0]}/{heads[1]}x{heads[2]}"
+            results = []
+            deadline = time.monotonic() + seconds / (2 * len(HEAD_SHAPES))  # an equal share per table
+            for config in [default] + [c for c in configs if c != default]:
+                if time.monotonic() > deadline:
+                    break
+                module.TILES[key] = config
+                out.fill_(float("nan"))
+                try:
+                    ms = measure(run, True)
+                except Exception as e:  # out of shared memory, registers: the config does not build
+                    lines.append(f"{name:<9}{shape:<34}{str(config):<18}{'-':>9}{'-':>9}  {type(e).__name__}")
+                    continue
+                error = max_error(out, reference)
+                results.append((ms, config, error))
+                note = (f"{case.kv_bytes() / bandwidth / ms:.0%} of copy bandwidth" if is_tree else
+                        f"{attention_flops(case) / ms / 1e9:.0f} TFLOP/s")
+                lines.append(f"{name:<9}{shape:<34}{str(config):<18}{error:>9.1e}{ms:>9.3f}  {note}"
+                             + ("  (default)" if config == default else "")
+                             + ("" if error <= tolerance else "  MISMATCH"))
+            good = [r for r in results if r[2] <= tolerance]
+            module.TILES[key] = min(good)[1] if good else default
+            lines.append(f"{name:<9}{shape:<34}-> {module.TILES[key]}")
+            del case, run, out, reference
+            torch.cuda.empty_cache()
+    return lines
 
 
 def bench_cache_kernels(heads, dtype, device, quick: bool, timed: bool, bandwidth: float | None):
@@ -138,7 +214,7 @@ def bench_cache_kernels(heads, dtype, device, quick: bool, timed: bool, bandwidt
     torch_ms = measure(lambda: write_kv_reference(k, v, k_pool[0], v_pool[0], slots), timed)
     moved = 4 * k.nbytes  # read and write k and v
     shape = f" H={num_kv_heads}x{head_dim}"
-    rows = [("write_kv", f"{num_tokens} tokens" + shape, error, ours_ms, torch_ms,
+    rows = [("write_kv", f"{num_tokens} tokens" + shape, error, (ours_ms, None, torch_ms, None),
              moved / bandwidth if bandwidth else None, "")]
     num_moves = 16 if quick else 64 * 8  # 64 sequences accepting 8 tokens each
     src = torch.randperm(num_blocks * block_size, device=device)[:num_moves]
@@ -151,7 +227,7 @@ def bench_cache_kernels(heads, dtype, device, quick: bool, timed: bool, bandwidt
     ours_ms = measure(lambda: move_slots(k_pool, v_pool, src, dst), timed)
     torch_ms = measure(lambda: move_slots_reference(k_pool, v_pool, src, dst), timed)
     moved = 4 * num_layers * num_moves * num_kv_heads * head_dim * k.element_size()
-    rows.append(("move_slots", f"{num_moves} rows x {num_layers} layers" + shape, error, ours_ms, torch_ms,
+    rows.append(("move_slots", f"{num_moves} rows x {num_layers} layers" + shape, error, (ours_ms, None, torch_ms, None),
                  moved / bandwidth if bandwidth else None, ""))
     return rows
 
@@ -178,6 +254,8 @@ def main() -> None:
     parser.add_argument("--interpret", action="store_true", help="run in Triton's CPU interpreter")
     parser.add_argument("--quick", action="store_true", help="tiny sizes")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--sweep", type=float, default=0, metavar="SECONDS",
+                        help="first try tile configurations for up to SECONDS and run the table with the fastest")
     args = parser.parse_args()
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
@@ -190,12 +268,13 @@ def main() -> None:
     bandwidth = device_bandwidth(device) if timed else None
     tolerance = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 4e-2}[dtype]
     rows = []
+    sweep_lines = sweep(dtype, device, bandwidth, args.sweep, tolerance) if args.sweep and timed else []
     for name, batch, seq_len, query_len, heads, is_tree in attention_cases(args.quick):
         case = Case(batch, seq_len, query_len, heads, dtype, device, is_tree)
-        error, ours_ms, sdpa_ms, floor_ms, flops = bench_attention(case, timed, bandwidth)
-        note = f"{flops / ours_ms / 1e9:.0f} TFLOP/s" if ours_ms and not is_tree else ""
+        error, times, floor_ms, flops = bench_attention(case, timed, bandwidth)
+        note = f"{flops / times[0] / 1e9:.0f} TFLOP/s" if times[0] and not is_tree else ""
         rows.append((name, f"B={batch} L={seq_len} Q={query_len} H={heads[0]}/{heads[1]}x{heads[2]}",
-                     error, ours_ms, sdpa_ms, None if not is_tree else floor_ms, note))
+                     error, times, None if not is_tree else floor_ms, note))
         del case
         if timed:
             torch.cuda.empty_cache()
@@ -206,16 +285,21 @@ def main() -> None:
     def ms(x):
         return "-" if x is None else f"{x:.3f}"
 
+    for line in sweep_lines:
+        print(line)
     print(f"\ndevice: {torch.cuda.get_device_name() if timed else 'CPU (Triton interpreter)'}, {args.dtype}"
           + (f", copy bandwidth {bandwidth / 1e6:.0f} GB/s" if bandwidth else ", no timings"))
-    print(f"{'kernel':<11}{'shape':<38}{'max err':>9}{'ours ms':>10}{'torch ms':>10}{'floor ms':>10}"
-          f"{'floor/ours':>11}  note")
+    if timed:
+        from kernels import prefill_attention, tree_attention
+        print(f"tiles by head dim: tree {tree_attention.TILES}, prefill {prefill_attention.TILES}")
+    print(f"{'kernel':<11}{'shape':<38}{'max err':>9}{'ours ms':>9}{'graph':>8}{'torch ms':>9}{'graph':>8}"
+          f"{'floor ms':>9}{'floor/ours':>11}  note")
     failed = False
-    for name, shape, error, ours_ms, torch_ms, floor_ms, note in rows:
+    for name, shape, error, (ours_ms, ours_graph, torch_ms, torch_graph), floor_ms, note in rows:
         failed |= not error <= tolerance
         ratio = f"{floor_ms / ours_ms:.0%}" if floor_ms and ours_ms else "-"
-        print(f"{name:<11}{shape:<38}{error:>9.1e}{ms(ours_ms):>10}{ms(torch_ms):>10}{ms(floor_ms):>10}"
-              f"{ratio:>11}  {note}{'  MISMATCH' if not error <= tolerance else ''}")
+        print(f"{name:<11}{shape:<38}{error:>9.1e}{ms(ours_ms):>9}{ms(ours_graph):>8}{ms(torch_ms):>9}"
+              f"{ms(torch_graph):>8}{ms(floor_ms):>9}{ratio:>11}  {note}{'  MISMATCH' if not error <= tolerance else ''}")
     if failed:
         raise SystemExit("some kernels do not match their reference")
 

@@ -5,8 +5,8 @@ rows ([num_kv_heads * head_dim] each) to `slot = block * block_size + offset`; p
 (slot -1) are skipped. `move_slots` compacts an accepted tree path (Medusa's "keep the
 accepted candidate's keys"): rows are copied from `src` slots to `dst` slots in every layer.
 Each program owns a column stripe of one layer's K and V pools and loads all of its source
-rows before storing any, so overlapping src/dst sets behave like `KVCache.move_slots`
-(gather, then scatter).
+rows, then (after a barrier across its warps) stores them, so overlapping src/dst sets
+behave like `KVCache.move_slots` (gather, then scatter).
 """
 from __future__ import annotations
 
@@ -57,6 +57,10 @@ def _move_slots_kernel(
     dst_offs = layer * stride_layer + dst[:, None] * stride_slot + offs_c[None, :]
     k_rows = tl.load(k_pool_ptr + src_offs, mask=mask)
     v_rows = tl.load(v_pool_ptr + src_offs, mask=mask)
+    # A row can be one move's source and another's destination (accepting tree nodes 2 and 3
+    # moves 2 -> 1 and 3 -> 2), and different warps hold different rows: every load must land
+    # before any store. Without this barrier the H200 read moved rows (kernels.bench, 512 moves).
+    tl.debug_barrier()
     tl.store(k_pool_ptr + dst_offs, k_rows, mask=mask)
     tl.store(v_pool_ptr + dst_offs, v_rows, mask=mask)
 

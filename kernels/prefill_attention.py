@@ -16,11 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention_tiles import (LOG2E, NEG_LARGE, dot, load_kv_block, load_query_tile, softmax_update,
-                                     uses_fp32_dot)
+from kernels.attention_tiles import (LOG2E, NEG_LARGE, dot, head_dim_class, load_kv_block, load_query_tile,
+                                     softmax_update, uses_fp32_dot)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the block tables' width changes step to step
 def _prefill_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr,
@@ -65,6 +65,11 @@ def _prefill_attention_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
 
 
+# Row tile (most rows), key-block size, warps and pipeline stages by head dim (<= 64, larger),
+# set from `python -m kernels.bench --sweep` on an H200 (docs/benchmarks.md).
+TILES = {64: (64, 64, 4, 3), 128: (64, 32, 4, 3)}
+
+
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                       block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       num_seqs: int, max_query_len: int, scale: float | None = None) -> None:
@@ -87,10 +92,10 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if num_seqs == 0 or max_query_len == 0:
         return
     group = num_heads // num_kv_heads
-    block_m = max(16, min(64, triton.next_power_of_2(max_query_len * group)))
+    max_block_m, block_n, num_warps, num_stages = TILES[head_dim_class(head_dim)]
+    block_m = max(16, min(max_block_m, triton.next_power_of_2(max_query_len * group)))
     queries_per_tile = max(1, block_m // group)
-    block_m = max(16, triton.next_power_of_2(queries_per_tile * group))  # group > 64: one query
-    block_n = 64 if head_dim <= 64 else 32
+    block_m = max(16, triton.next_power_of_2(queries_per_tile * group))  # group > block: one query
     block_d = max(16, triton.next_power_of_2(head_dim))
     dot_fp32 = uses_fp32_dot(q.dtype)
     grid = (triton.cdiv(max_query_len, queries_per_tile), num_seqs, num_kv_heads)
@@ -100,7 +105,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         out.stride(0), out.stride(1), block_tables.stride(0),
         num_kv_heads, head_dim, k_cache.shape[1], (head_dim ** -0.5 if scale is None else scale) * LOG2E,
         GROUP=group, QUERIES_PER_TILE=queries_per_tile, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=block_d, DOT_FP32=dot_fp32,
+        BLOCK_D=block_d, DOT_FP32=dot_fp32, num_warps=num_warps, num_stages=num_stages,
     )
 
 

@@ -20,11 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention_tiles import (LOG2E, NEG_LARGE, dot, load_kv_block, load_query_tile, softmax_update,
-                                     uses_fp32_dot)
+from kernels.attention_tiles import (LOG2E, NEG_LARGE, dot, head_dim_class, load_kv_block, load_query_tile,
+                                     softmax_update, uses_fp32_dot)
 
 
-@triton.jit
+# Integer arguments that change from step to step (batch layout, longest context) are not
+# specialised on: each distinct specialisation is a compile, and a server must not compile
+# while it serves.
+@triton.jit(do_not_specialize=["stride_os", "stride_ls", "stride_bt", "first_seq", "tree_row_offset",
+                               "keys_per_split"])
 def _tree_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr,
     block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr, tree_mask_ptr,
@@ -85,7 +89,7 @@ def _tree_attention_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_ps", "stride_ls", "tree_row_offset", "num_splits"])
 def _merge_splits_kernel(
     partial_ptr, lse_ptr, out_ptr,
     stride_ps, stride_pt, stride_ph,
@@ -107,6 +111,11 @@ def _merge_splits_kernel(
     tl.store(out_ptr + (tree_row_offset + token) * stride_ot + head * stride_oh + offs_d,
              out.to(out_ptr.dtype.element_ty), mask=offs_d < head_dim)
 
+
+
+# Key-block size, warps and pipeline stages by head dim (<= 64, larger), set from
+# `python -m kernels.bench --sweep` on an H200 (docs/benchmarks.md).
+TILES = {64: (64, 4, 3), 128: (32, 4, 3)}
 
 
 @functools.lru_cache
@@ -155,7 +164,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     queries_per_tile = max(1, block_m // group)
     block_m = max(16, triton.next_power_of_2(queries_per_tile * group))  # group > 64: one query
     num_q_tiles = triton.cdiv(max_query_len, queries_per_tile)
-    block_n = 64 if head_dim <= 64 else 32
+    block_n, num_warps, num_stages = TILES[head_dim_class(head_dim)]
     block_d = max(16, triton.next_power_of_2(head_dim))
     if num_splits is None:
         num_splits = _choose_num_splits(q.device, num_seqs * num_kv_heads * num_q_tiles, max_seq_len, block_n)
@@ -163,7 +172,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     scale_log2 = (head_dim ** -0.5 if scale is None else scale) * LOG2E
     grid = (num_seqs, num_kv_heads * num_q_tiles, num_splits)
     common = dict(GROUP=group, QUERIES_PER_TILE=queries_per_tile, BLOCK_M=block_m, BLOCK_N=block_n,
-                  BLOCK_D=block_d, DOT_FP32=uses_fp32_dot(q.dtype))
+                  BLOCK_D=block_d, DOT_FP32=uses_fp32_dot(q.dtype), num_warps=num_warps, num_stages=num_stages)
     args = (block_tables, seq_lens, cu_seqlens_q, tree_mask,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
     sizes = (block_tables.stride(0), first_seq, first_row, num_kv_heads, head_dim, k_cache.shape[1],

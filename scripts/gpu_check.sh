@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's checks that need a CUDA GPU, in two stages that each fit one short device call.
 #
-#   scripts/gpu_check.sh kernels   # kernel tests on CUDA, then kernels.bench (fp16, bf16): no model needed
+#   scripts/gpu_check.sh kernels   # kernel tests on CUDA, a tile sweep, kernels.bench fp16 (BF16=1: bf16 too)
 #   scripts/gpu_check.sh model     # greedy parity CUDA vs CPU, a server run on CUDA, speculation timings
 #
 # Logs go to $OUT (default ./gpu-check-out); each stage prints its tables last. The model stage
@@ -25,8 +25,9 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 case ${1:-} in
 kernels)
     step kernel-tests 150 $PY -m pytest tests/kernels -q -p no:cacheprovider -n 8 --timeout 300
-    step bench-fp16 150 $PY -m kernels.bench --dtype float16
-    step bench-bf16 120 $PY -m kernels.bench --dtype bfloat16
+    # tile sweep at long context (SWEEP seconds), then the table with the fastest tiles
+    step bench-fp16 $((${SWEEP:-150} + 150)) $PY -m kernels.bench --dtype float16 --sweep "${SWEEP:-150}"
+    [ -n "${BF16:-}" ] && step bench-bf16 150 $PY -m kernels.bench --dtype bfloat16
     # The engine on CUDA before the real model is there: random weights in the default
     # model's shape (its config and tokenizer files in $RANDOM_MODEL), a smoke test of the path
     if [ -d "${RANDOM_MODEL:-}" ]; then
@@ -35,7 +36,7 @@ t.AutoConfig.from_pretrained(sys.argv[1])).save_pretrained(sys.argv[1])" "$RANDO
         step engine-smoke 90 $PY -m benchmarks.parity --model "$RANDOM_MODEL" --prompts 4 --max-tokens 24 \
             --variants cuda/triton/plain,cuda/triton/adaptive,cuda/torch/plain,cpu/torch/plain
     fi
-    tail -n 33 "$OUT/bench-fp16.txt"
+    grep -- "->" "$OUT/bench-fp16.txt"; tail -n 34 "$OUT/bench-fp16.txt"
     [ -f "$OUT/engine-smoke.txt" ] && tail -n 7 "$OUT/engine-smoke.txt"
     ;;
 model)

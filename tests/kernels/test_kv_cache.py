@@ -47,6 +47,23 @@ def test_move_slots_matches_kv_cache(dtype):
     assert torch.equal(cache.k, expected.k) and torch.equal(cache.v, expected.v)
 
 
+def test_move_slots_chained_moves_at_scale():
+    # 512 moves where every destination but one is another move's source, rows of 8 x 128:
+    # the rows of one program are spread over its warps (on a GPU this raced without a barrier).
+    torch.manual_seed(0)
+    cache = KVCache(4, 64, 16, 8, 128, torch.float16, DEVICE)
+    cache.k.normal_()
+    cache.v.normal_()
+    expected = KVCache(4, 64, 16, 8, 128, torch.float16, DEVICE)
+    expected.k.copy_(cache.k)
+    expected.v.copy_(cache.v)
+    slots = torch.randperm(64 * 16, device=DEVICE)[:513]
+    src, dst = slots[1:], slots[:-1]  # move i writes where move i - 1 reads
+    move_slots(cache.k, cache.v, src, dst)
+    expected.move_slots(src, dst)
+    assert torch.equal(cache.k, expected.k) and torch.equal(cache.v, expected.v)
+
+
 def test_move_slots_skips_padding_pairs():
     torch.manual_seed(0)
     cache = KVCache(2, 40, 4, 3, 16, torch.float16, DEVICE)  # 160 slots, many moves
