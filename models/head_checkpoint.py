@@ -73,13 +73,21 @@ def tune_tree(accuracies: list[list[float]], num_nodes: int = TREE_NODES):
     return paths, lengths
 
 
+# The config.json keys that define a model's computation. Only these enter the checksum:
+# the rest (and how a converter happens to write them) may change without changing the model.
+CHECKSUM_CONFIG_KEYS = ("architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                        "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
+                        "rope_scaling", "tie_word_embeddings")
+
+
 def model_checksum(model_dir: str | Path) -> str:
-    """A cheap stable identity of a base model: sha256 over its config.json and, per tensor
-    (sorted by name), the name, dtype, shape and the bytes of its first row. Reads a few KB."""
+    """A cheap stable identity of a base model: sha256 over the config.json keys that define
+    it and, per tensor (sorted by name), the name, dtype, shape and the bytes of its first row.
+    Reads a few KB."""
     model_dir = Path(model_dir)
     digest = hashlib.sha256()
     config = json.loads((model_dir / "config.json").read_text())
-    digest.update(json.dumps(config, sort_keys=True).encode())
+    digest.update(json.dumps({k: config.get(k) for k in CHECKSUM_CONFIG_KEYS}, sort_keys=True).encode())
     for path in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             for name in sorted(f.keys()):

@@ -137,6 +137,24 @@ def test_model_checksum_is_stable_and_sees_weights(tmp_path):
     assert model_checksum(tmp_path) != first
 
 
+def test_model_checksum_ignores_config_keys_that_do_not_define_the_model(tmp_path):
+    # A converter that writes one more key (as ours began to write attention_out_bias) must
+    # not turn the shipped heads' base model into "another base model".
+    save_file({"a.weight": torch.ones(3, 4)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(BASE.to_hf()))
+    first = model_checksum(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**BASE.to_hf(), "new_flag": False, "model_max_length": 9}))
+    assert model_checksum(tmp_path) == first
+    (tmp_path / "config.json").write_text(json.dumps({**BASE.to_hf(), "rope_theta": 1234.0}))
+    assert model_checksum(tmp_path) != first
+
+
+def test_shipped_heads_were_trained_for_the_default_model(model_dir):
+    from models.head_checkpoint import DEFAULT_HEADS_DIR
+    meta = json.loads((DEFAULT_HEADS_DIR / "heads.json").read_text())
+    assert meta["base_checksum"] == model_checksum(model_dir)
+
+
 def test_token_input_heads_round_trip_and_stay_out_of_medusa_format(tmp_path):
     torch.manual_seed(0)
     heads = MedusaHeads(HeadsConfig(2, 1, HIDDEN, VOCAB, True, token_input=True))
