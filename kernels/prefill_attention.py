@@ -67,7 +67,7 @@ def _prefill_attention_kernel(
 
 # Row tile (most rows), key-block size, warps and pipeline stages by head dim (<= 64, larger),
 # set from `python -m kernels.bench --sweep` on an H200 (docs/benchmarks.md).
-TILES = {64: (64, 64, 4, 3), 128: (64, 32, 4, 3)}
+TILES = {64: (64, 128, 4, 3), 128: (128, 32, 4, 2)}
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,

@@ -115,7 +115,7 @@ def _merge_splits_kernel(
 
 # Key-block size, warps and pipeline stages by head dim (<= 64, larger), set from
 # `python -m kernels.bench --sweep` on an H200 (docs/benchmarks.md).
-TILES = {64: (64, 4, 3), 128: (32, 4, 3)}
+TILES = {64: (32, 4, 4), 128: (32, 4, 3)}
 
 
 @functools.lru_cache
