@@ -123,6 +123,11 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# The most key splits; the merge kernel always reads this many slots (masked), so that a
+# context growing through 2, 4, 8... splits compiles no new merge variant mid-request.
+MAX_SPLITS = 64
+
+
 def _choose_num_splits(device: torch.device, num_programs: int, max_seq_len: int, block_n: int) -> int:
     """Split the keys only when the grid would leave most of the GPU idle."""
     if device.type != "cuda":
@@ -130,7 +135,7 @@ def _choose_num_splits(device: torch.device, num_programs: int, max_seq_len: int
     num_sms = _num_sms(device)
     by_occupancy = triton.cdiv(2 * num_sms, max(num_programs, 1))
     by_length = triton.cdiv(max_seq_len, 4 * block_n)  # keep >= 4 key blocks per split
-    return max(1, min(by_occupancy, by_length, 64))
+    return max(1, min(by_occupancy, by_length, MAX_SPLITS))
 
 
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
@@ -168,6 +173,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     block_d = max(16, triton.next_power_of_2(head_dim))
     if num_splits is None:
         num_splits = _choose_num_splits(q.device, num_seqs * num_kv_heads * num_q_tiles, max_seq_len, block_n)
+    assert 1 <= num_splits <= MAX_SPLITS, num_splits
     keys_per_split = triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), block_n) * block_n
     scale_log2 = (head_dim ** -0.5 if scale is None else scale) * LOG2E
     grid = (num_seqs, num_kv_heads * num_q_tiles, num_splits)
@@ -191,7 +197,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1),
         first_row, num_splits, head_dim,
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d,
+        BLOCK_S=MAX_SPLITS, BLOCK_D=block_d,
     )
 
 

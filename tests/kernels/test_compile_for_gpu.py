@@ -31,7 +31,7 @@ for dtype in ("fp16", "bf16", "fp32"):
     compile_for_h100(tree_attention._tree_attention_kernel, attention, dict(tiles, SPLIT=False))
     compile_for_h100(tree_attention._tree_attention_kernel, dict(attention, out_ptr="*fp32"), dict(tiles, SPLIT=True))
     compile_for_h100(tree_attention._merge_splits_kernel, {"partial_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": ptr},
-                     dict(BLOCK_S=4, BLOCK_D=128))
+                     dict(BLOCK_S=64, BLOCK_D=128))
     compile_for_h100(kv_cache._write_kv_kernel, {"k_ptr": ptr, "v_ptr": ptr, "k_cache_ptr": ptr, "v_cache_ptr": ptr,
                                                  "slot_mapping_ptr": "*i64"}, dict(BLOCK_H=4, BLOCK_D=64))
     compile_for_h100(kv_cache._move_slots_kernel, {"k_pool_ptr": ptr, "v_pool_ptr": ptr, "src_ptr": "*i64",
