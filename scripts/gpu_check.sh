@@ -7,6 +7,13 @@
 # Logs go to $OUT (default ./gpu-check-out); each stage prints its tables last. The model stage
 # needs the default model in the model cache (`python -m models.fetch`, or its GGUF placed in
 # $GORGON_HOME/gguf when the machine has no network) and the server's Python packages.
+#
+# On a lent machine with no network and 64 MiB per upload (2026-11-27, H200), this worked:
+# `split -b 49181216 -d ~/.cache/gorgon/gguf/*.gguf .dev/p` (.dev/ git-ignored locally); the
+# kernels call carries .dev/p00 and copies it out of the tree; the model call, on the same
+# warm machine, carries .dev/p01 and wheels of fastapi, starlette, pydantic(-core), uvicorn,
+# sse-starlette, gguf and their missing needs (.whl/), joins the halves into
+# /root/.cache/gorgon/gguf/ and installs the wheels to a --target on PYTHONPATH.
 set -uo pipefail
 OUT=${OUT:-gpu-check-out}
 mkdir -p "$OUT"
