@@ -33,13 +33,15 @@ def dense_reference(q_seq, keys, values, visible):
     [(6, 1, "tree"), (9, 1, "tree"), (1, 1, "tree"), (22, 1, "tree")],   # plain decodes side by side
     [(0, 5, "prefill"), (4, 3, "tree"), (7, 3, "tree"), (2, 2, "tree")],  # equal trees, then a smaller one
 ])
-def test_paged_batch_matches_dense(seqs):
+@pytest.mark.parametrize("consecutive_blocks", [False, True])  # True: lone sequences read their keys as a slice
+def test_paged_batch_matches_dense(seqs, consecutive_blocks):
     rng = random.Random(0)
     torch.manual_seed(0)
     hq, hkv, d = 6, 2, 8
     cache = KVCache(1, 64, BLOCK, hkv, d, torch.float32)
-    free = list(range(64))
-    rng.shuffle(free)
+    free = list(range(64))[::-1]
+    if not consecutive_blocks:
+        rng.shuffle(free)
     tables, history, masks = [], [], []
     for cached, new, _ in seqs:
         blocks = [free.pop() for _ in range((cached + new + BLOCK - 1) // BLOCK)]
