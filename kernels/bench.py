@@ -146,7 +146,7 @@ def bench_attention(case: Case, timed: bool, bandwidth: float | None):
     return error, (ours_ms, ours_graph_ms, sdpa_ms, sdpa_graph_ms), floor_ms, attention_flops(case)
 
 
-# Tile configurations tried by --sweep, the launchers' current default first in each.
+# Tile configurations tried by --sweep (after the launcher's current default).
 TREE_SWEEP = [(n, w, s) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
 PREFILL_SWEEP = [(m, n, w, s) for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
 SWEEP_CASES = {"tree": (64, 8192, 64), "prefill": (1, 8192, 1024)}  # (batch, context, new tokens)
@@ -179,6 +179,8 @@ def sweep(dtype, device, bandwidth: float, seconds: float, tolerance: float) -> 
                 except Exception as e:  # out of shared memory, registers: the config does not build
                     lines.append(f"{name:<9}{shape:<34}{str(config):<18}{'-':>9}{'-':>9}  {type(e).__name__}")
                     continue
+                finally:
+                    module.TILES[key] = default  # until the winner is known
                 error = max_error(out, reference)
                 results.append((ms, config, error))
                 note = (f"{case.kv_bytes() / bandwidth / ms:.0%} of copy bandwidth" if is_tree else
@@ -257,6 +259,8 @@ def main() -> None:
     parser.add_argument("--sweep", type=float, default=0, metavar="SECONDS",
                         help="first try tile configurations for up to SECONDS and run the table with the fastest")
     args = parser.parse_args()
+    if args.sweep and args.interpret:
+        parser.error("--sweep times kernels: it needs a CUDA GPU, not the interpreter")
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
     elif not torch.cuda.is_available():

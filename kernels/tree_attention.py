@@ -24,11 +24,11 @@ from kernels.attention_tiles import (LOG2E, NEG_LARGE, dot, head_dim_class, load
                                      softmax_update, uses_fp32_dot)
 
 
-# Integer arguments that change from step to step (batch layout, longest context) are not
-# specialised on: each distinct specialisation is a compile, and a server must not compile
-# while it serves.
-@triton.jit(do_not_specialize=["stride_os", "stride_ls", "stride_bt", "first_seq", "tree_row_offset",
-                               "keys_per_split"])
+# Integer arguments whose divisibility changes from step to step (batch layout, longest
+# context) are not specialised on: each distinct specialisation is a compile, and a server
+# must not compile while it serves. The partial output's strides (rows x heads x head dim)
+# and keys_per_split (a multiple of BLOCK_N) keep theirs, and with them vectorised access.
+@triton.jit(do_not_specialize=["stride_ls", "stride_bt", "first_seq", "tree_row_offset"])
 def _tree_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr,
     block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr, tree_mask_ptr,
@@ -89,7 +89,7 @@ def _tree_attention_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit(do_not_specialize=["stride_ps", "stride_ls", "tree_row_offset", "num_splits"])
+@triton.jit(do_not_specialize=["stride_ls", "tree_row_offset", "num_splits"])
 def _merge_splits_kernel(
     partial_ptr, lse_ptr, out_ptr,
     stride_ps, stride_pt, stride_ph,

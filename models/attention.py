@@ -220,7 +220,7 @@ class TorchAttention:
         key_span = None
         if len(seqs) == 1 and k_lens[0] > 0 and key_slots.device.type == "cpu":  # (on a GPU the check would sync)
             slots = key_slots[0]
-            if mk == 1 or bool((slots[1:] - slots[:-1] == 1).all()):
+            if bool((slots[1:] - slots[:-1] == 1).all()):
                 key_span = (int(slots[0]), mk)
         return _Group(rows, key_slots, bias, flat, rows.reshape(-1)[flat], (first, len(seqs) * mq) if run else None,
                       key_span)

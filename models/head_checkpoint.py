@@ -73,21 +73,22 @@ def tune_tree(accuracies: list[list[float]], num_nodes: int = TREE_NODES):
     return paths, lengths
 
 
-# The config.json keys that define a model's computation. Only these enter the checksum:
-# the rest (and how a converter happens to write them) may change without changing the model.
-CHECKSUM_CONFIG_KEYS = ("architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                        "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
-                        "rope_scaling", "tie_word_embeddings")
+# The config fields that define a model's computation, read through ModelConfig.from_hf (which
+# fills defaults and reads transformers 5's rope_parameters). Only these enter the checksum:
+# the rest, and how a converter happens to write a config, may change without changing the model.
+CHECKSUM_FIELDS = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                   "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
+                   "rope_scaling", "tie_word_embeddings", "attention_bias", "attention_out_bias")
 
 
 def model_checksum(model_dir: str | Path) -> str:
-    """A cheap stable identity of a base model: sha256 over the config.json keys that define
-    it and, per tensor (sorted by name), the name, dtype, shape and the bytes of its first row.
+    """A cheap stable identity of a base model: sha256 over the config fields that define it
+    and, per tensor (sorted by name), the name, dtype, shape and the bytes of its first row.
     Reads a few KB."""
     model_dir = Path(model_dir)
     digest = hashlib.sha256()
-    config = json.loads((model_dir / "config.json").read_text())
-    digest.update(json.dumps({k: config.get(k) for k in CHECKSUM_CONFIG_KEYS}, sort_keys=True).encode())
+    config = ModelConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
+    digest.update(json.dumps({k: getattr(config, k) for k in CHECKSUM_FIELDS}, sort_keys=True).encode())
     for path in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             for name in sorted(f.keys()):

@@ -55,7 +55,7 @@ model)
         cuda/triton/plain,cuda/triton/adaptive,cuda/torch/plain
     $PY -m server --device cuda --port 8000 --log-level warning >"$OUT/server.log" 2>&1 &
     server=$!
-    step server-check 120 $PY -m benchmarks.server_check --expected "$OUT/texts.json"
+    step server-check 240 $PY -m benchmarks.server_check --expected "$OUT/texts.json"
     kill -TERM $server; wait $server
     step speculation 120 $PY -m benchmarks.speculation --sizes 1,4,16,64 --temperatures 0 --prompts 6
     tail -n 12 "$OUT/parity-fp32.txt"; tail -n 8 "$OUT/parity-bf16.txt"; tail -n 7 "$OUT/server-check.txt"

@@ -145,6 +145,11 @@ def test_model_checksum_ignores_config_keys_that_do_not_define_the_model(tmp_pat
     first = model_checksum(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**BASE.to_hf(), "new_flag": False, "model_max_length": 9}))
     assert model_checksum(tmp_path) == first
+    # a value left to its default, or rope settings in transformers 5's rope_parameters
+    implicit = {k: v for k, v in BASE.to_hf().items() if k not in ("head_dim", "rope_theta")}
+    implicit["rope_parameters"] = {"rope_type": "default", "rope_theta": BASE.rope_theta}
+    (tmp_path / "config.json").write_text(json.dumps(implicit))
+    assert model_checksum(tmp_path) == first
     (tmp_path / "config.json").write_text(json.dumps({**BASE.to_hf(), "rope_theta": 1234.0}))
     assert model_checksum(tmp_path) != first
 
