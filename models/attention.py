@@ -136,7 +136,6 @@ class _Group(NamedTuple):
     flat: torch.Tensor          # real queries' indices into the [b * mq] output
     out_rows: torch.Tensor      # ... and their packed rows
     span: tuple[int, int] | None  # (first row, rows) when the queries are those rows, in order, unpadded
-    key_span: tuple[int, int] | None  # (first slot, keys) when one sequence's keys fill those slots in order
 
 
 class TorchAttention:
@@ -145,9 +144,7 @@ class TorchAttention:
     Built once per step from the metadata (the gather indices and masks are shared by all
     layers), then called once per layer. A group whose queries are a run of packed rows
     without padding (a lone sequence, or equal-length trees side by side) reads and writes
-    them as slices: no gather, and no scatter when it is the whole step. A lone sequence whose
-    blocks are consecutive (the usual case at batch 1) reads its keys and values as a slice
-    of the cache too: on the CPU a gather of a few hundred keys cost 75-120 us, 2 per layer.
+    them as slices: no gather, and no scatter when it is the whole step.
     """
 
     def __init__(self, metadata: AttentionMetadata, kv_cache: KVCache):
@@ -217,13 +214,7 @@ class TorchAttention:
         flat = torch.nonzero(valid.reshape(-1)).squeeze(1)
         first = cu[seqs[0]]
         run = all(q == mq for q in q_lens) and min(k_lens) > 0 and all(cu[b] == first + i * mq for i, b in enumerate(seqs))
-        key_span = None
-        if len(seqs) == 1 and k_lens[0] > 0 and key_slots.device.type == "cpu":  # (on a GPU the check would sync)
-            slots = key_slots[0]
-            if bool((slots[1:] - slots[:-1] == 1).all()):
-                key_span = (int(slots[0]), mk)
-        return _Group(rows, key_slots, bias, flat, rows.reshape(-1)[flat], (first, len(seqs) * mq) if run else None,
-                      key_span)
+        return _Group(rows, key_slots, bias, flat, rows.reshape(-1)[flat], (first, len(seqs) * mq) if run else None)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k and v [T, Hkv, D] -> output [T, Hq, D]; writes k and v to the cache."""
@@ -240,13 +231,8 @@ class TorchAttention:
                 qg = q[first:first + count].view(b, mq, *q.shape[1:]).transpose(1, 2)   # [b, Hq, mq, D]
             else:
                 qg = q[group.rows].transpose(1, 2)
-            if group.key_span is not None:
-                key_start, num_keys = group.key_span
-                kg = k_cache[key_start:key_start + num_keys][None].transpose(1, 2)  # [1, Hkv, mk, D]
-                vg = v_cache[key_start:key_start + num_keys][None].transpose(1, 2)
-            else:
-                kg = k_cache[group.key_slots].transpose(1, 2)              # [b, Hkv, mk, D]
-                vg = v_cache[group.key_slots].transpose(1, 2)
+            kg = k_cache[group.key_slots].transpose(1, 2)                  # [b, Hkv, mk, D]
+            vg = v_cache[group.key_slots].transpose(1, 2)
             og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=group.bias, is_causal=group.bias is None,
                                                 scale=scale, enable_gqa=True)
             og = og.transpose(1, 2).reshape(-1, *q.shape[1:])              # [b * mq, Hq, D]

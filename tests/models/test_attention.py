@@ -33,15 +33,13 @@ def dense_reference(q_seq, keys, values, visible):
     [(6, 1, "tree"), (9, 1, "tree"), (1, 1, "tree"), (22, 1, "tree")],   # plain decodes side by side
     [(0, 5, "prefill"), (4, 3, "tree"), (7, 3, "tree"), (2, 2, "tree")],  # equal trees, then a smaller one
 ])
-@pytest.mark.parametrize("consecutive_blocks", [False, True])  # True: lone sequences read their keys as a slice
-def test_paged_batch_matches_dense(seqs, consecutive_blocks):
+def test_paged_batch_matches_dense(seqs):
     rng = random.Random(0)
     torch.manual_seed(0)
     hq, hkv, d = 6, 2, 8
     cache = KVCache(1, 64, BLOCK, hkv, d, torch.float32)
-    free = list(range(64))[::-1]
-    if not consecutive_blocks:
-        rng.shuffle(free)
+    free = list(range(64))
+    rng.shuffle(free)
     tables, history, masks = [], [], []
     for cached, new, _ in seqs:
         blocks = [free.pop() for _ in range((cached + new + BLOCK - 1) // BLOCK)]
@@ -59,10 +57,7 @@ def test_paged_batch_matches_dense(seqs, consecutive_blocks):
     # views of one stacked projection, as the model passes them: strided rows
     qkv = torch.randn(total, hq + 2 * hkv, d)
     q, k, v = qkv.split((hq, hkv, hkv), dim=1)
-    attention = TorchAttention(metadata, cache)
-    if consecutive_blocks:  # every lone sequence reads its keys as a slice
-        assert all(g.key_span is not None for g in attention.groups if g.rows.shape[0] == 1)
-    out = attention(0, q, k, v)
+    out = TorchAttention(metadata, cache)(0, q, k, v)
 
     row = 0
     tree = iter(masks)
