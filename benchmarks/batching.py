@@ -1,7 +1,7 @@
 """Throughput and inter-token latency under concurrency: plain vs fixed tree vs adaptive.
 
     python -m benchmarks.batching [--concurrency 1,4,16,32] [--max-tokens 64] [--fixed-tree 16]
-                                  [--rounds 1]
+                                  [--rounds 1] [--without-datastore]
 
 For each concurrency c, c requests (evaluation prompts, greedy, lengths spread around
 --max-tokens) are in flight at once in one engine, each finished one replaced by the next
@@ -10,7 +10,8 @@ max(--requests-per-slot x c, --min-requests) requests and is timed while c of th
 flight: once the queue runs dry the batch drains, and a draining batch (where requests that
 speculation finished early are no longer replaced) says nothing about concurrency c. The
 same engine runs (a) plain decoding (tree of 1), (b) a fixed tree and (c) the load-adaptive
-policy, side by side in one run. With --rounds R each mode runs R times at
+policy, side by side in one run (with --without-datastore also (d) the adaptive policy
+without datastore chains, server/datastore.py). With --rounds R each mode runs R times at
 each concurrency, the modes interleaved and their order rotated every round (so that a slow
 spell of a shared machine hits every mode alike), each round on the next prompts. Prints
 generated tokens/s over all rounds and p50/p99 inter-token latency (a step that yields k
@@ -90,20 +91,27 @@ def main(argv=None) -> None:
                         help="requests per run, per request in flight")
     parser.add_argument("--min-requests", type=int, default=8,
                         help="requests per run at least: low concurrency gets enough tokens to measure")
+    parser.add_argument("--without-datastore", action="store_true",
+                        help="also run the adaptive policy without the datastore's chains")
     args = parser.parse_args(argv)
     engine = LLMEngine(EngineConfig(heads=args.heads, max_num_seqs=64, max_num_batched_tokens=1024,
                                     kv_cache_memory_gb=2.0))
     prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in MIXED]
-    modes = [("plain", 1), (f"tree {args.fixed_tree}", args.fixed_tree), ("adaptive", None)]
+    datastore = engine.datastore
+    modes = [("plain", 1, datastore), (f"tree {args.fixed_tree}", args.fixed_tree, datastore),
+             ("adaptive", None, datastore)]
+    if args.without_datastore:
+        modes.append(("adaptive, no datastore", None, None))
     print(f"# {date.today()} {platform.node()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"float32, greedy, {args.max_tokens} +- {args.spread:.0%} new tokens per request, {args.rounds} round(s), "
           f"max({args.requests_per_slot} x c, {args.min_requests}) requests per run, timed while c are in flight")
     print("| concurrency | mode | tokens/s | p50 ITL ms | p99 ITL ms | vs best fixed |")
     print("|---|---|---|---|---|---|")
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
-        totals = {label: [0, 0.0, []] for label, _ in modes}
+        totals = {label: [0, 0.0, []] for label, _, _ in modes}
         for r in range(args.rounds):
-            for label, size in modes[r % len(modes):] + modes[:r % len(modes)]:
+            for label, size, store in modes[r % len(modes):] + modes[:r % len(modes)]:
+                engine.datastore = store
                 engine.set_tree_budget(size)
                 requests = max(args.requests_per_slot * concurrency, args.min_requests)
                 tokens, seconds, gaps = run(engine, prompts, concurrency, args.max_tokens, r * requests, requests,

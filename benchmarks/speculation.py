@@ -1,14 +1,14 @@
 """Speculation at batch 1: mean accepted length and tokens/s over tree sizes, in one run.
 
     python -m benchmarks.speculation [--max-tokens 128] [--sizes 1,4,8,16,32,64] [--heads DIR ...]
-                                     [--lookup-tokens 8[,0]]
+                                     [--lookup-tokens 8[,0]] [--datastore default[,none]]
 
 Runs every evaluation prompt (chat and code, never training prompts) alone through one
 engine, at temperature 0 and 0.7, for each fixed tree size (1 = plain decoding, the same
 engine; the first size is the baseline) and the adaptive policy, prompt by prompt with every
-variant in turn; prints a Markdown table. Several --heads or lookup lengths
-(0: no context-lookup chain) run side by side, one engine each, interleaved size by size,
-each against its own plain rate.
+variant in turn; prints a Markdown table. Several --heads, lookup lengths (0: no lookup
+chain) or datastores (default: the heads' own; none: off) run side by side, one engine
+each, interleaved size by size, each against its own plain rate.
 """
 from __future__ import annotations
 
@@ -50,10 +50,14 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--lookup-tokens", default=str(EngineConfig.lookup_tokens),
                         help="comma-separated longest lookup chains to compare (0: none)")
+    parser.add_argument("--datastore", default="default",
+                        help="comma-separated datastores to compare (default: the heads' own; none: off; or a file)")
     args = parser.parse_args(argv)
-    engines = {f"{heads or 'shipped'}, lookup {lookup}": LLMEngine(EngineConfig(
-        heads=heads, dtype=args.dtype, max_num_seqs=1, kv_cache_memory_gb=0.25, lookup_tokens=lookup))
-        for heads in args.heads for lookup in [int(n) for n in args.lookup_tokens.split(",")]}
+    engines = {f"{heads or 'shipped'}, lookup {lookup}, datastore {store}": LLMEngine(EngineConfig(
+        heads=heads, dtype=args.dtype, max_num_seqs=1, kv_cache_memory_gb=0.25, lookup_tokens=lookup,
+        datastore=None if store == "default" else store))
+        for heads in args.heads for lookup in [int(n) for n in args.lookup_tokens.split(",")]
+        for store in args.datastore.split(",")}
     tokenizer = next(iter(engines.values())).tokenizer
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in MIXED[: args.prompts]]
     sizes: list[int | None] = [int(s) for s in args.sizes.split(",")] + [None]

@@ -32,6 +32,10 @@ MIXES = {
     "general": {"template": 0.45, "self_written": 0.25, "snippet": 0.20, "code": 0.10},
     "varied": {"everyday": 0.45, "composed_code": 0.35, "template": 0.20},
 }
+# Sources whose answers stay out of the datastore (server/datastore.py): the fixed coding
+# requests ask for the evaluation prompts' tasks in other words (Fibonacci, palindromes,
+# merging sorted lists), and their answers would be copied whole into the benchmarks.
+DATASTORE_EXCLUDED = {"code"}
 # Sources whose slot text is a request to the model; its cleaned answer becomes the prompt.
 SELF_WRITTEN = {"self_written": P.clean_model_question}
 SELF_WRITTEN_TOKENS = 48
@@ -168,3 +172,17 @@ def load_shards(data_dir: Path, held_out: bool, max_shards: int | None = None):
                          "generate data first (python -m models.train_heads data ...)")
     offsets = torch.tensor([0] + lengths).cumsum(0)
     return torch.cat(hidden), torch.cat(tokens), offsets
+
+
+def datastore_answers(data_dir: Path, max_shards: int | None = None) -> list[list[int]]:
+    """The training split's answers (token ids), without DATASTORE_EXCLUDED sources."""
+    items = json.loads((data_dir / "prompts.json").read_text())
+    answers = []
+    for path in sorted((data_dir / "shards").glob("shard_*.safetensors"))[:max_shards]:
+        shard = load_file(str(path))
+        offsets, tokens = shard["offsets"].tolist(), shard["tokens"].tolist()
+        for s, index in enumerate(shard["prompt_index"].tolist()):
+            item = items[index]
+            if not item["held_out"] and item["source"] not in DATASTORE_EXCLUDED:
+                answers.append(tokens[offsets[s]:offsets[s + 1]])
+    return answers

@@ -30,6 +30,7 @@ from models.heads import HeadsConfig, MedusaHeads
 DEFAULT_HEADS_DIR = Path(__file__).parent / "heads_data" / "smollm2-135m-instruct"
 GORGON_WEIGHTS, GORGON_CONFIG = "heads.safetensors", "heads.json"
 DRAFT_VOCAB_KEY = "draft_vocab"  # int32 token ids in heads.safetensors (optional)
+DATASTORE_FILE = "datastore.safetensors"  # the base model's answers to the training prompts (optional)
 MEDUSA_WEIGHTS = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
 FORMAT_NAME, FORMAT_VERSION = "gorgon-heads", 1
 TREE_NODES = 64
@@ -52,6 +53,7 @@ class HeadCheckpoint:
     base_model: str = ""
     base_checksum: str = ""
     format: str = FORMAT_NAME
+    datastore_path: Path | None = None       # server/datastore.py, when the checkpoint has one
 
     @property
     def num_heads(self) -> int:
@@ -143,7 +145,8 @@ def _load_gorgon(path: Path, base: ModelConfig) -> HeadCheckpoint:
     paths = meta.get("tree", {}).get("paths")
     tree_paths = tuple(tuple(p) for p in paths) if paths else tune_tree(accuracies)[0]
     return HeadCheckpoint(heads, tree_paths, accuracies, meta.get("base_model", ""),
-                          meta.get("base_checksum", ""), FORMAT_NAME)
+                          meta.get("base_checksum", ""), FORMAT_NAME,
+                          path / DATASTORE_FILE if (path / DATASTORE_FILE).exists() else None)
 
 
 def _read_medusa_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -5,7 +5,8 @@ Steps (each resumable; `all` runs them in order):
           hidden states that produced each answer token are cached (fp16) in the work dir;
   train   heads learn from the cache (0.8^k-weighted cross-entropy, reduced vocabulary);
   eval    per-head top-1 / top-5 accuracy on the held-out prompts, guessing as the server does;
-  export  eval + tree tuning, written in Gorgon's head format (models/head_checkpoint.py).
+  export  eval + tree tuning, written in Gorgon's head format (models/head_checkpoint.py),
+          with the datastore of the training answers (server/datastore.py) beside the heads.
 
 The shipped heads for the default model are `python -m models.train_heads all --out
 models/heads_data/smollm2-135m-instruct` (recipe in docs/heads.md).
@@ -21,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from models.distill_data import MIXES, DataRecipe, generate_shards, load_shards
+from models.distill_data import MIXES, DataRecipe, datastore_answers, generate_shards, load_shards
 from models.fetch import ensure_default_model, gorgon_home
-from models.head_checkpoint import TREE_BUDGETS, load_heads, model_checksum, save_heads
+from models.head_checkpoint import DATASTORE_FILE, TREE_BUDGETS, load_heads, model_checksum, save_heads
 from models.head_trainer import HeadTrainer, TrainConfig, chain_length, evaluate, head_targets, reduced_vocabulary
+from server.datastore import Datastore
 
 COMMANDS = ("all", "data", "train", "eval", "export")
 
@@ -209,6 +211,11 @@ def run_export(s: Session, heads=None) -> None:
     extra = {"training": {"command": "python -m models.train_heads all", "data": [asdict(r) for r in s.recipes],
                           "train": asdict(s.train_config), **record}}
     meta = save_heads(out, heads, accuracies, s.model_dir.name, model_checksum(s.model_dir), extra)
+    answers = [a for r in s.recipes
+               for a in datastore_answers(r.data_dir(s.work_dir), -(-r.num_prompts // r.chunk_size))]
+    datastore = Datastore.from_answers(answers)
+    datastore.save(out / DATASTORE_FILE)
+    print(f"datastore: {len(answers)} answers, {datastore.num_tokens} tokens")
     lengths = meta["tree"]["expected_accept_length"]
     print("expected accepted length per tree budget: "
           + ", ".join(f"{b}: {lengths[str(b)]:.2f}" for b in TREE_BUDGETS))

@@ -33,7 +33,8 @@ SERVE_OPTIONS = [
     ("--heads", str, None, "head checkpoint (default: the shipped heads; 'none': no heads)"),
     ("--tree-budget", int, None, "fixed candidate-tree size in nodes (default: adapts to load)"),
     ("--lookup-tokens", int, ENGINE_DEFAULTS["lookup_tokens"],
-     "longest chain copied from the request's own text added to a speculating tree (0: off)"),
+     "longest lookup chain (from the request's own text, else the datastore) added to a tree (0: off)"),
+    ("--datastore", str, None, "answers to draft lookup chains from (default: the heads' own; 'none': off)"),
     ("--api-key", str, None, "require 'Authorization: Bearer <key>' on /v1 routes"),
     ("--max-num-seqs", int, ENGINE_DEFAULTS["max_num_seqs"], "most requests running at once"),
     ("--max-model-len", int, None, "context length: prompt + max_tokens (default: the model's)"),
@@ -80,7 +81,8 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=args.model, heads=args.heads, speculation=not args.no_speculation,
-                        tree_budget=args.tree_budget, lookup_tokens=args.lookup_tokens, dtype=args.dtype,
+                        tree_budget=args.tree_budget, lookup_tokens=args.lookup_tokens,
+                        datastore=args.datastore, dtype=args.dtype,
                         device=args.device,
                         attention_backend=args.attention_backend, max_num_seqs=args.max_num_seqs,
                         max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,

@@ -11,7 +11,8 @@ class EngineConfig:
     speculation: bool = True          # False: plain one-token-per-step decoding, same engine
     tree_budget: int | None = None    # fixed tree size (nodes); None = adaptive to load
     max_tree_nodes: int = 64
-    lookup_tokens: int = 16           # longest context-lookup chain added to a tree (0: none)
+    lookup_tokens: int = 16           # longest lookup chain added to a tree (0: none)
+    datastore: str | None = None      # answers to draft chains from; None = the heads' own; "none" = off
     dtype: str = "float32"
     device: str = "auto"              # auto = cuda when available, else cpu
     attention_backend: str = "auto"   # auto | torch | triton

@@ -33,6 +33,7 @@ class LLMEngine:
         self.config = config
         parts = load_components(config, heads_override)
         self.model, self.tokenizer, self.heads = parts.model, parts.tokenizer, parts.heads
+        self.datastore = parts.datastore
         self.model_name = parts.model_name
         self.device = parts.device
         model_config = self.model.config
@@ -65,7 +66,8 @@ class LLMEngine:
         """Fix every tree's size in nodes (1 = plain decoding) or, with None, adapt it to load."""
         self.policy = SpeculationPolicy(self.runner.tree_paths, self.accuracies, self.cost_model,
                                         self.config.max_tree_nodes, tree_budget,
-                                        self.config.lookup_tokens if self.config.speculation else 0)
+                                        self.config.lookup_tokens if self.config.speculation else 0,
+                                        self.datastore)
         self.policy.typical_skill = min(1.0, self.skill_prior)
         self.scheduler.policy = self.policy
 

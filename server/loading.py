@@ -17,6 +17,7 @@ from models.loader import load_model, parse_dtype
 from models.packed_linear import can_pack, pack_linears
 from models.tokenizer import Tokenizer
 from server.config import EngineConfig
+from server.datastore import Datastore
 from server.cost_model import MEASURED_SIZES, StepCostModel
 from server.model_runner import ModelRunner
 
@@ -36,6 +37,7 @@ class Components:
     attention_cls: type
     device: torch.device
     model_name: str
+    datastore: Datastore | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,11 +80,27 @@ def load_components(config: EngineConfig, heads_override=None) -> Components:
         heads = copy.deepcopy(heads)                    # model's (a copy: the caller's heads stay trainable)
         pack_linears(heads)
     return Components(
-        model=model, tokenizer=tokenizer, heads=heads,
+        model=model, tokenizer=tokenizer, heads=heads, datastore=load_datastore(config, checkpoint),
         tree_paths=tuple(checkpoint.tree_paths) if checkpoint is not None else (),
         accuracies=list(checkpoint.accuracies) if checkpoint is not None else [],
         attention_cls=attention_class(config.attention_backend, device),
         device=device, model_name=Path(model_dir).name)
+
+
+def load_datastore(config: EngineConfig, checkpoint) -> Datastore | None:
+    """The datastore of --datastore, else the head checkpoint's own (if it has one)."""
+    if not config.speculation or not config.lookup_tokens or config.datastore == "none":
+        return None
+    path = config.datastore or getattr(checkpoint, "datastore_path", None)
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--datastore: no datastore file at {path} (a datastore.safetensors, or 'none')")
+    started = time.perf_counter()
+    datastore = Datastore.load(path)
+    logger.info("datastore %s: %d tokens, indexed in %.1f s", path, datastore.num_tokens,
+                time.perf_counter() - started)
+    return datastore
 
 
 def _best_time(fn, device: torch.device, repeats: int = 3) -> float:

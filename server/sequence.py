@@ -27,6 +27,10 @@ SKILL_PRIOR_TOKENS = 1.0  # the starting skill counts as a step expected to keep
 LOOKUP_FIRST = 0.5
 LOOKUP_DECAY = 0.7
 LOOKUP_WEIGHT = 0.2  # of each scored chain in the moving averages
+# A datastore chain's tokens carry their own confidence (server/datastore.py); a sequence
+# scales them by what its datastore chains kept against what their confidences expected,
+# starting here (on the evaluation prompts' answers, chains kept 0.6-0.8 of their expectation).
+DATASTORE_PRIOR = 0.7
 
 
 class SequenceStatus(enum.Enum):
@@ -59,6 +63,12 @@ class SpeculationStats:
     # token) until the text after it is known, then is scored (SpeculationPolicy.score_lookups).
     lookup_survival: list[float] = field(default_factory=list)
     pending_lookups: deque = field(default_factory=deque)
+    # Datastore chains (proposed when the sequence's own text offers none; they wait in
+    # `pending_lookups` with their tokens' confidences): kept over expected tokens, as moving
+    # averages, the factor on their confidences.
+    datastore_calibration: float = DATASTORE_PRIOR
+    _datastore_kept: float = DATASTORE_PRIOR
+    _datastore_expected: float = 1.0
 
     def record(self, accepted: int, drafted: int, expected_gain: float, head_accepted: int | None = None,
                head_drafted: int | None = None) -> None:
@@ -90,6 +100,13 @@ class SpeculationStats:
                 self.lookup_survival[i] = value
             else:
                 self.lookup_survival.append(value)
+
+    def record_datastore(self, kept: int, expected: float) -> None:
+        """A datastore chain of which the first `kept` tokens came true, against `expected`
+        (the sum of its known tokens' confidences)."""
+        self._datastore_kept += LOOKUP_WEIGHT * (kept - self._datastore_kept)
+        self._datastore_expected += LOOKUP_WEIGHT * (expected - self._datastore_expected)
+        self.datastore_calibration = min(2.0, max(SKILL_FLOOR, self._datastore_kept / max(self._datastore_expected, 1e-3)))
 
     def record_shadow(self, kept: int, expected_gain: float) -> None:
         """A plain step scored after the fact: a tree would have kept `kept` of its draft."""

@@ -3,8 +3,11 @@
 Every candidate node carries an estimate of the chance that it is kept: a heads' node the
 heads' own (the product of their softmax probabilities along its path, server/drafter.py)
 times the sequence's `skill`, a calibration learnt from what its trees really kept; a
-context-lookup chain's i-th token (server/lookup.py) the sequence's running rate of chains
-whose first i + 1 tokens came true. A sequence's tree of n nodes is its n - 1 likeliest
+context-lookup chain's i-th token (copied from the sequence's own text, server/lookup.py)
+the sequence's running rate of chains whose first i + 1 tokens came true; a datastore
+chain's (voted by the base model's earlier answers, server/datastore.py, when the
+sequence's own text offers none) its vote confidence times the sequence's calibration of
+such chains. A sequence's tree of n nodes is its n - 1 likeliest
 nodes (ancestor-closed: a node is never likelier than its parent), so it is expected to
 yield 1 + the sum of their chances, and this changes from step to step with what the heads
 are sure of. With `t` the step-time model (server/cost_model.py: tokens, keys read, trees,
@@ -40,6 +43,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 from server.cost_model import StepCostModel
+from server.datastore import Datastore
 from server.sequence import Sequence
 from server.tree import Path, StepTree, best_nodes, kept_by_tree, path_chance, step_tree
 
@@ -50,6 +54,8 @@ MARGIN = 0.03
 EXPLORE_EVERY = 16  # sequences that decode plainly still draft every this many steps
 HOPE_SHARE = 0.5  # share of the time a hopeful tree would save that drafting for it may cost
 TRUST_WEIGHT = 0.05  # of each verified tree in the moving averages behind `trust`
+# a lookup chain's tokens and, for a datastore chain, their vote confidences (else None)
+Chain = tuple[list[int], "list[float] | None"]
 PRICES = (0.0,) + tuple(0.001 * 1.4 ** k for k in range(21))  # a node's chance, 0.001 .. 0.84
 
 
@@ -78,11 +84,28 @@ class _Candidates:
     chain: list[int]
     chain_gain: list[float]
     chain_neg: list[float]
+    chain_chances: list[float]
+    # depth_mass[m][k]: the chances of the m likeliest heads' nodes at depth k + 1, summed:
+    # how likely those nodes already reach that depth
+    depth_mass: list[tuple[float, ...]]
 
     def gain(self, nodes: int, skill: float) -> float:
         """What the heads' `nodes` likeliest nodes are expected to keep (a forced size may ask
         for more nodes than there are)."""
         return skill * self.head_gain[min(nodes, len(self.head_gain) - 1)]
+
+    def chain_value(self, nodes: int, tokens: int, skill: float) -> float:
+        """What the first `tokens` chain tokens add to the heads' `nodes` likeliest nodes. The
+        two branches are alternatives: a step keeps whichever matches longer, so the chain's
+        token at depth k counts only where the heads' nodes do not reach depth k already
+        (taken as independent): P(chain reaches k) (1 - P(heads reach k)). Beyond the
+        heads' depth the chain's chances count in full."""
+        mass = self.depth_mass[min(nodes, len(self.depth_mass) - 1)]
+        near = min(tokens, len(mass))
+        value = self.chain_gain[tokens] - self.chain_gain[near]
+        for k in range(near):
+            value += self.chain_chances[k] * max(0.0, 1.0 - skill * mass[k])
+        return value
 
     def heads_above(self, price: float, skill: float) -> int:
         return bisect.bisect_left(self.head_neg, -price / skill)
@@ -91,18 +114,27 @@ class _Candidates:
         return bisect.bisect_left(self.chain_neg, -price)
 
 
-def _candidates(nodes: list[int], head_chances: list[float], chain: list[int], chain_chances: list[float]):
+def _candidates(nodes: list[int], head_chances: list[float], chain: list[int], chain_chances: list[float],
+                depths: list[int]):
+    """depths: each heads' node's depth (1 = the root's child)."""
+    mass = [0.0] * max(depths, default=0)
+    depth_mass = [tuple(mass)]
+    for chance, depth in zip(head_chances, depths):
+        mass[depth - 1] += chance
+        depth_mass.append(tuple(mass))
     return _Candidates(nodes, [0.0] + list(accumulate(head_chances)), [-c for c in head_chances],
-                       chain, [0.0] + list(accumulate(chain_chances)), [-c for c in chain_chances])
+                       chain, [0.0] + list(accumulate(chain_chances)), [-c for c in chain_chances],
+                       chain_chances, depth_mass)
 
 
 class SpeculationPolicy:
     def __init__(self, tree_paths: tuple[Path, ...], accuracies: list[list[float]],
                  cost_model: StepCostModel, max_nodes: int, fixed_size: int | None = None,
-                 lookup_tokens: int = 0):
+                 lookup_tokens: int = 0, datastore: Datastore | None = None):
         self.tree_paths = tree_paths
         self.max_nodes = max_nodes
         self.lookup_tokens = lookup_tokens
+        self.datastore = datastore  # chains for sequences whose own text offers none
         self.cost_model = cost_model
         self.fixed_size = fixed_size
         self.speculating = bool(tree_paths) and fixed_size != 1  # did the last plan have trees
@@ -154,10 +186,13 @@ class SpeculationPolicy:
         policy verified its chains."""
         pending = seq.spec.pending_lookups
         while pending and (seq.num_tokens >= pending[0][1] + 1 + len(pending[0][0]) or seq.is_finished):
-            chain, root = pending.popleft()
+            chain, root, confidences = pending.popleft()
             future = seq.token_ids[root + 1: root + 1 + len(chain)]
             kept = next((i for i, (a, b) in enumerate(zip(chain, future)) if a != b), len(future))
-            seq.spec.record_lookup(len(future), kept)
+            if confidences is None:
+                seq.spec.record_lookup(len(future), kept)
+            elif future:
+                seq.spec.record_datastore(kept, sum(confidences[:len(future)]))
 
     def choose(self, seqs: list[Sequence], other_tokens: int, token_limit: int, other_keys: int = 0) -> TreePlan:
         """What each sequence verifies this step (a tree needs the draft made in the step
@@ -167,9 +202,9 @@ class SpeculationPolicy:
             return TreePlan([], [])
         reach = [self._reach(seq) for seq in seqs]
         chains = [self._chain(seq) for seq in seqs]
-        for seq, chain in zip(seqs, chains):
+        for seq, (chain, confidences) in zip(seqs, chains):
             if chain:  # scored once the text after it is known, verified or not
-                seq.spec.pending_lookups.append((chain, seq.num_tokens - 1))
+                seq.spec.pending_lookups.append((chain, seq.num_tokens - 1, confidences))
         candidates = [self._candidates(seq, r, chain) for seq, r, chain in zip(seqs, reach, chains)]
         skills = [seq.spec.skill * self.trust for seq in seqs]
         pinned = [self.is_pinned(seq) and self._reach(seq, pinned=True) > 1 for seq in seqs]
@@ -185,7 +220,7 @@ class SpeculationPolicy:
         trees = [self._step_tree(seq, c, n, m) for seq, c, n, m in zip(seqs, candidates, heads, chain_lens)]
         return TreePlan(trees, drafts)
 
-    def _next_drafts(self, seqs: list[Sequence], reach: list[int], chains: list[list[int]], heads: list[int],
+    def _next_drafts(self, seqs: list[Sequence], reach: list[int], chains: list[Chain], heads: list[int],
                      skills: list[float], forced, other_tokens: int, token_limit: int, other_keys: int) -> list[int]:
         """Tree nodes each sequence drafts after this step. One that verifies a tree now drafts
         for the next size up. One that decodes plainly now (its draft was unsure, or its skill
@@ -228,14 +263,23 @@ class SpeculationPolicy:
         bigger = [n for n in self.sizes if n > size]
         return bigger[0] if bigger else size
 
-    def _chain(self, seq: Sequence) -> list[int]:
-        """The sequence's context-lookup chain (server/lookup.py), at its longest."""
+    def _chain(self, seq: Sequence) -> Chain:
+        """The sequence's lookup chain at its longest: copied from its own text
+        (server/lookup.py; no confidences), else voted by the datastore (server/datastore.py)
+        for a sequence that drafted for this step. Datastore chains extend the trees the
+        policy already plans and start none of their own: under load, where most sequences
+        decode plainly, a lookup per sequence and step (~0.2 ms) and the chain-only trees it
+        proposed cost more than they kept (adaptive 0.92x plain at concurrency 16 with them,
+        docs/benchmarks.md)."""
         if not self.lookup_tokens or self.fixed_size == 1 or not seq.params.speculate:
-            return []
+            return [], None
         longest = min(self.lookup_tokens, self.max_nodes - 1, seq.remaining_tokens - 1)
-        return seq.context_index.continuation(seq.token_ids, longest)
+        chain = seq.context_index.continuation(seq.token_ids, longest)
+        if chain or self.datastore is None or seq.draft is None:
+            return chain, None
+        return self.datastore.voted(seq.token_ids, longest)
 
-    def _candidates(self, seq: Sequence, reach: int, chain: list[int], prior: bool = False) -> _Candidates:
+    def _candidates(self, seq: Sequence, reach: int, lookup: Chain, prior: bool = False) -> _Candidates:
         """prior: plan with the measured accuracies' chances, whatever the sequence's draft."""
         if seq.draft is not None and not prior:
             chances = seq.draft.chances
@@ -243,8 +287,13 @@ class SpeculationPolicy:
         else:  # planned as if it had a draft as good as the measured accuracies
             chances = self.prior_chances
             nodes = list(range(min(reach - 1, len(chances))))
-        chain_chances = list(accumulate((seq.spec.lookup_value(i) for i in range(len(chain))), min))
-        return _candidates(nodes, [chances[j] for j in nodes], chain, chain_chances)
+        chain, confidences = lookup
+        if confidences is None:
+            chain_chances = list(accumulate((seq.spec.lookup_value(i) for i in range(len(chain))), min))
+        else:
+            chain_chances = [min(1.0, seq.spec.datastore_calibration * c) for c in confidences]
+        return _candidates(nodes, [chances[j] for j in nodes], chain, chain_chances,
+                           [len(self.tree_paths[j]) for j in nodes])
 
     def _step_tree(self, seq: Sequence, candidates: _Candidates, heads: int, chain: int) -> StepTree:
         """The tree of the sequence's `heads` - 1 likeliest drafted nodes (none without a
@@ -266,7 +315,7 @@ class SpeculationPolicy:
         context = other_keys + sum(seq.num_cached_tokens for seq in seqs)
 
         def rate(heads: list[int], chains: list[int]) -> float:
-            tokens = sum(1.0 + c.gain(h - 1, skill) + c.chain_gain[m]
+            tokens = sum(1.0 + c.gain(h - 1, skill) + c.chain_value(h - 1, m, skill)
                          for c, skill, h, m in zip(candidates, skills, heads, chains))
             num_tokens = sum(heads) + sum(chains) + other_tokens
             trees = sum(h + m > 1 for h, m in zip(heads, chains))

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from models.attention import KVCache, TorchAttention, build_metadata
-from models.head_checkpoint import DEFAULT_HEADS_DIR, TREE_BUDGETS, load_heads
+from models.head_checkpoint import DATASTORE_FILE, DEFAULT_HEADS_DIR, TREE_BUDGETS, load_heads
 from models.head_trainer import evaluate, head_targets
+from server.datastore import Datastore
 
 HELD_OUT = Path(__file__).parent / "data" / "held_out_answers.json"
 pytestmark = pytest.mark.skipif(not (DEFAULT_HEADS_DIR / "heads.json").exists(), reason="no shipped heads")
@@ -59,3 +60,23 @@ def test_shipped_heads_guess_held_out_continuations(model, tokenizer):
     accuracy = evaluate(checkpoint.heads, model.lm_head, hidden, targets, next_embeds)
     assert accuracy[0][0] >= 0.15
     assert sum(accuracy[0][:5]) >= accuracy[0][0] > accuracy[3][0] - 0.05
+
+
+def test_shipped_datastore_drafts_held_out_continuations(model):
+    """The datastore beside the shipped heads (the base model's answers to the training
+    prompts, held-out ones left out) proposes chains for most positions of held-out answers,
+    and their first token is often right (chance would be ~0)."""
+    checkpoint = load_heads(DEFAULT_HEADS_DIR, model.config)
+    assert checkpoint.datastore_path == DEFAULT_HEADS_DIR / DATASTORE_FILE
+    assert checkpoint.datastore_path.stat().st_size < 4 << 20
+    store = Datastore.load(checkpoint.datastore_path)
+    assert 400_000 < store.num_tokens < 600_000 and store.max_match == 4
+    proposed = right = positions = 0
+    for item in json.loads(HELD_OUT.read_text())["answers"]:
+        answer = item["answer_ids"]
+        for t in range(2, len(answer) - 1):
+            chain = store.continuation(answer[:t], 8)
+            positions += 1
+            proposed += bool(chain)
+            right += bool(chain) and chain[0] == answer[t]
+    assert proposed >= 0.5 * positions and right >= 0.3 * proposed

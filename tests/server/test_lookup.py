@@ -129,7 +129,7 @@ def test_every_chain_is_scored_once_its_text_is_known():
     seq = make_seq([3, 4, 5, 6, 7, 8, 3, 4])
     seq.spec.lookup_survival = [0.0] * 4
     assert linear.choose([seq], 0, 1024).lookups == [[]]
-    assert list(seq.spec.pending_lookups) == [([5, 6, 7, 8], 7)]
+    assert list(seq.spec.pending_lookups) == [([5, 6, 7, 8], 7, None)]
     seq.token_ids += [5, 6, 7]
     linear.score_lookups(seq)
     assert seq.spec.lookup_survival == [0.0] * 4              # 3 of 4 tokens known: not yet
@@ -142,3 +142,16 @@ def test_every_chain_is_scored_once_its_text_is_known():
     seq.token_ids += [5, 9, 9, 9]
     linear.score_lookups(seq)
     assert seq.spec.lookup_survival == pytest.approx([0.36, 0.16, 0.16, 0.16])
+
+
+def test_a_chain_counts_only_where_the_heads_do_not_reach_already():
+    """The heads' branch and the chain are alternatives (a step keeps the longer match): a
+    chain token at a depth the heads reach with chance 0.75 adds a quarter of its own."""
+    from server.speculation_policy import _candidates
+    # heads' nodes: depth 1 (0.6), depth 1 (0.15), depth 2 (0.4); a chain of 0.5, 0.4, 0.3, 0.2, 0.1, 0.1
+    candidates = _candidates([0, 1, 2], [0.6, 0.15, 0.4], [7] * 6, [0.5, 0.4, 0.3, 0.2, 0.1, 0.1], [1, 1, 2])
+    assert candidates.chain_value(0, 2, 1.0) == pytest.approx(0.9)            # no heads: all of it
+    assert candidates.chain_value(3, 2, 1.0) == pytest.approx(0.5 * 0.25 + 0.4 * 0.6)
+    assert candidates.chain_value(3, 6, 1.0) == pytest.approx(0.5 * 0.25 + 0.4 * 0.6 + 0.3 + 0.2 + 0.1 + 0.1)
+    assert candidates.chain_value(3, 2, 2.0) == pytest.approx(0.4 * 0.2)      # sure at depth 1: nothing added there
+    assert candidates.chain_value(9, 1, 1.0) == candidates.chain_value(3, 1, 1.0)   # a forced size past the nodes
