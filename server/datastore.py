@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 MIN_MATCH = 2
 MAX_MATCH = 4
-MAX_OCCURRENCES = 256   # occurrences of a matched n-gram that vote (the first ones in the store)
+MAX_OCCURRENCES = 256   # occurrences of a matched n-gram that vote at most (an even sample of them)
 MIN_CONFIDENCE = 0.1    # a chain stops where the product of its tokens' vote shares falls below this
 SEPARATOR = -1          # between answers: never matched, and a vote for "the answer ended here"
 TOKENS_KEY = "tokens"
@@ -42,8 +42,11 @@ class Datastore:
         tokens = np.asarray(tokens, dtype=np.int64)
         if tokens.ndim != 1:
             raise ValueError("a datastore is one stream of token ids")
+        if len(tokens) and tokens.min() < SEPARATOR:
+            raise ValueError(f"a datastore holds token ids and {SEPARATOR} separators, not {int(tokens.min())}")
         self.max_chain = max_chain
         self.num_tokens = int((tokens != SEPARATOR).sum())
+        self.max_token = int(tokens.max(initial=SEPARATOR))
         # trailing separators: a chain read past the end stops there
         self.stream = np.concatenate([tokens, np.full(max_chain + 1, SEPARATOR, dtype=np.int64)])
         vocab = int(tokens.max(initial=0)) + 1
@@ -101,8 +104,8 @@ class Datastore:
             keys, after = self.keys[n]
             key = self._pack(gram[None, :])[0]
             lo, hi = np.searchsorted(keys, key, "left"), np.searchsorted(keys, key, "right")
-            if hi > lo:
-                return self._vote(after[lo: min(hi, lo + MAX_OCCURRENCES)], max_tokens)
+            if hi > lo:  # a common gram: an even sample of its occurrences across the store
+                return self._vote(after[lo:hi:-(-(hi - lo) // MAX_OCCURRENCES)], max_tokens)
         return [], []
 
     def _vote(self, starts: np.ndarray, max_tokens: int) -> tuple[list[int], list[float]]:

@@ -79,8 +79,12 @@ def load_components(config: EngineConfig, heads_override=None) -> Components:
     if heads is not None and can_pack(device, dtype):  # the engine only drafts with them: packed like the
         heads = copy.deepcopy(heads)                    # model's (a copy: the caller's heads stay trainable)
         pack_linears(heads)
+    datastore = load_datastore(config, checkpoint)
+    if datastore is not None and datastore.max_token >= model.config.vocab_size:
+        raise ValueError(f"the datastore holds token id {datastore.max_token}, beyond this model's vocabulary "
+                         f"({model.config.vocab_size}): it was made with another tokenizer")
     return Components(
-        model=model, tokenizer=tokenizer, heads=heads, datastore=load_datastore(config, checkpoint),
+        model=model, tokenizer=tokenizer, heads=heads, datastore=datastore,
         tree_paths=tuple(checkpoint.tree_paths) if checkpoint is not None else (),
         accuracies=list(checkpoint.accuracies) if checkpoint is not None else [],
         attention_cls=attention_class(config.attention_backend, device),
@@ -88,8 +92,14 @@ def load_components(config: EngineConfig, heads_override=None) -> Components:
 
 
 def load_datastore(config: EngineConfig, checkpoint) -> Datastore | None:
-    """The datastore of --datastore, else the head checkpoint's own (if it has one)."""
+    """The datastore of --datastore, else the head checkpoint's own (if it has one). Its
+    chains extend the heads' trees, so without heads there is none."""
     if not config.speculation or not config.lookup_tokens or config.datastore == "none":
+        return None
+    if checkpoint is None:
+        if config.datastore:
+            logger.warning("--datastore %s is not used: datastore chains extend the heads' trees, and there are "
+                           "no heads", config.datastore)
         return None
     path = config.datastore or getattr(checkpoint, "datastore_path", None)
     if path is None:

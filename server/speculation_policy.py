@@ -85,6 +85,7 @@ class _Candidates:
     chain_gain: list[float]
     chain_neg: list[float]
     chain_chances: list[float]
+    extends_only: bool        # a datastore chain: only beside heads' nodes, never a tree of its own
     # depth_mass[m][k]: the chances of the m likeliest heads' nodes at depth k + 1, summed:
     # how likely those nodes already reach that depth
     depth_mass: list[tuple[float, ...]]
@@ -115,7 +116,7 @@ class _Candidates:
 
 
 def _candidates(nodes: list[int], head_chances: list[float], chain: list[int], chain_chances: list[float],
-                depths: list[int]):
+                depths: list[int], extends_only: bool = False):
     """depths: each heads' node's depth (1 = the root's child)."""
     mass = [0.0] * max(depths, default=0)
     depth_mass = [tuple(mass)]
@@ -124,7 +125,7 @@ def _candidates(nodes: list[int], head_chances: list[float], chain: list[int], c
         depth_mass.append(tuple(mass))
     return _Candidates(nodes, [0.0] + list(accumulate(head_chances)), [-c for c in head_chances],
                        chain, [0.0] + list(accumulate(chain_chances)), [-c for c in chain_chances],
-                       chain_chances, depth_mass)
+                       chain_chances, extends_only, depth_mass)
 
 
 class SpeculationPolicy:
@@ -293,7 +294,7 @@ class SpeculationPolicy:
         else:
             chain_chances = [min(1.0, seq.spec.datastore_calibration * c) for c in confidences]
         return _candidates(nodes, [chances[j] for j in nodes], chain, chain_chances,
-                           [len(self.tree_paths[j]) for j in nodes])
+                           [len(self.tree_paths[j]) for j in nodes], extends_only=confidences is not None)
 
     def _step_tree(self, seq: Sequence, candidates: _Candidates, heads: int, chain: int) -> StepTree:
         """The tree of the sequence's `heads` - 1 likeliest drafted nodes (none without a
@@ -328,7 +329,7 @@ class SpeculationPolicy:
             for c, skill, (h, m) in zip(candidates, skills, forced):
                 heads.append(h if h is not None else 1 if price is None else 1 + c.heads_above(price, skill))
                 chains.append(m if m is not None else 0 if price is None else c.chain_above(price))
-                chains[-1] = min(chains[-1], self.max_nodes - heads[-1])
+                chains[-1] = min(chains[-1], self.max_nodes - heads[-1]) if heads[-1] > 1 or not c.extends_only else 0
             if sum(heads) + sum(chains) > token_limit:
                 if price is not None and self.fixed_size is None:
                     return None   # a higher price fits: there are enough of them

@@ -71,7 +71,7 @@ def test_large_token_ids_pack_exactly():
     assert store.continuation([49151, 32768, 1, 2], 4) == [7, 7]
     assert store.continuation([16383, 32768, 1, 2], 4) == [8, 8]
     assert store.continuation([5, 32768, 1, 2], 4) == [7, 7]   # (32768, 1, 2): a tie, the smaller id
-    assert store.continuation([60000, 1], 4) == []          # an id the store never saw
+    assert store.continuation([1 << 16, 1], 4) == []        # an id past the store's 16 bits
 
 
 def test_chains_stop_at_the_end_of_an_answer_and_at_max_tokens():
@@ -183,6 +183,41 @@ def test_the_engine_takes_the_heads_datastore_unless_told_otherwise(tmp_path):
     assert load_datastore(EngineConfig(datastore="none"), heads) is None
     assert load_datastore(EngineConfig(lookup_tokens=0), heads) is None         # no chains at all
     assert load_datastore(EngineConfig(speculation=False), heads) is None
-    assert load_datastore(EngineConfig(datastore=str(path)), None).num_tokens == 3
+    assert load_datastore(EngineConfig(datastore=str(path)), heads).num_tokens == 3
+    assert load_datastore(EngineConfig(datastore=str(path)), None) is None    # no heads to extend
     with pytest.raises(FileNotFoundError, match="no datastore file"):
         load_datastore(EngineConfig(datastore=str(tmp_path / "missing")), heads)
+
+
+def test_a_common_gram_votes_with_a_sample_from_across_the_store():
+    """More occurrences than MAX_OCCURRENCES: an even sample votes, not the first ones (here
+    the first 300 answers say 5, the last 600 say 6)."""
+    from server.datastore import MAX_OCCURRENCES
+    store = Datastore.from_answers([[1, 2, 5]] * 300 + [[1, 2, 6]] * 600)
+    assert 300 > MAX_OCCURRENCES and store.continuation([1, 2], 1) == [6]
+
+
+def test_bad_token_ids_are_refused():
+    import numpy as np
+    with pytest.raises(ValueError, match="token ids"):
+        Datastore(np.array([5, 6, -5, -1]))
+
+
+def test_datastore_chains_never_make_a_tree_of_their_own():
+    """A drafted sequence whose heads' nodes have no chance at all decodes plainly: its
+    datastore chain (whose tokens alone would pay) may not be a tree of its own. With heads'
+    nodes in the tree, the chain goes along; a chain from the sequence's own text may go alone."""
+    store = Datastore.from_answers([[3, 4, 20, 21, 22]] * 3)
+    policy = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel(FLAT), max_nodes=64, lookup_tokens=8,
+                               datastore=store)
+    hopeless = Draft([0] * len(PATHS), [0.0] * len(PATHS))
+    seq = make_seq([9, 9, 3, 4])
+    seq.draft = hopeless
+    plan = policy.choose([seq], 0, 1024)
+    assert plan.sizes == [1] and plan.lookups == [[]]
+    plan = policy.choose([make_seq([9, 9, 3, 4])], 0, 1024)   # a draft with chances
+    assert plan.sizes[0] > 1 and plan.lookups == [[20, 21, 22]]
+    own = make_seq([3, 4, 20, 21, 22, 9, 3, 4])
+    own.draft = hopeless
+    plan = policy.choose([own], 0, 1024)
+    assert plan.sizes == [1] and plan.lookups == [[20, 21, 22, 9, 3, 4]]
