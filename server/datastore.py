@@ -12,10 +12,10 @@ MIN_CONFIDENCE (or the occurrences run out). REST (He et al., 2023) drafts from 
 datastore with a suffix array and a trie; here sorted n-gram keys and a vote do the same
 for one chain.
 
-The chain is used like a context-lookup chain (server/lookup.py, which the sequence's own
-text feeds and which goes first): the speculation policy prices it by how often such chains
-came true for the sequence and hangs it under the root of its tree; verification decides,
-so the output never changes.
+The chain stands in for a context-lookup chain (server/lookup.py, fed by the sequence's own
+text, which goes first) and hangs under the root of the sequence's tree beside the heads'
+nodes, never alone: the speculation policy prices each token at its confidence times the
+sequence's calibration of such chains; verification decides, so the output never changes.
 """
 from __future__ import annotations
 
@@ -49,8 +49,7 @@ class Datastore:
         self.max_token = int(tokens.max(initial=SEPARATOR))
         # trailing separators: a chain read past the end stops there
         self.stream = np.concatenate([tokens, np.full(max_chain + 1, SEPARATOR, dtype=np.int64)])
-        vocab = int(tokens.max(initial=0)) + 1
-        self.bits = max(1, vocab - 1).bit_length()
+        self.bits = max(1, self.max_token).bit_length()
         self.max_match = min(MAX_MATCH, 64 // self.bits)
         self.keys: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for n in range(MIN_MATCH, self.max_match + 1):
