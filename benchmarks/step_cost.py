@@ -3,9 +3,10 @@
     python -m benchmarks.step_cost [--context 300] [--sizes 1,2,4,8,16,32,64] [--rounds 5]
 
 One sequence with `--context` cached tokens verifies a chain of n new tokens (logits on
-every row, as a tree step has), through the model with oneDNN-packed linear layers and the
-same model with plain nn.Linear, interleaved round by round so machine noise hits both;
-prints the best time of each and each size's cost relative to one token.
+every row, as a tree step has), through the model with its linear layers in our panel
+layout (where the kernel runs), oneDNN-packed, and plain nn.Linear, interleaved round by
+round so machine noise hits all; prints the best time of each, each size's cost relative to
+one token, and each layout's speed-up over nn.Linear.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from models.attention import KVCache, TorchAttention, build_metadata
 from models.fetch import ensure_default_model
 from models.loader import load_model
+from models.packed_linear import panel_kernels
 
 
 @torch.inference_mode()
@@ -41,8 +43,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     model_dir = ensure_default_model()
-    models = {"packed": load_model(model_dir, "float32"), "nn.Linear": load_model(model_dir, "float32", pack=False)}
-    config = models["packed"].config
+    models = {"oneDNN": load_model(model_dir, "float32", panels=False),
+              "nn.Linear": load_model(model_dir, "float32", pack=False)}
+    if panel_kernels() is not None:
+        models = {"panels": load_model(model_dir, "float32"), **models}
+    config = models["oneDNN"].config
     block_size = 16
     num_blocks = (args.context + max(sizes) + block_size - 1) // block_size
     caches = {}
@@ -66,8 +71,10 @@ def main(argv=None) -> None:
     for name in models:
         ms = " | ".join(f"{best[name, n] * 1e3:.0f} ms ({best[name, n] / best[name, sizes[0]]:.2f}x)" for n in sizes)
         print(f"| {name} | {ms} |")
-    ratio = " | ".join(f"{best['nn.Linear', n] / best['packed', n]:.2f}x" for n in sizes)
-    print(f"| packed speed-up | {ratio} |")
+    for name in models:
+        if name != "nn.Linear":
+            ratio = " | ".join(f"{best['nn.Linear', n] / best[name, n]:.2f}x" for n in sizes)
+            print(f"| {name} speed-up over nn.Linear | {ratio} |")
 
 
 if __name__ == "__main__":

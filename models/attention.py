@@ -220,8 +220,9 @@ class TorchAttention:
         """q [T, Hq, D], k and v [T, Hkv, D] -> output [T, Hq, D]; writes k and v to the cache."""
         k_cache = self.kv_cache.k[layer].view(-1, *k.shape[1:])
         v_cache = self.kv_cache.v[layer].view(-1, *v.shape[1:])
-        k_cache[self.write_slots] = k if self.write_all else k[self.write_rows]
-        v_cache[self.write_slots] = v if self.write_all else v[self.write_rows]
+        # index_copy_ / index_select: a third of the time of indexing with a tensor on the CPU
+        k_cache.index_copy_(0, self.write_slots, k if self.write_all else k.index_select(0, self.write_rows))
+        v_cache.index_copy_(0, self.write_slots, v if self.write_all else v.index_select(0, self.write_rows))
         out = None
         scale = q.shape[-1] ** -0.5
         for group in self.groups:
@@ -230,9 +231,10 @@ class TorchAttention:
                 first, count = group.span
                 qg = q[first:first + count].view(b, mq, *q.shape[1:]).transpose(1, 2)   # [b, Hq, mq, D]
             else:
-                qg = q[group.rows].transpose(1, 2)
-            kg = k_cache[group.key_slots].transpose(1, 2)                  # [b, Hkv, mk, D]
-            vg = v_cache[group.key_slots].transpose(1, 2)
+                qg = q.index_select(0, group.rows.view(-1)).view(b, mq, *q.shape[1:]).transpose(1, 2)
+            slots = group.key_slots.view(-1)
+            kg = k_cache.index_select(0, slots).view(b, -1, *k.shape[1:]).transpose(1, 2)   # [b, Hkv, mk, D]
+            vg = v_cache.index_select(0, slots).view(b, -1, *v.shape[1:]).transpose(1, 2)
             og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=group.bias, is_causal=group.bias is None,
                                                 scale=scale, enable_gqa=True)
             og = og.transpose(1, 2).reshape(-1, *q.shape[1:])              # [b * mq, Hq, D]
@@ -243,5 +245,5 @@ class TorchAttention:
             if group.span is not None:
                 out[first:first + count] = og
             else:
-                out[group.out_rows] = og[group.flat]
+                out.index_copy_(0, group.out_rows, og.index_select(0, group.flat))
         return out if out is not None else torch.zeros(q.shape, dtype=q.dtype, device=q.device)

@@ -65,11 +65,12 @@ def stack_projections(state: dict[str, torch.Tensor]) -> None:
 
 
 def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32",
-               device: str | torch.device = "cpu", pack: bool = True) -> LlamaForCausalLM:
+               device: str | torch.device = "cpu", pack: bool = True, panels: bool = True) -> LlamaForCausalLM:
     """Build the model from a directory; every parameter must be present with its shape.
 
-    On the CPU its linear layers are packed for oneDNN (models/packed_linear.py) unless
-    `pack` is False; the unembedding keeps its dense weight (the heads and training read it).
+    On the CPU its linear layers are packed (models/packed_linear.py: our panel kernel where
+    it runs, unless `panels` is False, else oneDNN) unless `pack` is False; the unembedding
+    keeps its dense weight (the heads and training read it).
     """
     model_dir = Path(model_dir)
     config = read_config(model_dir)
@@ -96,5 +97,5 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32",
     model.model.rotary_emb = RotaryEmbedding(config)  # its buffer was built on the meta device
     model = model.to(device).eval().requires_grad_(False)
     if pack and can_pack(device, dtype):
-        pack_linears(model, keep_weights=("lm_head",))
+        pack_linears(model, keep_weights=("lm_head",), panels=panels)
     return model

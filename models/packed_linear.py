@@ -1,40 +1,102 @@
-"""Linear layers with weights reordered once for oneDNN: fast small-batch inference on CPU.
+"""Linear layers with weights laid out once for fast small-batch inference on the CPU.
 
-A plain `nn.Linear` on the CPU goes through a GEMM that repacks its weight matrix on every
-call. For the few rows of a decode or tree-verification step that repacking costs as much
-as the multiplication: on a 2-core AVX2 machine a forward of the default model over 2
-tokens took 1.6x one token, over 8 tokens 1.9x. oneDNN can reorder a weight into its own
-blocked layout once (`mkldnn._reorder_linear_weight`, what torch.compile's CPU freezing
-pass uses); every later call then streams the weights once at memory bandwidth, and a step
-of 8 tokens costs about 1.3x one token (docs/benchmarks.md). Inference only: the packed
-copy is frozen and has no gradient.
+A decode or tree-verification step multiplies a few rows by every weight matrix, so its
+time is the weights' trip from memory. A plain `nn.Linear` on the CPU goes through a GEMM
+that repacks its weight matrix on every call; for a few rows that costs as much as the
+multiplication. Two layouts, chosen once per process:
+
+- **panels** (x86-64 with AVX2 and FMA, the default there): our kernel
+  (`models/csrc/panel_linear.cpp`, compiled on first use with torch's C++ extension
+  builder) over weights stored as 16-column panels. It reads the weights at memory
+  bandwidth for 1 to ~8 rows and is as fast as oneDNN for hundreds (docs/benchmarks.md), and
+  a row's result does not depend on how many rows share the call: a plain step and a
+  speculative tree compute bit-identical logits for the same token.
+- **oneDNN** (elsewhere, or with GORGON_CPU_LINEAR=onednn, or if the kernel cannot be
+  built): `mkldnn._reorder_linear_weight`, what torch.compile's CPU freezing pass uses.
+
+Inference only: the packed copy is frozen and has no gradient.
 """
 from __future__ import annotations
 
+import functools
+import logging
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+logger = logging.getLogger("gorgon.linear")
+PANEL = 16  # output columns per panel (models/csrc/panel_linear.cpp)
+_SOURCE = Path(__file__).parent / "csrc" / "panel_linear.cpp"
 
 
 def can_pack(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """oneDNN packing applies to CPU weights in fp32 (bf16 only where the CPU does bf16 math)."""
-    if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
+    """Packing applies to CPU weights in fp32 (bf16 only where the CPU does bf16 math)."""
+    if torch.device(device).type != "cpu":
         return False
-    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+    if dtype == torch.float32 and panel_kernels() is not None:
+        return True
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return False
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+@functools.cache
+def panel_kernels():
+    """The compiled panel kernel module, or None where it cannot run or be built."""
+    choice = os.environ.get("GORGON_CPU_LINEAR", "auto")
+    if choice not in ("auto", "panels", "onednn"):
+        raise ValueError(f"GORGON_CPU_LINEAR must be auto, panels or onednn, not {choice!r}")
+    if choice == "onednn":
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64") or \
+            torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        if choice == "panels":
+            raise RuntimeError("GORGON_CPU_LINEAR=panels needs an x86-64 CPU with AVX2 and FMA")
+        return None
+    bin_dir = os.path.dirname(sys.executable)   # pip's ninja sits beside the interpreter
+    if shutil.which("ninja") is None and os.path.exists(os.path.join(bin_dir, "ninja")):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    try:
+        from torch.utils.cpp_extension import load
+        logger.info("loading the CPU panel kernel (compiled on first use, about a minute)")
+        # -fopenmp compiles ATen's parallel_for into OpenMP regions without linking an
+        # OpenMP runtime of our own: they run on the one torch has loaded (its thread pool)
+        return load("gorgon_panel_linear", [str(_SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"])
+    except Exception as e:  # no compiler, no ninja, a read-only cache...
+        if choice == "panels":
+            raise
+        logger.warning("the CPU panel kernel could not be built (%s); using oneDNN for linear layers", e)
+        return None
+
+
+def _panels(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] -> [ceil(N / 16), K, 16]: panel p holds output columns 16p..16p+15, zero-padded."""
+    n, k = weight.shape
+    count = -(-n // PANEL)
+    padded = F.pad(weight.detach().float(), (0, 0, 0, count * PANEL - n))
+    return padded.view(count, PANEL, k).transpose(1, 2).contiguous()
+
+
 class PackedLinear(nn.Module):
-    """y = x W^T + b over a oneDNN-packed W; x may have any leading shape.
+    """y = x W^T + b over W packed once (panels or oneDNN); x may have any leading shape.
 
     `keep_weight` keeps the dense weight reachable as `.weight` (for a tied unembedding the
     embedding holds it anyway); otherwise only the packed copy stays in memory.
     """
 
-    def __init__(self, linear: nn.Linear, keep_weight: bool = False):
+    def __init__(self, linear: nn.Linear, keep_weight: bool = False, panels: bool = True):
+        """panels=False: oneDNN even where the panel kernel runs (for side-by-side benchmarks)."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+        weight = linear.weight.detach()
+        self.kernels = panel_kernels() if panels and weight.dtype == torch.float32 else None
+        self.packed = _panels(weight) if self.kernels is not None else torch.ops.mkldnn._reorder_linear_weight(weight)
         self.bias = linear.bias
         self.weight = linear.weight if keep_weight else None
 
@@ -42,14 +104,18 @@ class PackedLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if not rows.is_contiguous():
             rows = rows.contiguous()
-        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+        if self.kernels is not None:
+            out = self.kernels.panel_linear(rows, self.packed, self.bias, self.out_features)
+        else:
+            out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN"
+        layout = "panels" if self.kernels is not None else "oneDNN"
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed={layout}"
 
 
-def pack_linears(module: nn.Module, keep_weights: tuple[str, ...] = ()) -> int:
+def pack_linears(module: nn.Module, keep_weights: tuple[str, ...] = (), panels: bool = True) -> int:
     """Replace every nn.Linear inside `module` by a PackedLinear; returns how many.
 
     `keep_weights` names (as in named_modules) the layers whose dense weight other code
@@ -60,6 +126,11 @@ def pack_linears(module: nn.Module, keep_weights: tuple[str, ...] = ()) -> int:
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 full = f"{parent_name}.{name}" if parent_name else name
-                setattr(parent, name, PackedLinear(child, keep_weight=full in keep_weights))
+                setattr(parent, name, PackedLinear(child, full in keep_weights, panels))
                 replaced += 1
     return replaced
+
+
+if __name__ == "__main__":  # `python -m models.packed_linear`: build the kernel now (make install does)
+    logging.basicConfig(level=logging.INFO)
+    print("CPU linear layers:", "panels" if panel_kernels() is not None else "oneDNN")

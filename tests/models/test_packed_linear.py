@@ -1,18 +1,21 @@
-"""oneDNN-packed linear layers compute what nn.Linear computes, for any leading shape."""
+"""Packed linear layers (our panel kernel, oneDNN) compute what nn.Linear computes."""
 import pytest
 import torch
 
-from models.packed_linear import PackedLinear, can_pack, pack_linears
+from models.packed_linear import PackedLinear, can_pack, pack_linears, panel_kernels
 
-pytestmark = pytest.mark.skipif(not can_pack("cpu", torch.float32), reason="no oneDNN on this build")
+pytestmark = pytest.mark.skipif(not can_pack("cpu", torch.float32), reason="no packed layout on this build")
+needs_panels = pytest.mark.skipif(panel_kernels() is None, reason="the panel kernel needs x86-64 with AVX2")
+LAYOUTS = [pytest.param(True, marks=needs_panels, id="panels"), pytest.param(False, id="onednn")]
 
 
+@pytest.mark.parametrize("panels", LAYOUTS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 24), (7, 24), (3, 5, 24), (24,)])
-def test_packed_linear_matches_nn_linear(bias, shape):
+def test_packed_linear_matches_nn_linear(panels, bias, shape):
     torch.manual_seed(0)
     linear = torch.nn.Linear(24, 40, bias=bias)
-    packed = PackedLinear(linear)
+    packed = PackedLinear(linear, panels=panels)
     x = torch.randn(shape)
     with torch.inference_mode():
         out = packed(x)
@@ -20,6 +23,44 @@ def test_packed_linear_matches_nn_linear(bias, shape):
         torch.testing.assert_close(out, linear(x), atol=1e-5, rtol=1e-5)
         strided = torch.randn(5, 48)[:, ::2]   # non-contiguous rows
         torch.testing.assert_close(packed(strided), linear(strided), atol=1e-5, rtol=1e-5)
+
+
+@needs_panels
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 12, 13, 40])
+@pytest.mark.parametrize("in_features,out_features", [(576, 960), (33, 17), (8, 1), (100, 48)])
+def test_panels_match_float64_reference_for_any_row_count(rows, in_features, out_features):
+    """Every row group (1..6 rows a pass), partial last panels, odd sizes; poisoned output
+    memory would show as a mismatch."""
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(in_features, out_features)
+    x = torch.randn(rows, in_features)
+    expected = (x.double() @ linear.weight.double().T + linear.bias.double()).float()
+    with torch.inference_mode():
+        torch.testing.assert_close(PackedLinear(linear)(x), expected, atol=1e-4, rtol=1e-4)
+
+
+@needs_panels
+def test_a_row_gets_the_same_bits_alone_and_in_any_batch():
+    """What makes a speculative tree and a plain step agree bit for bit in the linear layers."""
+    torch.manual_seed(0)
+    packed = PackedLinear(torch.nn.Linear(576, 1000))
+    x = torch.randn(23, 576)
+    with torch.inference_mode():
+        alone = torch.cat([packed(x[i:i + 1]) for i in range(len(x))])
+        for rows in (2, 4, 6, 7, 23):
+            assert torch.equal(packed(x[:rows]), alone[:rows])
+
+
+@needs_panels
+def test_panel_kernel_refuses_what_it_cannot_compute():
+    kernels = panel_kernels()
+    panels = torch.zeros(2, 8, 16)
+    with pytest.raises(RuntimeError, match="fp32"):
+        kernels.panel_linear(torch.zeros(1, 8, dtype=torch.float64), panels, None, 20)
+    with pytest.raises(RuntimeError, match="columns"):
+        kernels.panel_linear(torch.zeros(1, 9), panels, None, 20)
+    with pytest.raises(RuntimeError, match="panels"):
+        kernels.panel_linear(torch.zeros(1, 8), panels, None, 40)
 
 
 def test_pack_linears_replaces_every_linear_and_keeps_named_weights():
@@ -37,3 +78,4 @@ def test_loaded_model_is_packed_on_cpu(model):
     assert isinstance(model.model.layers[0].mlp.gate_up_proj, PackedLinear)
     assert isinstance(model.lm_head, PackedLinear)
     assert model.lm_head.weight is model.model.embed_tokens.weight   # tied, not copied
+    assert (model.lm_head.kernels is not None) == (panel_kernels() is not None)
