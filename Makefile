@@ -21,7 +21,7 @@ ifneq ($(HAS_CUDA),yes)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU_SPEC)
 endif
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m models.packed_linear   # compiles the CPU panel kernel once (~45 s); cached after
+	$(PY) -m models.cpu_kernels   # compiles the CPU kernels once (about a minute); cached after
 	touch $@
 
 fetch-model: install

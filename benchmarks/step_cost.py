@@ -20,7 +20,7 @@ import torch
 from models.attention import KVCache, TorchAttention, build_metadata
 from models.fetch import ensure_default_model
 from models.loader import load_model
-from models.packed_linear import panel_kernels
+from models.cpu_kernels import cpu_kernels
 
 
 @torch.inference_mode()
@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     model_dir = ensure_default_model()
     models = {"oneDNN": load_model(model_dir, "float32", panels=False),
               "nn.Linear": load_model(model_dir, "float32", pack=False)}
-    if panel_kernels() is not None:
+    if cpu_kernels() is not None:
         models = {"panels": load_model(model_dir, "float32"), **models}
     config = models["oneDNN"].config
     block_size = 16

@@ -12,6 +12,7 @@ import os
 import torch
 
 from models.attention import AttentionMetadata, KVCache, TorchAttention
+from models.cpu_attention import CpuAttention
 
 BACKEND_NAMES = ("auto", "torch", "triton")
 
@@ -55,14 +56,18 @@ class TritonAttention:
 def attention_backend(name: str, device: torch.device | str) -> type:
     """The attention class for `name` ("auto", "torch" or "triton") on `device`.
 
-    "auto" picks Triton on CUDA and PyTorch elsewhere. "triton" needs CUDA, or
-    TRITON_INTERPRET=1 (Triton's CPU interpreter, slow: for tests).
+    "auto" picks Triton on CUDA and, elsewhere, Gorgon's C++ kernel for decode and tree
+    queries (models/cpu_attention.py; PyTorch where it cannot run). "torch" is the PyTorch
+    reference everywhere. "triton" needs CUDA, or TRITON_INTERPRET=1 (Triton's CPU
+    interpreter, slow: for tests).
     """
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown attention backend {name!r}: choose one of {', '.join(BACKEND_NAMES)}")
     is_cuda = torch.device(device).type == "cuda"
-    if name == "torch" or (name == "auto" and not is_cuda):
+    if name == "torch":
         return TorchAttention
+    if name == "auto" and not is_cuda:
+        return CpuAttention
     if not is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"the triton attention backend needs a CUDA device, got {device!r}: choose "
                          "the 'torch' (or 'auto') backend, or set TRITON_INTERPRET=1 to run the "

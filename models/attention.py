@@ -147,7 +147,8 @@ class TorchAttention:
     them as slices: no gather, and no scatter when it is the whole step.
     """
 
-    def __init__(self, metadata: AttentionMetadata, kv_cache: KVCache):
+    def __init__(self, metadata: AttentionMetadata, kv_cache: KVCache, trees: bool = True):
+        """trees=False: groups for the prefill sequences only (a subclass attends the trees)."""
         self.kv_cache = kv_cache
         device = metadata.slot_mapping.device
         slot_mapping = metadata.slot_mapping
@@ -162,14 +163,14 @@ class TorchAttention:
         # Each group: (query rows [b, mq], key slots [b, mk], mask [b, 1, mq, mk], valid [b, mq]).
         self.groups = []
         prefills = range(metadata.num_prefills)
-        trees = range(metadata.num_prefills, metadata.num_seqs)
+        tree_groups, trees = trees, range(metadata.num_prefills, metadata.num_seqs)
         tree_offset = metadata.num_prefill_tokens
         for b in prefills:  # one group per prompt chunk: no padding waste on long prompts
             self.groups.append(self._group([b], metadata, cu, tables, block_size, tree_offset, device, kv_cache.k.dtype))
         # tree sequences are padded to the longest query of their group: bucket them by query
         # length (1, 2, 3-4, 5-8, ...) so one big tree does not pad a whole batch of decodes
         buckets: dict[int, list[int]] = {}
-        for b in trees:
+        for b in trees if tree_groups else ():
             buckets.setdefault((metadata.query_lens_host[b] - 1).bit_length(), []).append(b)
         for bucket in sorted(buckets):
             self.groups.append(self._group(buckets[bucket], metadata, cu, tables, block_size, tree_offset, device,
@@ -218,12 +219,22 @@ class TorchAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k and v [T, Hkv, D] -> output [T, Hq, D]; writes k and v to the cache."""
+        self.write(layer, k, v)
+        return self.attend_groups(layer, q)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The step's keys and values [T, Hkv, D] into their cache slots (padding rows skipped)."""
         k_cache = self.kv_cache.k[layer].view(-1, *k.shape[1:])
         v_cache = self.kv_cache.v[layer].view(-1, *v.shape[1:])
         # index_copy_ / index_select: a third of the time of indexing with a tensor on the CPU
         k_cache.index_copy_(0, self.write_slots, k if self.write_all else k.index_select(0, self.write_rows))
         v_cache.index_copy_(0, self.write_slots, v if self.write_all else v.index_select(0, self.write_rows))
-        out = None
+
+    def attend_groups(self, layer: int, q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Masked SDPA over each group; rows of no group stay zero (or as they are in `out`)."""
+        k_cache = self.kv_cache.k[layer].view(-1, *self.kv_cache.k.shape[-2:])
+        v_cache = self.kv_cache.v[layer].view(-1, *self.kv_cache.v.shape[-2:])
+        given = out is not None
         scale = q.shape[-1] ** -0.5
         for group in self.groups:
             b, mq = group.rows.shape
@@ -233,12 +244,12 @@ class TorchAttention:
             else:
                 qg = q.index_select(0, group.rows.view(-1)).view(b, mq, *q.shape[1:]).transpose(1, 2)
             slots = group.key_slots.view(-1)
-            kg = k_cache.index_select(0, slots).view(b, -1, *k.shape[1:]).transpose(1, 2)   # [b, Hkv, mk, D]
-            vg = v_cache.index_select(0, slots).view(b, -1, *v.shape[1:]).transpose(1, 2)
+            kg = k_cache.index_select(0, slots).view(b, -1, *k_cache.shape[1:]).transpose(1, 2)   # [b, Hkv, mk, D]
+            vg = v_cache.index_select(0, slots).view(b, -1, *v_cache.shape[1:]).transpose(1, 2)
             og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=group.bias, is_causal=group.bias is None,
                                                 scale=scale, enable_gqa=True)
             og = og.transpose(1, 2).reshape(-1, *q.shape[1:])              # [b * mq, Hq, D]
-            if group.span == (0, self.num_tokens):
+            if group.span == (0, self.num_tokens) and not given:
                 return og   # the whole step in one group, in order
             if out is None:
                 out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # rows of padding sequences stay zero

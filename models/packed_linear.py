@@ -6,73 +6,36 @@ that repacks its weight matrix on every call; for a few rows that costs as much 
 multiplication. Two layouts, chosen once per process:
 
 - **panels** (x86-64 with AVX2 and FMA, the default there): our kernel
-  (`models/csrc/panel_linear.cpp`, compiled on first use with torch's C++ extension
-  builder) over weights stored as 16-column panels. It reads the weights at memory
+  (`models/csrc/panel_linear.cpp`, built by models/cpu_kernels.py) over weights stored as
+  16-column panels. It reads the weights at memory
   bandwidth for 1 to ~8 rows and is as fast as oneDNN for hundreds (docs/benchmarks.md), and
   a row's result does not depend on how many rows share the call: a plain step and a
   speculative tree compute bit-identical logits for the same token.
-- **oneDNN** (elsewhere, or with GORGON_CPU_LINEAR=onednn, or if the kernel cannot be
-  built): `mkldnn._reorder_linear_weight`, what torch.compile's CPU freezing pass uses.
+- **oneDNN** (elsewhere, with GORGON_CPU_KERNELS=off, or if the kernels cannot be built):
+  `mkldnn._reorder_linear_weight`, what torch.compile's CPU freezing pass uses.
 
 Inference only: the packed copy is frozen and has no gradient.
 """
 from __future__ import annotations
 
-import functools
-import logging
-import os
-import platform
-import shutil
-import sys
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-logger = logging.getLogger("gorgon.linear")
+from models.cpu_kernels import cpu_kernels
+
 PANEL = 16  # output columns per panel (models/csrc/panel_linear.cpp)
-_SOURCE = Path(__file__).parent / "csrc" / "panel_linear.cpp"
 
 
 def can_pack(device: torch.device | str, dtype: torch.dtype) -> bool:
     """Packing applies to CPU weights in fp32 (bf16 only where the CPU does bf16 math)."""
     if torch.device(device).type != "cpu":
         return False
-    if dtype == torch.float32 and panel_kernels() is not None:
+    if dtype == torch.float32 and cpu_kernels() is not None:
         return True
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return False
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-@functools.cache
-def panel_kernels():
-    """The compiled panel kernel module, or None where it cannot run or be built."""
-    choice = os.environ.get("GORGON_CPU_LINEAR", "auto")
-    if choice not in ("auto", "panels", "onednn"):
-        raise ValueError(f"GORGON_CPU_LINEAR must be auto, panels or onednn, not {choice!r}")
-    if choice == "onednn":
-        return None
-    if platform.machine().lower() not in ("x86_64", "amd64") or \
-            torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        if choice == "panels":
-            raise RuntimeError("GORGON_CPU_LINEAR=panels needs an x86-64 CPU with AVX2 and FMA")
-        return None
-    bin_dir = os.path.dirname(sys.executable)   # pip's ninja sits beside the interpreter
-    if shutil.which("ninja") is None and os.path.exists(os.path.join(bin_dir, "ninja")):
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    try:
-        from torch.utils.cpp_extension import load
-        logger.info("loading the CPU panel kernel (compiled on first use, about a minute)")
-        # -fopenmp compiles ATen's parallel_for into OpenMP regions without linking an
-        # OpenMP runtime of our own: they run on the one torch has loaded (its thread pool)
-        return load("gorgon_panel_linear", [str(_SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"])
-    except Exception as e:  # no compiler, no ninja, a read-only cache...
-        if choice == "panels":
-            raise
-        logger.warning("the CPU panel kernel could not be built (%s); using oneDNN for linear layers", e)
-        return None
 
 
 def _panels(weight: torch.Tensor) -> torch.Tensor:
@@ -95,7 +58,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
-        self.kernels = panel_kernels() if panels and weight.dtype == torch.float32 else None
+        self.kernels = cpu_kernels() if panels and weight.dtype == torch.float32 else None
         self.packed = _panels(weight) if self.kernels is not None else torch.ops.mkldnn._reorder_linear_weight(weight)
         self.bias = linear.bias
         self.weight = linear.weight if keep_weight else None
@@ -129,8 +92,3 @@ def pack_linears(module: nn.Module, keep_weights: tuple[str, ...] = (), panels: 
                 setattr(parent, name, PackedLinear(child, full in keep_weights, panels))
                 replaced += 1
     return replaced
-
-
-if __name__ == "__main__":  # `python -m models.packed_linear`: build the kernel now (make install does)
-    logging.basicConfig(level=logging.INFO)
-    print("CPU linear layers:", "panels" if panel_kernels() is not None else "oneDNN")

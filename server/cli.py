@@ -43,7 +43,7 @@ SERVE_OPTIONS = [
     ("--kv-cache-memory-gb", float, ENGINE_DEFAULTS["kv_cache_memory_gb"], "memory for the paged KV cache"),
     ("--dtype", str, ENGINE_DEFAULTS["dtype"], "float32 | bfloat16 | float16"),
     ("--device", str, ENGINE_DEFAULTS["device"], "auto | cpu | cuda[:N]"),
-    ("--attention-backend", str, ENGINE_DEFAULTS["attention_backend"], "auto | torch | triton"),
+    ("--attention-backend", str, ENGINE_DEFAULTS["attention_backend"], "auto (Triton on CUDA, Gorgon's C++ kernel on the CPU) | torch | triton"),
     ("--shutdown-timeout", float, 20.0, "seconds in-flight requests may finish after SIGTERM"),
     ("--log-level", str, "info", "debug | info | warning | error"),
 ]

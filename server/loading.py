@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from models.attention import TorchAttention, build_metadata
+from models.cpu_attention import CpuAttention
 from models.heads import MedusaHeads
 from models.llama import LlamaForCausalLM
 from models.loader import load_model, parse_dtype
@@ -49,8 +50,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def attention_class(name: str, device: torch.device) -> type:
-    if name == "torch" or (name == "auto" and device.type != "cuda"):
+    if name == "torch":
         return TorchAttention
+    if name == "auto" and device.type != "cuda":
+        return CpuAttention   # PyTorch's where the C++ kernels do not run
     from kernels.backend import attention_backend
     return attention_backend(name, device)
 

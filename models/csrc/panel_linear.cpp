@@ -102,7 +102,3 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels,
   });
   return y;
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("panel_linear", &panel_linear, "y = x W^T + b over weights packed in 16-column panels");
-}

@@ -5,6 +5,7 @@ import torch
 from batches import Batch, assert_close
 from kernels.backend import TritonAttention, attention_backend
 from models.attention import KVCache, TorchAttention
+from models.cpu_attention import CpuAttention
 
 
 @pytest.mark.parametrize("stacked", [False, True])
@@ -35,7 +36,7 @@ def test_mixed_step_matches_torch_backend(rng, dtype, stacked, monkeypatch):
 
 def test_backend_choice(monkeypatch):
     assert attention_backend("torch", "cpu") is TorchAttention
-    assert attention_backend("auto", "cpu") is TorchAttention
+    assert attention_backend("auto", "cpu") is CpuAttention   # PyTorch's where the C++ kernels do not run
     assert attention_backend("auto", "cuda") is TritonAttention
     assert attention_backend("triton", "cuda") is TritonAttention
     monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from models.packed_linear import PackedLinear, can_pack, pack_linears, panel_kernels
+from models.cpu_kernels import cpu_kernels
+from models.packed_linear import PackedLinear, can_pack, pack_linears
 
 pytestmark = pytest.mark.skipif(not can_pack("cpu", torch.float32), reason="no packed layout on this build")
-needs_panels = pytest.mark.skipif(panel_kernels() is None, reason="the panel kernel needs x86-64 with AVX2")
+needs_panels = pytest.mark.skipif(cpu_kernels() is None, reason="the panel kernel needs x86-64 with AVX2")
 LAYOUTS = [pytest.param(True, marks=needs_panels, id="panels"), pytest.param(False, id="onednn")]
 
 
@@ -53,7 +54,7 @@ def test_a_row_gets_the_same_bits_alone_and_in_any_batch():
 
 @needs_panels
 def test_panel_kernel_refuses_what_it_cannot_compute():
-    kernels = panel_kernels()
+    kernels = cpu_kernels()
     panels = torch.zeros(2, 8, 16)
     with pytest.raises(RuntimeError, match="fp32"):
         kernels.panel_linear(torch.zeros(1, 8, dtype=torch.float64), panels, None, 20)
@@ -78,4 +79,4 @@ def test_loaded_model_is_packed_on_cpu(model):
     assert isinstance(model.model.layers[0].mlp.gate_up_proj, PackedLinear)
     assert isinstance(model.lm_head, PackedLinear)
     assert model.lm_head.weight is model.model.embed_tokens.weight   # tied, not copied
-    assert (model.lm_head.kernels is not None) == (panel_kernels() is not None)
+    assert (model.lm_head.kernels is not None) == (cpu_kernels() is not None)

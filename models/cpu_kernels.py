@@ -1,0 +1,64 @@
+"""Gorgon's C++ kernels for x86-64 CPUs with AVX2 and FMA (`models/csrc/`).
+
+- `panel_linear`: fp32 linear layers over weights laid out in 16-column panels
+  (models/packed_linear.py);
+- `tree_attention`: paged attention of decode and tree-verification queries, read in place
+  from the KV cache (models/cpu_attention.py).
+
+Both compute each row (each query) on its own, in an order that does not depend on the
+other rows of the step, so a token verified in a speculative tree gets the bits it gets when
+decoded alone. They are compiled once with torch's C++ extension builder (the system's C++
+compiler and ninja; `make install` does it ahead, about a minute) and cached under
+`~/.cache/torch_extensions` (or TORCH_EXTENSIONS_DIR). GORGON_CPU_KERNELS picks: `auto`
+(the default: use them where they run, else fall back with a warning), `on` (an error if
+they cannot run) or `off`.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("gorgon.cpu_kernels")
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("panel_linear.cpp", "tree_attention.cpp", "bindings.cpp")]
+
+
+@functools.cache
+def cpu_kernels():
+    """The compiled kernel module, or None where the kernels cannot run or be built."""
+    choice = os.environ.get("GORGON_CPU_KERNELS", "auto")
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"GORGON_CPU_KERNELS must be auto, on or off, not {choice!r}")
+    if choice == "off":
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64") or \
+            torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        if choice == "on":
+            raise RuntimeError("GORGON_CPU_KERNELS=on needs an x86-64 CPU with AVX2 and FMA")
+        return None
+    bin_dir = os.path.dirname(sys.executable)   # pip's ninja sits beside the interpreter
+    if shutil.which("ninja") is None and os.path.exists(os.path.join(bin_dir, "ninja")):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    try:
+        from torch.utils.cpp_extension import load
+        logger.info("loading Gorgon's CPU kernels (compiled on first use, about a minute)")
+        # -fopenmp compiles ATen's parallel_for into OpenMP regions without linking an
+        # OpenMP runtime of our own: they run on the one torch has loaded (its thread pool)
+        return load("gorgon_cpu_kernels", [str(s) for s in _SOURCES], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"])
+    except Exception as e:  # no compiler, no ninja, a read-only cache...
+        if choice == "on":
+            raise
+        logger.warning("Gorgon's CPU kernels could not be built (%s); using oneDNN linear layers and "
+                       "PyTorch attention", e)
+        return None
+
+
+if __name__ == "__main__":  # `python -m models.cpu_kernels`: build them now (make install does)
+    logging.basicConfig(level=logging.INFO)
+    print("Gorgon's CPU kernels:", "built" if cpu_kernels() is not None else "not available here")

@@ -1,0 +1,14 @@
+// The CPU kernels' Python module (models/cpu_kernels.py builds it).
+#include <torch/extension.h>
+
+torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels,
+                           const std::optional<torch::Tensor>& bias, int64_t N);
+void tree_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache,
+                    const torch::Tensor& v_cache, const torch::Tensor& block_tables,
+                    const torch::Tensor& seq_lens, const torch::Tensor& cu_seqlens_q,
+                    const torch::Tensor& tree_mask, int64_t first_seq, int64_t first_tree_row, double scale);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("panel_linear", &panel_linear, "y = x W^T + b over weights packed in 16-column panels");
+  m.def("tree_attention", &tree_attention, "paged decode/tree attention, written into out's tree rows");
+}

@@ -1,0 +1,85 @@
+"""The CPU tree-attention kernel (models/csrc/tree_attention.cpp) against `TorchAttention`."""
+import random
+
+import pytest
+import torch
+
+from batches import DEVICE, Batch, assert_close, random_tree_masks
+from models.attention import KVCache, TorchAttention, build_metadata
+from models.cpu_attention import CpuAttention
+from models.cpu_kernels import cpu_kernels
+
+pytestmark = pytest.mark.skipif(cpu_kernels() is None or DEVICE != "cpu",
+                                reason="the CPU kernels need an x86-64 CPU with AVX2 (tested on CPU runs)")
+HEADS = [(2, 2), (6, 2), (8, 1)]  # (query heads, kv heads): GQA ratios 1, 3 and 8
+
+
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("head_dim", [8, 64])
+@pytest.mark.parametrize("seed", range(4))
+def test_matches_torch_attention_on_random_batches(heads, head_dim, seed):
+    """Prompt chunks (SDPA) and trees of 1-64 nodes (the kernel) in one step, partial blocks,
+    histories up to a few hundred tokens, padding sequences."""
+    rng = random.Random(seed)
+    num_prefills = rng.randrange(3)
+    query_lens = [rng.randrange(1, 20) for _ in range(num_prefills)]
+    seq_lens = [q + rng.choice([0, rng.randrange(1, 40)]) for q in query_lens]
+    for _ in range(rng.randrange(1, 6)):
+        q = rng.choice([1, 1, rng.randrange(1, 65)])
+        query_lens.append(q)
+        seq_lens.append(0 if rng.random() < 0.15 else q + rng.randrange(0, 300))
+    batch = Batch(query_lens, seq_lens, num_prefills, *heads, head_dim, torch.float32, rng)
+    expected = TorchAttention(batch.metadata, batch.cache)(0, batch.q, batch.k, batch.v)
+    attention = CpuAttention(batch.metadata, batch.cache)
+    assert attention.has_trees
+    assert_close(attention(0, batch.q, batch.k, batch.v), expected, torch.float32)
+
+
+@pytest.mark.parametrize("heads", HEADS)
+def test_kernel_writes_every_tree_row_and_nothing_else(heads):
+    rng = random.Random(7)
+    batch = Batch([5, 1, 9, 3], [12, 40, 0, 70], 1, *heads, 64, torch.float32, rng)
+    md = batch.metadata
+    TorchAttention(md, batch.cache).write(0, batch.k, batch.v)
+    out = torch.full_like(batch.q, float("nan"))  # poisoned
+    cpu_kernels().tree_attention(out, batch.q, batch.cache.k[0], batch.cache.v[0], md.block_tables, md.seq_lens,
+                                 md.cu_seqlens_q, md.tree_mask, md.num_prefills, md.num_prefill_tokens, 64 ** -0.5)
+    assert out[:5].isnan().all()                       # the prompt chunk's rows are not the kernel's
+    assert not out[5:].isnan().any()
+    assert (out[6:15] == 0).all()                      # the padding sequence's rows are zero
+
+
+def test_a_tree_token_gets_the_bits_it_gets_decoded_alone():
+    """What makes speculative greedy decoding equal plain greedy decoding bit for bit: node i
+    of a tree sees the history and its ancestors, in order, as the same token decoded alone
+    after its ancestors does."""
+    rng = random.Random(3)
+    torch.manual_seed(3)
+    hq, hkv, d, block, history, n = 6, 2, 64, 8, 37, 24
+    masks = random_tree_masks(n, rng)
+    q, k, v = torch.randn(n, hq, d), torch.randn(n, hkv, d), torch.randn(n, hkv, d)
+    hist_k, hist_v = torch.randn(history, hkv, d), torch.randn(history, hkv, d)
+
+    def run(new_q, new_k, new_v, cached_k, cached_v, tree_masks):
+        cache = KVCache(1, 16, block, hkv, d, torch.float32)
+        table = list(range(15, 15 - 1 - (len(cached_k) + len(new_q)) // block, -1))   # scattered blocks
+        slots = [table[i // block] * block + i % block for i in range(len(cached_k))]
+        cache.k[0].view(-1, hkv, d)[slots] = cached_k
+        cache.v[0].view(-1, hkv, d)[slots] = cached_v
+        md = build_metadata([len(new_q)], [len(cached_k) + len(new_q)], [table], block, 0, [tree_masks])
+        return CpuAttention(md, cache)(0, new_q, new_k, new_v)
+
+    tree_out = run(q, k, v, hist_k, hist_v, masks)
+    for node in rng.sample(range(n), 6):
+        path = [j for j in range(n) if masks[node] >> j & 1]   # ancestors then the node, in order
+        before = path[:-1]
+        alone = run(q[node:node + 1], k[node:node + 1], v[node:node + 1],
+                    torch.cat([hist_k, k[before]]), torch.cat([hist_v, v[before]]), [1])
+        assert torch.equal(alone[0], tree_out[node])
+
+
+def test_other_dtypes_use_torch_attention():
+    cache = KVCache(1, 4, 8, 1, 8, torch.float64)
+    md = build_metadata([1], [3], [[1]], 8, 0, [[1]])
+    attention = CpuAttention(md, cache)
+    assert not attention.has_trees and attention.groups
