@@ -3,10 +3,10 @@
     python -m benchmarks.step_cost [--context 300] [--sizes 1,2,4,8,16,32,64] [--rounds 5]
 
 One sequence with `--context` cached tokens verifies a chain of n new tokens (logits on
-every row, as a tree step has), through the model with its linear layers in our panel
-layout (where the kernel runs), oneDNN-packed, and plain nn.Linear, interleaved round by
-round so machine noise hits all; prints the best time of each, each size's cost relative to
-one token, and each layout's speed-up over nn.Linear.
+every row, as a tree step has; the server's CPU attention), through the model with its
+linear layers in our panel layout (where the kernel runs), oneDNN-packed, and plain
+nn.Linear, interleaved round by round so machine noise hits all; prints the best time of
+each, each size's cost relative to one token, and each layout's speed-up over nn.Linear.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from datetime import date
 
 import torch
 
-from models.attention import KVCache, TorchAttention, build_metadata
+from models.attention import KVCache, build_metadata
+from models.cpu_attention import CpuAttention
 from models.fetch import ensure_default_model
 from models.loader import load_model
 from models.cpu_kernels import cpu_kernels
@@ -31,7 +32,7 @@ def forward_seconds(model, kv_cache: KVCache, context: int, n: int) -> float:
     ids = torch.zeros(n, dtype=torch.long)
     positions = torch.arange(context, context + n)
     started = time.perf_counter()
-    model(ids, positions, TorchAttention(metadata, kv_cache), torch.arange(n))
+    model(ids, positions, CpuAttention(metadata, kv_cache), torch.arange(n))
     return time.perf_counter() - started
 
 
@@ -57,7 +58,7 @@ def main(argv=None) -> None:
         prefill = build_metadata([args.context], [args.context], [list(range(num_blocks))], block_size, 1)
         with torch.inference_mode():
             model(torch.zeros(args.context, dtype=torch.long), torch.arange(args.context),
-                  TorchAttention(prefill, caches[name]))
+                  CpuAttention(prefill, caches[name]))
     best = {(name, n): float("inf") for name in models for n in sizes}
     for _ in range(args.rounds):
         for n in sizes:
