@@ -4,8 +4,8 @@
 // seq_lens[b] keys, read through its block table: the cached history, then its n new tokens
 // (a tree's nodes, or one decode token). Query i sees the whole history and the new tokens
 // whose bit is set in its tree_mask word (its ancestors and itself). Keys and values are
-// read in place from the paged cache (no gather copy); one task per (query row, KV head)
-// serves that head's group of query heads (grouped-query attention).
+// read in place from the paged cache (no gather copy), once per (sequence, query head) for
+// all of the sequence's queries; grouped-query attention maps query head to KV head.
 //
 // Exact softmax in passes over the visible keys: scores, their max, the exponentials and
 // their sum, the weighted values. Hidden keys are skipped, not masked to zero, and every
@@ -22,40 +22,47 @@
 
 namespace {
 
-// Sum of a[d] * b[d] over d < D (a multiple of 8), in a fixed order.
+// The eight lanes' sum, in a fixed order.
 inline float hsum(__m256 v) {
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, v);
   return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
 
-// scores[i] = scale * (q . keys[i]) for i < count, four keys at a time (four independent
-// FMA chains); each key's sum runs over d in the same order whatever its neighbours.
-void dots(const float* q, const float* k, const int64_t* slots, int64_t count, int64_t D, float scale,
-          float* scores) {
-  int64_t i = 0;
-  for (; i + 4 <= count; i += 4) {
-    const float *k0 = k + slots[i] * D, *k1 = k + slots[i + 1] * D, *k2 = k + slots[i + 2] * D,
-                *k3 = k + slots[i + 3] * D;
+// out[r * ldo] = scale * (q_r . k) for the rows r < count of q (row stride ldq), four rows at
+// a time sharing each load of k; each row's sum runs over d in the same order whatever its
+// neighbours.
+void dots(const float* k, const float* q, int64_t ldq, int64_t count, int64_t D, float scale, float* out,
+          int64_t ldo) {
+  int64_t r = 0;
+  for (; r + 4 <= count; r += 4) {
+    const float *q0 = q + r * ldq, *q1 = q0 + ldq, *q2 = q1 + ldq, *q3 = q2 + ldq;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t d = 0; d < D; d += 8) {
-      const __m256 qd = _mm256_loadu_ps(q + d);
-      a0 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + d), a0);
-      a1 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k1 + d), a1);
-      a2 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k2 + d), a2);
-      a3 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k3 + d), a3);
+      const __m256 kd = _mm256_loadu_ps(k + d);
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + d), kd, a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + d), kd, a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + d), kd, a2);
+      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + d), kd, a3);
     }
-    scores[i] = hsum(a0) * scale;
-    scores[i + 1] = hsum(a1) * scale;
-    scores[i + 2] = hsum(a2) * scale;
-    scores[i + 3] = hsum(a3) * scale;
+    out[r * ldo] = hsum(a0) * scale;
+    out[(r + 1) * ldo] = hsum(a1) * scale;
+    out[(r + 2) * ldo] = hsum(a2) * scale;
+    out[(r + 3) * ldo] = hsum(a3) * scale;
   }
-  for (; i < count; ++i) {
-    const float* ki = k + slots[i] * D;
+  for (; r < count; ++r) {
+    const float* qr = q + r * ldq;
     __m256 a = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(ki + d), a);
-    scores[i] = hsum(a) * scale;
+    for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(k + d), a);
+    out[r * ldo] = hsum(a) * scale;
   }
+}
+
+// acc[d] += p * v[d] for d < D (a multiple of 8).
+inline void axpy(float p, const float* v, float* acc, int64_t D) {
+  const __m256 pv = _mm256_set1_ps(p);
+  for (int64_t d = 0; d < D; d += 8)
+    _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + d), _mm256_loadu_ps(acc + d)));
 }
 
 // e^x for 8 lanes, x <= 0 (a score minus the maximum): 2^n * e^r with n = round(x log2 e),
@@ -102,22 +109,6 @@ float exponentials(float* p, int64_t count, float top) {
   return hsum(sum8);
 }
 
-// out[d] = sum_i p[i] v_i[d] / sum, keys in order, 32 output lanes at a time in registers.
-void weighted_values(const float* p, const float* v, const int64_t* slots, int64_t count, int64_t D,
-                     float sum, float* out) {
-  const __m256 inv = _mm256_set1_ps(1.0f / sum);
-  for (int64_t d0 = 0; d0 < D; d0 += 32) {
-    const int64_t lanes = std::min<int64_t>(32, D - d0) / 8;
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t i = 0; i < count; ++i) {
-      const __m256 pi = _mm256_set1_ps(p[i]);
-      const float* vi = v + slots[i] * D + d0;
-      for (int64_t j = 0; j < lanes; ++j) acc[j] = _mm256_fmadd_ps(pi, _mm256_loadu_ps(vi + 8 * j), acc[j]);
-    }
-    for (int64_t j = 0; j < lanes; ++j) _mm256_storeu_ps(out + d0 + 8 * j, _mm256_mul_ps(acc[j], inv));
-  }
-}
-
 }  // namespace
 
 // out, q [T, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, W]
@@ -149,7 +140,7 @@ void tree_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Ten
   const float* kd = k_cache.data_ptr<float>();
   const float* vd = v_cache.data_ptr<float>();
   float* od = out.data_ptr<float>();
-  const int64_t first_row = cu[first_seq], rows = cu[B] - first_row;
+  const int64_t first_row = cu[first_seq];
   TORCH_CHECK(first_row >= first_tree_row && cu[B] <= q.size(0) && cu[B] - first_tree_row <= tree_mask.size(0),
               "cu_seqlens_q does not match q or tree_mask");
   for (int64_t b = first_seq; b < B; ++b) {
@@ -157,37 +148,86 @@ void tree_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Ten
     TORCH_CHECK(n >= 0 && n <= 64 && (lens[b] == 0 || (lens[b] >= n && (lens[b] + block_size - 1) / block_size <= W)),
                 "sequence ", b, ": ", n, " queries and ", lens[b], " keys do not fit its block table");
   }
-  at::parallel_for(0, rows * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    std::vector<int64_t> slots;
-    int64_t b = first_seq;
+  // one task per (sequence, query head): all of the sequence's queries for that head, so
+  // every key and value is read once per task, not once per query
+  at::parallel_for(0, (B - first_seq) * Hq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> slots;     // [len]: each key's row in the cache (slot * Hkv + h)
+    std::vector<float> scores;      // [n, len]: scores, then exponentials, by key index
+    std::vector<float> visible;     // one query's visible scores, in key order
+    std::vector<float> acc;         // [n, D]: weighted values
+    std::vector<float> inverse;     // [n]: 1 / the exponentials' sum
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t row = first_row + task / Hkv, h = task % Hkv;
-      while (cu[b + 1] <= row) ++b;
-      const int64_t len = lens[b], n = cu[b + 1] - cu[b], history = len - n;
-      float* o = od + (row * Hq + h * group) * D;
+      const int64_t b = first_seq + task / Hq, head = task % Hq, h = head / group;
+      const int64_t len = lens[b], n = cu[b + 1] - cu[b], history = len - n, row0 = cu[b];
+      const int64_t q_stride = Hq * D;
+      const float* q0 = qd + (row0 * Hq + head) * D;
+      float* o0 = od + (row0 * Hq + head) * D;
       if (len == 0) {  // a padding sequence
-        std::fill(o, o + group * D, 0.0f);
+        for (int64_t r = 0; r < n; ++r) std::fill(o0 + r * q_stride, o0 + r * q_stride + D, 0.0f);
         continue;
       }
-      const uint64_t mask = static_cast<uint64_t>(masks[row - first_tree_row]);
       const int32_t* table = tables + b * W;
-      slots.clear();
+      slots.resize(len);
       for (int64_t t = 0; t < len; ++t)
-        if (t < history || ((mask >> (t - history)) & 1))
-          slots.push_back((static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size) * Hkv + h);
-      const int64_t visible = static_cast<int64_t>(slots.size());
-      if (visible == 0) {  // a query that sees nothing (an empty mask word): no attention
-        std::fill(o, o + group * D, 0.0f);
-        continue;
+        slots[t] = (static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size) * Hkv + h;
+      const uint64_t* row_masks = reinterpret_cast<const uint64_t*>(masks) + (row0 - first_tree_row);
+      auto sees = [&](int64_t r, int64_t t) { return t < history || ((row_masks[r] >> (t - history)) & 1); };
+      const float scale_f = static_cast<float>(scale);
+      scores.resize(n * len);
+      for (int64_t t = 0; t < history; ++t)  // the history: every query, four at a time
+        dots(kd + slots[t] * D, q0, q_stride, n, D, scale_f, scores.data() + t, len);
+      for (int64_t t = history; t < len; ++t)  // the new tokens: the queries that see them
+        for (int64_t r = 0; r < n; ++r)
+          if (sees(r, t)) dots(kd + slots[t] * D, q0 + r * q_stride, q_stride, 1, D, scale_f, scores.data() + r * len + t, len);
+      inverse.resize(n);
+      for (int64_t r = 0; r < n; ++r) {  // each query's softmax over the keys it sees, in order
+        float* row = scores.data() + r * len;
+        visible.assign(row, row + history);
+        for (int64_t t = history; t < len; ++t)
+          if (sees(r, t)) visible.push_back(row[t]);
+        if (visible.empty()) {  // a query that sees nothing (an empty mask word): no attention
+          inverse[r] = 0.0f;
+          continue;
+        }
+        const float top = *std::max_element(visible.begin(), visible.end());
+        inverse[r] = 1.0f / exponentials(visible.data(), static_cast<int64_t>(visible.size()), top);
+        std::copy(visible.begin(), visible.begin() + history, row);
+        for (int64_t t = history, i = history; t < len; ++t)
+          if (sees(r, t)) row[t] = visible[i++];
       }
-      scores.resize(visible);
-      for (int64_t g = 0; g < group; ++g) {
-        const float* qh = qd + (row * Hq + h * group + g) * D;
-        dots(qh, kd, slots.data(), visible, D, static_cast<float>(scale), scores.data());
-        const float top = *std::max_element(scores.begin(), scores.end());
-        const float sum = exponentials(scores.data(), visible, top);
-        weighted_values(scores.data(), vd, slots.data(), visible, D, sum, o + g * D);
+      // the values: keys in order; the history (seen by every query) four queries and 16
+      // lanes at a time in registers, then the new tokens for the queries that see them
+      acc.resize(n * D);
+      for (int64_t r0 = 0; r0 < n; r0 += 4) {
+        const int64_t rs = std::min<int64_t>(4, n - r0);
+        for (int64_t d0 = 0; d0 < D; d0 += 16) {
+          const bool pair = d0 + 16 <= D;  // D is a multiple of 8: the last chunk may be 8 wide
+          __m256 lo[4], hi[4];
+          for (int64_t r = 0; r < 4; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
+          for (int64_t t = 0; t < history; ++t) {
+            const float* v = vd + slots[t] * D + d0;
+            const __m256 v_lo = _mm256_loadu_ps(v), v_hi = pair ? _mm256_loadu_ps(v + 8) : v_lo;
+            for (int64_t r = 0; r < rs; ++r) {
+              const __m256 p = _mm256_set1_ps(scores[(r0 + r) * len + t]);
+              lo[r] = _mm256_fmadd_ps(p, v_lo, lo[r]);
+              hi[r] = _mm256_fmadd_ps(p, v_hi, hi[r]);
+            }
+          }
+          for (int64_t r = 0; r < rs; ++r) {
+            _mm256_storeu_ps(acc.data() + (r0 + r) * D + d0, lo[r]);
+            if (pair) _mm256_storeu_ps(acc.data() + (r0 + r) * D + d0 + 8, hi[r]);
+          }
+        }
+      }
+      for (int64_t t = history; t < len; ++t) {
+        const float* v = vd + slots[t] * D;
+        for (int64_t r = 0; r < n; ++r)
+          if (sees(r, t)) axpy(scores[r * len + t], v, acc.data() + r * D, D);
+      }
+      for (int64_t r = 0; r < n; ++r) {
+        const __m256 inv = _mm256_set1_ps(inverse[r]);
+        for (int64_t d = 0; d < D; d += 8)
+          _mm256_storeu_ps(o0 + r * q_stride + d, _mm256_mul_ps(_mm256_loadu_ps(acc.data() + r * D + d), inv));
       }
     }
   });
