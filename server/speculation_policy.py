@@ -115,17 +115,23 @@ class _Candidates:
         return bisect.bisect_left(self.chain_neg, -price)
 
 
-def _candidates(nodes: list[int], head_chances: list[float], chain: list[int], chain_chances: list[float],
-                depths: list[int], extends_only: bool = False):
-    """depths: each heads' node's depth (1 = the root's child)."""
+def _head_part(head_chances: list[float], depths: list[int]):
+    """The heads' nodes' running gains, negated chances and depth masses (see _Candidates)."""
     mass = [0.0] * max(depths, default=0)
     depth_mass = [tuple(mass)]
     for chance, depth in zip(head_chances, depths):
         mass[depth - 1] += chance
         depth_mass.append(tuple(mass))
-    return _Candidates(nodes, [0.0] + list(accumulate(head_chances)), [-c for c in head_chances],
-                       chain, [0.0] + list(accumulate(chain_chances)), [-c for c in chain_chances],
-                       chain_chances, extends_only, depth_mass)
+    return [0.0] + list(accumulate(head_chances)), [-c for c in head_chances], depth_mass
+
+
+def _candidates(nodes: list[int], head_chances: list[float], chain: list[int], chain_chances: list[float],
+                depths: list[int], extends_only: bool = False, head_part=None):
+    """depths: each heads' node's depth (1 = the root's child); head_part: _head_part of the
+    heads' nodes when already known."""
+    head_gain, head_neg, depth_mass = head_part or _head_part(head_chances, depths)
+    return _Candidates(nodes, head_gain, head_neg, chain, [0.0] + list(accumulate(chain_chances)),
+                       [-c for c in chain_chances], chain_chances, extends_only, depth_mass)
 
 
 class SpeculationPolicy:
@@ -147,6 +153,7 @@ class SpeculationPolicy:
         # each path's chance under the measured accuracies: a sequence without a draft is
         # planned with these (the paths are expansion-ordered: likeliest first)
         self.prior_chances = [path_chance(path, accuracies) for path in tree_paths]
+        self._prior_parts: dict[int, tuple] = {}   # reach -> _head_part of the prior's nodes
         # plain steps are scored against the tree of this size their draft would have made
         self.shadow_size = min(SHADOW_SIZE, limit)
         self.shadow_depth = max((len(p) for p in tree_paths), default=0)
@@ -282,19 +289,24 @@ class SpeculationPolicy:
 
     def _candidates(self, seq: Sequence, reach: int, lookup: Chain, prior: bool = False) -> _Candidates:
         """prior: plan with the measured accuracies' chances, whatever the sequence's draft."""
+        head_part = None
         if seq.draft is not None and not prior:
             chances = seq.draft.chances
             nodes = sorted(range(len(chances)), key=lambda j: -chances[j])[: reach - 1]   # ties in path order
         else:  # planned as if it had a draft as good as the measured accuracies
             chances = self.prior_chances
             nodes = list(range(min(reach - 1, len(chances))))
+            if reach not in self._prior_parts:   # the same for every sequence of this reach
+                self._prior_parts[reach] = _head_part([chances[j] for j in nodes],
+                                                      [len(self.tree_paths[j]) for j in nodes])
+            head_part = self._prior_parts[reach]
         chain, confidences = lookup
         if confidences is None:
             chain_chances = list(accumulate((seq.spec.lookup_value(i) for i in range(len(chain))), min))
         else:
             chain_chances = [min(1.0, seq.spec.datastore_calibration * c) for c in confidences]
         return _candidates(nodes, [chances[j] for j in nodes], chain, chain_chances,
-                           [len(self.tree_paths[j]) for j in nodes], extends_only=confidences is not None)
+                           [len(self.tree_paths[j]) for j in nodes], confidences is not None, head_part)
 
     def _step_tree(self, seq: Sequence, candidates: _Candidates, heads: int, chain: int) -> StepTree:
         """The tree of the sequence's `heads` - 1 likeliest drafted nodes (none without a
