@@ -147,8 +147,8 @@ class TorchAttention:
     them as slices: no gather, and no scatter when it is the whole step.
     """
 
-    def __init__(self, metadata: AttentionMetadata, kv_cache: KVCache, trees: bool = True):
-        """trees=False: groups for the prefill sequences only (a subclass attends the trees)."""
+    def __init__(self, metadata: AttentionMetadata, kv_cache: KVCache, tree_groups: bool = True):
+        """tree_groups=False: groups for the prefill sequences only (a subclass attends the trees)."""
         self.kv_cache = kv_cache
         device = metadata.slot_mapping.device
         slot_mapping = metadata.slot_mapping
@@ -163,7 +163,7 @@ class TorchAttention:
         # Each group: (query rows [b, mq], key slots [b, mk], mask [b, 1, mq, mk], valid [b, mq]).
         self.groups = []
         prefills = range(metadata.num_prefills)
-        tree_groups, trees = trees, range(metadata.num_prefills, metadata.num_seqs)
+        trees = range(metadata.num_prefills, metadata.num_seqs)
         tree_offset = metadata.num_prefill_tokens
         for b in prefills:  # one group per prompt chunk: no padding waste on long prompts
             self.groups.append(self._group([b], metadata, cu, tables, block_size, tree_offset, device, kv_cache.k.dtype))

@@ -5,8 +5,8 @@ layer). Prompt chunks keep PyTorch's SDPA (long causal runs, where it is fast); 
 tree-verification queries go through `tree_attention` (models/csrc/tree_attention.cpp),
 which reads keys and values in place through the block tables instead of gathering a
 padded copy per layer and computes each query on its own, so a token verified in a tree
-gets the bits it gets decoded alone. Without the compiled kernels, or for another dtype,
-it is exactly `TorchAttention`.
+gets the bits it gets decoded alone. Without the compiled kernels, for another dtype or a
+head size that is not a multiple of 8, it is exactly `TorchAttention`.
 """
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from models.cpu_kernels import cpu_kernels
 class CpuAttention(TorchAttention):
     def __init__(self, metadata: AttentionMetadata, kv_cache: KVCache):
         pool = kv_cache.k
-        self.kernels = cpu_kernels() if pool.dtype == torch.float32 and pool.device.type == "cpu" else None
+        runs = pool.dtype == torch.float32 and pool.device.type == "cpu" and pool.shape[-1] % 8 == 0
+        self.kernels = cpu_kernels() if runs else None   # the kernel reads head dims in 8-float registers
         has_trees = metadata.num_prefills < metadata.num_seqs
-        super().__init__(metadata, kv_cache, trees=self.kernels is None or not has_trees)
+        super().__init__(metadata, kv_cache, tree_groups=self.kernels is None or not has_trees)
         self.metadata = metadata
         self.has_trees = self.kernels is not None and has_trees
         # prompt chunks of no keys (padding) leave rows no group writes: those start at zero
