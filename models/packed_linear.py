@@ -7,10 +7,10 @@ multiplication. Two layouts, chosen once per process:
 
 - **panels** (x86-64 with AVX2 and FMA, the default there): our kernel
   (`models/csrc/panel_linear.cpp`, built by models/cpu_kernels.py) over weights stored as
-  16-column panels. It reads the weights at memory
-  bandwidth for 1 to ~8 rows and is as fast as oneDNN for hundreds (docs/benchmarks.md), and
-  a row's result does not depend on how many rows share the call: a plain step and a
-  speculative tree compute bit-identical logits for the same token.
+  16-column panels. It reads the weights at memory bandwidth for 1 to 6 rows (one pass
+  over each panel; more rows take further passes from cache) and is as fast as oneDNN for
+  hundreds (docs/benchmarks.md), and a row's result does not depend on how many rows share
+  the call: a plain step and a speculative tree get the same bits for the same token.
 - **oneDNN** (elsewhere, with GORGON_CPU_KERNELS=off, or if the kernels cannot be built):
   `mkldnn._reorder_linear_weight`, what torch.compile's CPU freezing pass uses.
 
