@@ -90,6 +90,7 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels,
         float* out = cols == PANEL ? yd + m * N + n0 : tail;
         const int64_t ldo = cols == PANEL ? N : PANEL;
         rows_times_panel(rows, xd + m * K, K, panel, out, ldo);
+        if (cols == PANEL && b == nullptr) continue;  // already in place
         for (int r = 0; r < rows; ++r) {
           float* row = yd + (m + r) * N + n0;
           for (int64_t c = 0; c < cols; ++c) {
