@@ -80,6 +80,16 @@ class StepCostModel:
         f = (num_tokens - xs[i - 1]) / (xs[i] - xs[i - 1])
         return [(i - 1, 1.0 - f), (i, f)]
 
+    def least_slope(self, lo: int, hi: int) -> float:
+        """The least that one more token costs anywhere between lo and hi tokens (never below
+        zero): what any token added to a step of lo tokens costs at least (whatever else the
+        step holds: more keys or trees only add to it)."""
+        if hi <= lo:
+            return 0.0
+        points = [lo] + [x for x in self.xs if lo < x < hi] + [hi]
+        costs = [self(x) for x in points]
+        return max(0.0, min((c1 - c0) / (x1 - x0) for x0, x1, c0, c1 in zip(points, points[1:], costs, costs[1:])))
+
     def draft(self, num_drafts: int) -> float:
         return self.draft_fixed + self.draft_per_seq * num_drafts if num_drafts > 0 else 0.0
 

@@ -351,19 +351,25 @@ class SpeculationPolicy:
             return heads, chains
 
         best = plan_at(None)
-        best_rate = rate(*best) * (1.0 + MARGIN)  # trees must win clearly: the models are estimates
+        best_rate = rate(*best)
+        # a node must keep more than the time one more token costs at that rate, at least:
+        # in a compute-bound batch only the surest nodes can pay, and the lower prices need
+        # no search (the first one below this floor is still tried: the prices are coarse)
+        floor = best_rate * self.cost_model.least_slope(sum(best[0]) + sum(best[1]) + other_tokens, token_limit)
+        best_rate *= 1.0 + MARGIN  # trees must win clearly: the models are estimates
         seen = {(tuple(best[0]), tuple(best[1]))}
         for price in reversed(PRICES):   # fewer nodes first: a lower price never takes fewer
             candidate = plan_at(price)
             if candidate is None:
                 break
             key = (tuple(candidate[0]), tuple(candidate[1]))
-            if key in seen:   # neighbouring prices often agree
-                continue
-            seen.add(key)
-            candidate_rate = rate(*candidate)
-            if candidate_rate > best_rate * 1.001:  # prefer the cheaper batch when rates tie
-                best, best_rate = candidate, candidate_rate
+            if key not in seen:   # neighbouring prices often agree
+                seen.add(key)
+                candidate_rate = rate(*candidate)
+                if candidate_rate > best_rate * 1.001:  # prefer the cheaper batch when rates tie
+                    best, best_rate = candidate, candidate_rate
+            if price < floor:
+                break
         return best[0], best[1], rate(*best)
 
     def _reach(self, seq: Sequence, pinned: bool = False) -> int:

@@ -9,6 +9,13 @@
 // rows share every load of it (2 AVX registers of weights, 2 * ROWS accumulators); further
 // rows re-read the panel from cache. Threads take whole panels (ATen's intra-op pool).
 //
+// With several rows a panel's pass is compute-bound, not memory-bound: while it runs the
+// memory bus would idle, and the next panel would stall the pass after it. So the first
+// pass over a panel prefetches the next one (one line per k, into L2): with it, 2 to 12
+// rows cost about what 1 row costs (30 layers of SmolLM2-135M on a 2-core AVX2 VM: 8 rows
+// 22 ms against 29 without it, 1 row 18 ms; docs/benchmarks.md). A lone row leaves it to
+// the hardware prefetcher, which keeps up with its stream (prefetching there cost ~5%).
+//
 // Every output element is one sum over k in order, started from zero, with the bias added
 // last, whatever the number of rows: a row's result never depends on the rows beside it, so
 // a speculative tree and a plain step compute bit-identical logits for the same token.
@@ -23,16 +30,18 @@ namespace {
 constexpr int64_t PANEL = 16;  // output columns per panel: two 8-float AVX registers
 constexpr int ROWS = 6;        // input rows per pass over a panel: 12 accumulators + 2 weights
 
-// rows_ input rows [rows_, K] (row stride ldx) times one panel [K, 16] -> out [rows_, 16].
+// rows_ input rows [rows_, K] (row stride ldx) times one panel [K, 16] -> out [rows_, 16];
+// next: a panel to prefetch meanwhile, or null.
 template <int rows_>
 inline void panel_product(const float* x, int64_t ldx, const float* panel, int64_t K,
-                          float* out, int64_t ldo) {
+                          float* out, int64_t ldo, const float* next) {
   __m256 lo[rows_], hi[rows_];
   for (int r = 0; r < rows_; ++r) {
     lo[r] = _mm256_setzero_ps();
     hi[r] = _mm256_setzero_ps();
   }
   for (int64_t k = 0; k < K; ++k) {
+    if (next) _mm_prefetch(reinterpret_cast<const char*>(next + k * PANEL), _MM_HINT_T1);
     const __m256 w_lo = _mm256_loadu_ps(panel + k * PANEL);
     const __m256 w_hi = _mm256_loadu_ps(panel + k * PANEL + 8);
     for (int r = 0; r < rows_; ++r) {
@@ -47,14 +56,15 @@ inline void panel_product(const float* x, int64_t ldx, const float* panel, int64
   }
 }
 
-void rows_times_panel(int rows, const float* x, int64_t K, const float* panel, float* out, int64_t ldo) {
+void rows_times_panel(int rows, const float* x, int64_t K, const float* panel, float* out, int64_t ldo,
+                      const float* next) {
   switch (rows) {
-    case 1: panel_product<1>(x, K, panel, K, out, ldo); break;
-    case 2: panel_product<2>(x, K, panel, K, out, ldo); break;
-    case 3: panel_product<3>(x, K, panel, K, out, ldo); break;
-    case 4: panel_product<4>(x, K, panel, K, out, ldo); break;
-    case 5: panel_product<5>(x, K, panel, K, out, ldo); break;
-    default: panel_product<ROWS>(x, K, panel, K, out, ldo); break;
+    case 1: panel_product<1>(x, K, panel, K, out, ldo, next); break;
+    case 2: panel_product<2>(x, K, panel, K, out, ldo, next); break;
+    case 3: panel_product<3>(x, K, panel, K, out, ldo, next); break;
+    case 4: panel_product<4>(x, K, panel, K, out, ldo, next); break;
+    case 5: panel_product<5>(x, K, panel, K, out, ldo, next); break;
+    default: panel_product<ROWS>(x, K, panel, K, out, ldo, next); break;
   }
 }
 
@@ -89,7 +99,8 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels,
         const int rows = static_cast<int>(std::min<int64_t>(ROWS, M - m));
         float* out = cols == PANEL ? yd + m * N + n0 : tail;
         const int64_t ldo = cols == PANEL ? N : PANEL;
-        rows_times_panel(rows, xd + m * K, K, panel, out, ldo);
+        const float* next = m == 0 && M > 1 && p + 1 < last ? panel + K * PANEL : nullptr;
+        rows_times_panel(rows, xd + m * K, K, panel, out, ldo, next);
         if (cols == PANEL && b == nullptr) continue;  // already in place
         for (int r = 0; r < rows; ++r) {
           float* row = yd + (m + r) * N + n0;

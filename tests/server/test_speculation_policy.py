@@ -104,6 +104,27 @@ def test_cost_model_interpolates_and_adds_attention_and_drafting():
     assert model(32, num_trees=2) == pytest.approx(model(32) + 0.006)
 
 
+def test_least_slope_is_the_cheapest_extra_token_in_the_range():
+    model = StepCostModel({1: 0.02, 4: 0.02, 8: 0.03, 32: 0.06, 64: 0.14})
+    assert model.least_slope(1, 64) == 0.0              # flat up to 4 tokens
+    assert model.least_slope(4, 64) == pytest.approx(0.03 / 24)   # 8 -> 32 is the flattest part
+    assert model.least_slope(8, 64) == pytest.approx(0.03 / 24)
+    assert model.least_slope(40, 64) == pytest.approx(0.08 / 32)
+    assert model.least_slope(64, 64) == 0.0
+    model.offset = -0.05   # a step the model overestimates by far is clamped at a quarter of it
+    assert model.least_slope(8, 64) == pytest.approx(0.25 * 0.03 / 24)
+
+
+def test_the_price_search_stops_where_no_node_can_pay():
+    """A compute-bound batch (every token costs as much as the last) takes only nodes likelier
+    than a token's cost at the plain rate; a lone request with cheap extra tokens takes many."""
+    busy = policy({1: 0.01, 64: 0.64})          # 10 ms a token
+    plan = busy.choose(seqs(32), 0, 1024)
+    assert all(t.head_paths == () or len(t.head_paths) <= 2 for t in plan.trees)
+    lone = policy({1: 0.05, 8: 0.051, 64: 0.06})
+    assert lone.choose(seqs(1), 0, 1024).sizes[0] >= 8
+
+
 def test_a_stalled_measurement_does_not_lift_the_whole_curve():
     model = StepCostModel({1: 2.0, 4: 0.05, 16: 0.06, 64: 0.1})
     assert model(1) == 0.05 and model(64) == 0.1
