@@ -5,7 +5,8 @@
 // (a tree's nodes, or one decode token). Query i sees the whole history and the new tokens
 // whose bit is set in its tree_mask word (its ancestors and itself). Keys and values are
 // read in place from the paged cache (no gather copy), once per (sequence, query head) for
-// all of the sequence's queries; grouped-query attention maps query head to KV head.
+// all of the sequence's queries; grouped-query attention maps query head to KV head. The
+// history's scores take eight keys at a time, reduced together (dots8).
 //
 // Exact softmax in passes over the visible keys: scores, their max, the exponentials and
 // their sum, the weighted values. Hidden keys are skipped, not masked to zero, and every
@@ -56,6 +57,25 @@ void dots(const float* k, const float* q, int64_t ldq, int64_t count, int64_t D,
     for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(k + d), a);
     out[r * ldo] = hsum(a) * scale;
   }
+}
+
+// out[j] = scale * (q . k_j) for eight keys j (k[j] their rows): eight accumulators, reduced
+// together by horizontal adds in the order hsum takes, so a key's score has the same bits
+// as dots gives it (one query of four or one alone), at a fraction of eight hsums' cost.
+void dots8(const float* const* k, const float* q, int64_t D, float scale, float* out) {
+  __m256 a[8];
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 qd = _mm256_loadu_ps(q + d);
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k[j] + d), a[j]);
+  }
+  // lane i of hadd(hadd(a0, a1), hadd(a2, a3)) is key i's (l0 + l1) + (l2 + l3) in the low
+  // half and its (l4 + l5) + (l6 + l7) in the high half (keys 4..7 likewise)
+  const __m256 first = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 second = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(first, second, 0x20),
+                                    _mm256_permute2f128_ps(first, second, 0x31));
+  _mm256_storeu_ps(out, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
 }
 
 // acc[d] += p * v[d] for d < D (a multiple of 8).
@@ -174,8 +194,14 @@ void tree_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Ten
       auto sees = [&](int64_t r, int64_t t) { return t < history || ((row_masks[r] >> (t - history)) & 1); };
       const float scale_f = static_cast<float>(scale);
       scores.resize(n * len);
-      for (int64_t t = 0; t < history; ++t)  // the history: every query, four at a time
-        dots(kd + slots[t] * D, q0, q_stride, n, D, scale_f, scores.data() + t, len);
+      int64_t key = 0;
+      for (; key + 8 <= history; key += 8) {  // the history: eight keys at a time for every query
+        const float* keys[8];
+        for (int j = 0; j < 8; ++j) keys[j] = kd + slots[key + j] * D;
+        for (int64_t r = 0; r < n; ++r) dots8(keys, q0 + r * q_stride, D, scale_f, scores.data() + r * len + key);
+      }
+      for (; key < history; ++key)  // its last keys: every query, four at a time
+        dots(kd + slots[key] * D, q0, q_stride, n, D, scale_f, scores.data() + key, len);
       for (int64_t t = history; t < len; ++t)  // the new tokens: the queries that see them
         for (int64_t r = 0; r < n; ++r)
           if (sees(r, t)) dots(kd + slots[t] * D, q0 + r * q_stride, q_stride, 1, D, scale_f, scores.data() + r * len + t, len);
