@@ -67,6 +67,7 @@ class SpeculationStats:
     # `pending_lookups` with their tokens' confidences): kept over expected tokens, as moving
     # averages, the factor on their confidences.
     datastore_calibration: float = DATASTORE_PRIOR
+    hoping: bool = False   # drafted though planned plain (the policy's hope_yield counts what came of it)
     _datastore_kept: float = DATASTORE_PRIOR
     _datastore_expected: float = 1.0
 

@@ -25,7 +25,8 @@ after this step (and decode plainly in this step if they have no draft yet). A s
 planned for plain decoding (its draft was unsure, or its skill is low) drafts too if a
 tree would pay for it next step with a new draft as good as the measured accuracies and
 heads as good as they usually are (`typical_skill`), while those drafts cost at most
-HOPE_SHARE of the time such trees would save (a small batch, where trees gain much): an
+HOPE_SHARE of the time such trees would save, discounted by the share of such drafts
+that did lead to a tree (`hope_yield`; a small batch, where trees gain much): an
 unsure draft then costs one plain step, not two, and a plain step's draft is scored
 against the text that follows (`score_plain_steps`), so its skill stays current and a cold
 streak does not end its speculation. Otherwise (a busy batch) it drafts only every
@@ -53,6 +54,8 @@ SHADOW_SIZE = 16
 MARGIN = 0.03
 EXPLORE_EVERY = 16  # sequences that decode plainly still draft every this many steps
 HOPE_SHARE = 0.5  # share of the time a hopeful tree would save that drafting for it may cost
+HOPE_WEIGHT = 0.05  # of each hopeful draft in the moving average behind `hope_yield`
+HOPE_FLOOR = 0.2    # hope_yield never drops below this: hopeful drafts are its only measure
 TRUST_WEIGHT = 0.05  # of each verified tree in the moving averages behind `trust`
 # a lookup chain's tokens and, for a datastore chain, their vote confidences (else None)
 Chain = tuple[list[int], "list[float] | None"]
@@ -166,6 +169,9 @@ class SpeculationPolicy:
         # whose estimates err high; every plan's expectations are scaled by this
         self.trust = 1.0
         self._planned = self._kept = 1.0
+        # the share of hopeful drafts whose sequence verified a tree the step after: what the
+        # hope is worth (in a busy batch most such drafts turn out unsure and go unverified)
+        self.hope_yield = 1.0
 
     def record_tree(self, planned: float, kept: int) -> None:
         """A verified tree's heads' nodes: what the plan expected them to keep (their chances
@@ -224,6 +230,10 @@ class SpeculationPolicy:
             forced = [(self.pinned_size, len(c.chain)) if p else (None, None) for c, p in zip(candidates, pinned)]
         heads, chain_lens, _ = self._best_plan(seqs, candidates, skills, forced, other_tokens, token_limit, other_keys)
         self.speculating = any(n > 1 for n in heads)
+        for seq, n in zip(seqs, heads):
+            if seq.spec.hoping:
+                seq.spec.hoping = False
+                self.hope_yield = max(HOPE_FLOOR, self.hope_yield + HOPE_WEIGHT * ((n > 1) - self.hope_yield))
         drafts = self._next_drafts(seqs, reach, chains, heads, skills, forced, other_tokens, token_limit, other_keys)
         trees = [self._step_tree(seq, c, n, m) for seq, c, n, m in zip(seqs, candidates, heads, chain_lens)]
         return TreePlan(trees, drafts)
@@ -235,9 +245,10 @@ class SpeculationPolicy:
         is low) plans its next step as if that had a draft as good as the measured accuracies,
         with heads as good as usual (`typical_skill`): the next draft is a new one, and a cold
         streak must not end speculation. It drafts if that plan has a tree for it, and the
-        drafts cost at most HOPE_SHARE of what that plan expects to gain (at most a small part
-        of a busy step, where trees gain little); the others draft together every
-        EXPLORE_EVERY steps, so their skill stays current."""
+        drafts cost at most HOPE_SHARE of what that plan expects to gain, times the share of
+        such drafts that led to a tree (`hope_yield`): at most a small part of a busy step,
+        where trees gain little; the others draft together every EXPLORE_EVERY steps, so
+        their skill stays current."""
         grown = [self._grown(n) if n > 1 else 0 for n in heads]
         self.steps += 1
         idle = [n == 1 and r > 1 for n, r in zip(heads, reach)]
@@ -252,8 +263,11 @@ class SpeculationPolicy:
             tokens = len(seqs) + other_tokens
             step = self.cost_model(tokens, other_keys + sum(q.num_cached_tokens for q in seqs) + tokens)
             gain = (rate * step / len(seqs) - 1.0) * step   # seconds a step saves if the hope comes true
-            if self.cost_model.draft(drafting + extra) - self.cost_model.draft(drafting) > HOPE_SHARE * gain:
+            cost = self.cost_model.draft(drafting + extra) - self.cost_model.draft(drafting)
+            if cost > HOPE_SHARE * self.hope_yield * gain:
                 next_heads = heads
+        for seq, i, h in zip(seqs, idle, next_heads):
+            seq.spec.hoping = i and h > 1
         explore = self.steps % EXPLORE_EVERY == 0
         return [g if n > 1 else h if h > 1 else self.shadow_size if i and explore else 0
                 for g, n, h, i in zip(grown, heads, next_heads, idle)]

@@ -5,7 +5,7 @@ from server.cost_model import StepCostModel
 from server.sampling_params import SamplingParams
 from server.sequence import Sequence
 from server.drafter import Draft
-from server.speculation_policy import EXPLORE_EVERY, SpeculationPolicy
+from server.speculation_policy import EXPLORE_EVERY, HOPE_FLOOR, SpeculationPolicy
 from server.tree import expand_tree
 
 ACCURACIES = [[0.7, 0.15, 0.05], [0.5, 0.1, 0.05], [0.4, 0.08], [0.3, 0.05]]
@@ -263,6 +263,22 @@ def test_hopeful_drafting_only_while_drafts_are_cheap(monkeypatch):
     assert dear.choose(batch, 0, 1024).drafts == [0] * 8
     monkeypatch.setattr("server.speculation_policy.HOPE_SHARE", 1.0)
     assert all(n > 1 for n in dear.choose(batch, 0, 1024).drafts)    # trees would pay at skill 1
+
+
+def test_hopeful_drafts_that_lead_to_no_tree_are_worth_less():
+    """hope_yield: the share of hopeful drafts whose sequence verified a tree the step after."""
+    costs = {1: 0.05, 2: 0.051, 16: 0.06, 64: 0.2, 256: 0.8}
+    p = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel(costs, draft_fixed=0.001, draft_per_seq=0.0005),
+                          max_nodes=64)
+    (seq,) = seqs(1, skill=0.02)
+    seq.spec.steps = 3
+    for _ in range(40):   # too cold for a tree, hopeful every time
+        plan = p.choose([seq], 0, 1024)
+        assert plan.sizes == [1] and plan.drafts[0] > 1 and seq.spec.hoping
+    assert p.hope_yield == HOPE_FLOOR
+    seq.spec.skill = 1.0
+    assert p.choose([seq], 0, 1024).sizes[0] > 1 and not seq.spec.hoping
+    assert p.hope_yield > HOPE_FLOOR
 
 
 def test_an_unsure_draft_costs_one_plain_step_not_two():
