@@ -49,8 +49,11 @@ def cpu_kernels():
         from torch.utils.cpp_extension import load
         logger.info("loading Gorgon's CPU kernels (compiled on first use, about a minute)")
         # -fopenmp compiles ATen's parallel_for into OpenMP regions without linking an
-        # OpenMP runtime of our own: they run on the one torch has loaded (its thread pool)
-        return load("gorgon_cpu_kernels", [str(s) for s in _SOURCES], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"])
+        # OpenMP runtime of our own: they run on the one torch has loaded (its thread pool);
+        # -ffp-contract=off: a product then a sum stays two roundings where the code says so
+        # (the 4-bit panels' dequantization must match GGUF's to the bit)
+        return load("gorgon_cpu_kernels", [str(s) for s in _SOURCES],
+                    extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"])
     except Exception as e:  # no compiler, no ninja, a read-only cache...
         if choice == "on":
             raise

@@ -11,6 +11,14 @@ multiplication. Two layouts, chosen once per process:
   over each panel; more rows take further passes from cache) and is as fast as oneDNN for
   hundreds (docs/benchmarks.md), and a row's result does not depend on how many rows share
   the call: a plain step and a speculative tree get the same bits for the same token.
+- **4-bit panels** (the same kernel, where a weight matrix holds nothing but Q4_1 values:
+  blocks of 32 along k, each weight d * code + m with a 4-bit code and a per-block fp16 step
+  d and minimum m, as GGUF's Q4_1 dequantization computes them; the default model comes
+  from such a GGUF). `_q4_panels` recovers d, m and the codes from the fp32 weights and keeps
+  them only if they rebuild every weight to the bit, so the kernel, dequantizing a panel
+  at a time into cache, multiplies the very fp32 weights the fp32 panels hold and gives the
+  same bits, from 6 bits a weight in memory instead of 32 (docs/benchmarks.md). Matrices
+  that are not exactly Q4_1 keep fp32 panels.
 - **oneDNN** (elsewhere, with GORGON_CPU_KERNELS=off, or if the kernels cannot be built):
   `mkldnn._reorder_linear_weight`, what torch.compile's CPU freezing pass uses.
 
@@ -25,6 +33,7 @@ from torch import nn
 from models.cpu_kernels import cpu_kernels
 
 PANEL = 16  # output columns per panel (models/csrc/panel_linear.cpp)
+Q4_BLOCK = 32  # k per block of 4-bit codes sharing a step and a minimum
 
 
 def can_pack(device: torch.device | str, dtype: torch.dtype) -> bool:
@@ -46,6 +55,44 @@ def _panels(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(count, PANEL, k).transpose(1, 2).contiguous()
 
 
+def _q4_panels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """weight [N, K] -> (codes [P, K, 8] uint8, scales [P, K / 32, 2, 16] fp32) of its
+    4-bit panels (models/csrc/panel_linear.cpp), or None unless every weight is d * code + m
+    of its block of 32 (fp16 d and m, two roundings) to the bit.
+
+    A block's minimum is its code-0 weight, m; d is (max - m) / 15 rounded to fp16, give or
+    take two fp16 steps (what the quantizer's own rounding may have moved)."""
+    n, k = weight.shape
+    if k % Q4_BLOCK:
+        return None
+    blocks = weight.detach().float().reshape(n, k // Q4_BLOCK, Q4_BLOCK)
+    low = blocks.amin(-1, keepdim=True)
+    guess = ((blocks.amax(-1, keepdim=True) - low) / 15).half().view(torch.int16)
+    step = torch.zeros_like(low)
+    codes = torch.zeros(blocks.shape, dtype=torch.uint8)
+    found = torch.zeros(low.shape, dtype=torch.bool)
+    for delta in (0, -1, 1, -2, 2):
+        d = (guess + delta).view(torch.float16).float()
+        d = torch.where(torch.isfinite(d) & (d >= 0), d, torch.zeros_like(d))
+        q = torch.where(d > 0, (blocks - low) / d, torch.zeros_like(blocks)).round().clamp(0, 15)
+        rebuilt = d * q + low   # two roundings, as GGUF's dequantization
+        match = (rebuilt.view(torch.int32) == blocks.view(torch.int32)).all(-1, keepdim=True) & ~found
+        step = torch.where(match, d, step)
+        codes = torch.where(match, q.to(torch.uint8), codes)
+        found |= match
+        if found.all() or not found.any():   # done, or not Q4_1 at all (no need to try further)
+            break
+    if not found.all():
+        return None
+    count = -(-n // PANEL)
+    pad = count * PANEL - n
+    codes = F.pad(codes.reshape(n, k), (0, 0, 0, pad)).view(count, PANEL, k).transpose(1, 2)   # [P, K, 16]
+    codes = (codes[..., :PANEL // 2] | (codes[..., PANEL // 2:] << 4)).contiguous()           # [P, K, 8]
+    scales = torch.stack([F.pad(t.reshape(n, k // Q4_BLOCK), (0, 0, 0, pad)) for t in (step, low)])
+    scales = scales.view(2, count, PANEL, k // Q4_BLOCK).permute(1, 3, 0, 2).contiguous()      # [P, K/32, 2, 16]
+    return codes, scales
+
+
 class PackedLinear(nn.Module):
     """y = x W^T + b over W packed once (panels or oneDNN); x may have any leading shape.
 
@@ -53,13 +100,18 @@ class PackedLinear(nn.Module):
     embedding holds it anyway); otherwise only the packed copy stays in memory.
     """
 
-    def __init__(self, linear: nn.Linear, keep_weight: bool = False, panels: bool = True):
-        """panels=False: oneDNN even where the panel kernel runs (for side-by-side benchmarks)."""
+    def __init__(self, linear: nn.Linear, keep_weight: bool = False, panels: bool = True, q4: bool = True):
+        """panels=False: oneDNN even where the panel kernel runs; q4=False: fp32 panels even
+        for exact 4-bit weights (both for side-by-side benchmarks)."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         self.kernels = cpu_kernels() if panels and weight.dtype == torch.float32 else None
-        self.packed = _panels(weight) if self.kernels is not None else torch.ops.mkldnn._reorder_linear_weight(weight)
+        self.q4 = _q4_panels(weight) if self.kernels is not None and q4 else None
+        if self.q4 is not None:
+            self.packed = None
+        else:
+            self.packed = _panels(weight) if self.kernels is not None else torch.ops.mkldnn._reorder_linear_weight(weight)
         self.bias = linear.bias
         self.weight = linear.weight if keep_weight else None
 
@@ -67,18 +119,20 @@ class PackedLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if not rows.is_contiguous():
             rows = rows.contiguous()
-        if self.kernels is not None:
+        if self.q4 is not None:
+            out = self.kernels.q4_panel_linear(rows, *self.q4, self.bias, self.out_features)
+        elif self.kernels is not None:
             out = self.kernels.panel_linear(rows, self.packed, self.bias, self.out_features)
         else:
             out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        layout = "panels" if self.kernels is not None else "oneDNN"
+        layout = "4-bit panels" if self.q4 is not None else "panels" if self.kernels is not None else "oneDNN"
         return f"in_features={self.in_features}, out_features={self.out_features}, packed={layout}"
 
 
-def pack_linears(module: nn.Module, keep_weights: tuple[str, ...] = (), panels: bool = True) -> int:
+def pack_linears(module: nn.Module, keep_weights: tuple[str, ...] = (), panels: bool = True, q4: bool = True) -> int:
     """Replace every nn.Linear inside `module` by a PackedLinear; returns how many.
 
     `keep_weights` names (as in named_modules) the layers whose dense weight other code
@@ -89,6 +143,6 @@ def pack_linears(module: nn.Module, keep_weights: tuple[str, ...] = (), panels: 
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 full = f"{parent_name}.{name}" if parent_name else name
-                setattr(parent, name, PackedLinear(child, full in keep_weights, panels))
+                setattr(parent, name, PackedLinear(child, full in keep_weights, panels, q4))
                 replaced += 1
     return replaced

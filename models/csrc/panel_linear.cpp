@@ -24,6 +24,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace {
 
@@ -68,49 +69,169 @@ void rows_times_panel(int rows, const float* x, int64_t K, const float* panel, f
   }
 }
 
+constexpr int64_t Q4_BLOCK = 32;  // k per block of 4-bit codes sharing a step and a minimum
+constexpr int Q4_ROWS = 4;  // rows a pass over a 4-bit panel: 8 accumulators + 2 weights + scales
+// up to this many rows every pass dequantizes in registers (cheaper than a trip through a
+// buffer while the passes are few); more rows dequantize each panel once into a buffer
+constexpr int64_t Q4_FUSED_ROWS = 8;
+
+// One 4-bit panel -> its [K, 16] fp32 weights: d * code + m per column, as two roundings.
+void dequantize_panel(const uint8_t* codes, const float* scales, int64_t K, float* out) {
+  const __m256i low4 = _mm256_set1_epi32(0x0F);
+  for (int64_t kb = 0; kb < K / Q4_BLOCK; ++kb) {
+    const float* s = scales + kb * 2 * PANEL;
+    const __m256 d_lo = _mm256_loadu_ps(s), d_hi = _mm256_loadu_ps(s + 8);
+    const __m256 m_lo = _mm256_loadu_ps(s + PANEL), m_hi = _mm256_loadu_ps(s + PANEL + 8);
+    for (int64_t k = kb * Q4_BLOCK; k < (kb + 1) * Q4_BLOCK; ++k) {
+      const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + k * 8)));
+      const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, low4));
+      const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+      _mm256_storeu_ps(out + k * PANEL, _mm256_add_ps(_mm256_mul_ps(d_lo, lo), m_lo));
+      _mm256_storeu_ps(out + k * PANEL + 8, _mm256_add_ps(_mm256_mul_ps(d_hi, hi), m_hi));
+    }
+  }
+}
+
+// rows_ input rows times one 4-bit panel, dequantizing each k's 16 weights in registers as
+// dequantize_panel does (the same bits) and multiplying them as panel_product does.
+template <int rows_>
+inline void q4_panel_product(const float* x, int64_t ldx, const uint8_t* codes, const float* scales, int64_t K,
+                             float* out, int64_t ldo) {
+  const __m256i low4 = _mm256_set1_epi32(0x0F);
+  __m256 lo[rows_], hi[rows_];
+  for (int r = 0; r < rows_; ++r) {
+    lo[r] = _mm256_setzero_ps();
+    hi[r] = _mm256_setzero_ps();
+  }
+  for (int64_t kb = 0; kb < K / Q4_BLOCK; ++kb) {
+    const float* s = scales + kb * 2 * PANEL;
+    for (int64_t k = kb * Q4_BLOCK; k < (kb + 1) * Q4_BLOCK; ++k) {
+      const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + k * 8)));
+      const __m256 w_lo = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(s), _mm256_cvtepi32_ps(_mm256_and_si256(bytes, low4))),
+                                        _mm256_loadu_ps(s + PANEL));
+      const __m256 w_hi = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(s + 8), _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4))),
+                                        _mm256_loadu_ps(s + PANEL + 8));
+      for (int r = 0; r < rows_; ++r) {
+        const __m256 xk = _mm256_broadcast_ss(x + r * ldx + k);
+        lo[r] = _mm256_fmadd_ps(xk, w_lo, lo[r]);
+        hi[r] = _mm256_fmadd_ps(xk, w_hi, hi[r]);
+      }
+    }
+  }
+  for (int r = 0; r < rows_; ++r) {
+    _mm256_storeu_ps(out + r * ldo, lo[r]);
+    _mm256_storeu_ps(out + r * ldo + 8, hi[r]);
+  }
+}
+
+}  // namespace
+
+namespace {
+
+// The passes over panels first .. last - 1 for all M rows, group_ rows a pass:
+// multiply(p, m, rows, out, ldo) writes rows m .. m + rows - 1 (rows <= group_) times panel
+// p into out (row stride ldo).
+template <int group_, typename Multiply>
+void panel_passes(int64_t M, int64_t N, const float* b, float* yd, int64_t first, int64_t last, Multiply multiply) {
+  float tail[group_ * PANEL];  // a partial last panel's columns go through here
+  for (int64_t p = first; p < last; ++p) {
+    const int64_t n0 = p * PANEL, cols = std::min(PANEL, N - n0);
+    for (int64_t m = 0; m < M; m += group_) {
+      const int rows = static_cast<int>(std::min<int64_t>(group_, M - m));
+      float* out = cols == PANEL ? yd + m * N + n0 : tail;
+      const int64_t ldo = cols == PANEL ? N : PANEL;
+      multiply(p, m, rows, out, ldo);
+      if (cols == PANEL && b == nullptr) continue;  // already in place
+      for (int r = 0; r < rows; ++r) {
+        float* row = yd + (m + r) * N + n0;
+        for (int64_t c = 0; c < cols; ++c) {
+          const float sum = cols == PANEL ? row[c] : tail[r * PANEL + c];
+          row[c] = b ? sum + b[n0 + c] : sum;
+        }
+      }
+    }
+  }
+}
+
+const float* checked_bias(const std::optional<torch::Tensor>& bias, int64_t N) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == torch::kFloat &&
+              bias->is_contiguous(), "bias must be a contiguous fp32 [N] tensor");
+  return bias->data_ptr<float>();
+}
+
+void check_x(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "x must be a contiguous 2-D fp32 CPU tensor");
+}
+
 }  // namespace
 
 // x [M, K] fp32 contiguous, panels [P, K, 16] fp32 contiguous, bias [N] or None -> y [M, N].
 torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels,
                            const std::optional<torch::Tensor>& bias, int64_t N) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.device().is_cpu(),
-              "x must be a contiguous 2-D fp32 CPU tensor");
+  check_x(x);
   TORCH_CHECK(panels.dim() == 3 && panels.size(2) == PANEL && panels.scalar_type() == torch::kFloat &&
               panels.is_contiguous(), "panels must be a contiguous fp32 [P, K, 16] tensor");
   const int64_t M = x.size(0), K = x.size(1), P = panels.size(0);
   TORCH_CHECK(panels.size(1) == K, "x has ", K, " columns but the panels were packed for ", panels.size(1));
   TORCH_CHECK(N > (P - 1) * PANEL && N <= P * PANEL, "N = ", N, " does not match ", P, " panels");
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == torch::kFloat &&
-                bias->is_contiguous(), "bias must be a contiguous fp32 [N] tensor");
-    b = bias->data_ptr<float>();
-  }
+  const float* b = checked_bias(bias, N);
   auto y = torch::empty({M, N}, x.options());
   const float* xd = x.data_ptr<float>();
   const float* wd = panels.data_ptr<float>();
-  float* yd = y.data_ptr<float>();
   at::parallel_for(0, P, 1, [&](int64_t first, int64_t last) {
-    float tail[ROWS * PANEL];  // a partial last panel's columns go through here
-    for (int64_t p = first; p < last; ++p) {
+    panel_passes<ROWS>(M, N, b, y.data_ptr<float>(), first, last, [&](int64_t p, int64_t m, int rows, float* out, int64_t ldo) {
       const float* panel = wd + p * K * PANEL;
-      const int64_t n0 = p * PANEL, cols = std::min(PANEL, N - n0);
-      for (int64_t m = 0; m < M; m += ROWS) {
-        const int rows = static_cast<int>(std::min<int64_t>(ROWS, M - m));
-        float* out = cols == PANEL ? yd + m * N + n0 : tail;
-        const int64_t ldo = cols == PANEL ? N : PANEL;
-        const float* next = m == 0 && M > 1 && p + 1 < last ? panel + K * PANEL : nullptr;
-        rows_times_panel(rows, xd + m * K, K, panel, out, ldo, next);
-        if (cols == PANEL && b == nullptr) continue;  // already in place
-        for (int r = 0; r < rows; ++r) {
-          float* row = yd + (m + r) * N + n0;
-          for (int64_t c = 0; c < cols; ++c) {
-            const float sum = cols == PANEL ? row[c] : tail[r * PANEL + c];
-            row[c] = b ? sum + b[n0 + c] : sum;
-          }
+      const float* next = m == 0 && M > 1 && p + 1 < last ? panel + K * PANEL : nullptr;
+      rows_times_panel(rows, xd + m * K, K, panel, out, ldo, next);
+    });
+  });
+  return y;
+}
+
+// The same product over 4-bit panels: codes [P, K, 8] uint8 (byte j of row k: column j in the
+// low nibble, column j + 8 in the high one), scales [P, K / 32, 2, 16] fp32 (per block of 32
+// k: each column's step d, then its minimum m). Weight = d * code + m, rounded after the
+// product and after the sum (no fused multiply-add: the arithmetic of GGUF's Q4_1
+// dequantization), so a panel dequantized here holds the very fp32 weights the fp32 panels
+// hold, and y has the same bits; the weights' trip from memory is 6 bits each, not 32.
+torch::Tensor q4_panel_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                              const std::optional<torch::Tensor>& bias, int64_t N) {
+  check_x(x);
+  const int64_t M = x.size(0), K = x.size(1), P = codes.size(0);
+  TORCH_CHECK(codes.dim() == 3 && codes.size(1) == K && codes.size(2) == PANEL / 2 &&
+              codes.scalar_type() == torch::kByte && codes.is_contiguous(),
+              "codes must be a contiguous uint8 [P, K, 8] tensor for x's K = ", K);
+  TORCH_CHECK(K % Q4_BLOCK == 0 && scales.dim() == 4 && scales.size(0) == P && scales.size(1) == K / Q4_BLOCK &&
+              scales.size(2) == 2 && scales.size(3) == PANEL && scales.scalar_type() == torch::kFloat &&
+              scales.is_contiguous(), "scales must be a contiguous fp32 [P, K / 32, 2, 16] tensor");
+  TORCH_CHECK(N > (P - 1) * PANEL && N <= P * PANEL, "N = ", N, " does not match ", P, " panels");
+  const float* b = checked_bias(bias, N);
+  auto y = torch::empty({M, N}, x.options());
+  const float* xd = x.data_ptr<float>();
+  const uint8_t* cd = codes.data_ptr<uint8_t>();
+  const float* sd = scales.data_ptr<float>();
+  at::parallel_for(0, P, 1, [&](int64_t first, int64_t last) {
+    auto codes_of = [&](int64_t p) { return cd + p * K * (PANEL / 2); };
+    auto scales_of = [&](int64_t p) { return sd + p * K / Q4_BLOCK * 2 * PANEL; };
+    if (M <= Q4_FUSED_ROWS) {   // dequantized in registers, again for each pass
+      panel_passes<Q4_ROWS>(M, N, b, y.data_ptr<float>(), first, last, [&](int64_t p, int64_t m, int rows, float* out, int64_t ldo) {
+        const float* x0 = xd + m * K;
+        switch (rows) {
+          case 1: return q4_panel_product<1>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
+          case 2: return q4_panel_product<2>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
+          case 3: return q4_panel_product<3>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
+          default: return q4_panel_product<Q4_ROWS>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
         }
-      }
+      });
+      return;
     }
+    std::vector<float> buffer(K * PANEL);   // more rows: each panel once into cache, for all passes
+    panel_passes<ROWS>(M, N, b, y.data_ptr<float>(), first, last, [&](int64_t p, int64_t m, int rows, float* out, int64_t ldo) {
+      if (m == 0) dequantize_panel(codes_of(p), scales_of(p), K, buffer.data());
+      rows_times_panel(rows, xd + m * K, K, buffer.data(), out, ldo, nullptr);
+    });
   });
   return y;
 }
