@@ -47,8 +47,8 @@ def main(argv=None) -> None:
     model_dir = ensure_default_model()
     variants = {}   # name -> (model, attention backend)
     if cpu_kernels() is not None:
-        variants["4-bit panels, C++ attention"] = (load_model(model_dir, "float32"), CpuAttention)
-        panels = load_model(model_dir, "float32", q4=False)
+        variants["4/8-bit panels, C++ attention"] = (load_model(model_dir, "float32"), CpuAttention)
+        panels = load_model(model_dir, "float32", quantized=False)
         variants["panels, C++ attention"] = (panels, CpuAttention)
         variants["panels, SDPA"] = (panels, TorchAttention)
     variants["oneDNN, SDPA"] = (load_model(model_dir, "float32", panels=False), TorchAttention)

@@ -66,12 +66,12 @@ def stack_projections(state: dict[str, torch.Tensor]) -> None:
 
 def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu", pack: bool = True, panels: bool = True,
-               q4: bool = True) -> LlamaForCausalLM:
+               quantized: bool = True) -> LlamaForCausalLM:
     """Build the model from a directory; every parameter must be present with its shape.
 
     On the CPU its linear layers are packed (models/packed_linear.py: our panel kernel where
-    it runs, unless `panels` is False, else oneDNN; 4-bit panels for weights that are exactly
-    Q4_1 values unless `q4` is False) unless `pack` is False; the unembedding
+    it runs, unless `panels` is False, else oneDNN; 4- and 8-bit panels for weights that are
+    exactly Q4_1 / Q8_0 values unless `quantized` is False) unless `pack` is False; the unembedding
     keeps its dense weight (the heads and training read it).
     """
     model_dir = Path(model_dir)
@@ -99,5 +99,5 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32",
     model.model.rotary_emb = RotaryEmbedding(config)  # its buffer was built on the meta device
     model = model.to(device).eval().requires_grad_(False)
     if pack and can_pack(device, dtype):
-        pack_linears(model, keep_weights=("lm_head",), panels=panels, q4=q4)
+        pack_linears(model, keep_weights=("lm_head",), panels=panels, quantized=quantized)
     return model

@@ -55,42 +55,74 @@ def _panels(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(count, PANEL, k).transpose(1, 2).contiguous()
 
 
-def _q4_panels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """weight [N, K] -> (codes [P, K, 8] uint8, scales [P, K / 32, 2, 16] fp32) of its
-    4-bit panels (models/csrc/panel_linear.cpp), or None unless every weight is d * code + m
-    of its block of 32 (fp16 d and m, two roundings) to the bit.
+def _by_panel(t: torch.Tensor) -> torch.Tensor:
+    """[N, C] (a value per output column) -> [P, C, 16], zero-padded to whole panels."""
+    n, c = t.shape
+    count = -(-n // PANEL)
+    return F.pad(t, (0, 0, 0, count * PANEL - n)).view(count, PANEL, c).transpose(1, 2)
 
-    A block's minimum is its code-0 weight, m; d is (max - m) / 15 rounded to fp16, give or
-    take two fp16 steps (what the quantizer's own rounding may have moved)."""
+
+def _block_codes(blocks: torch.Tensor, guess: torch.Tensor, low: torch.Tensor | None, limits: tuple[int, int]):
+    """Blocks [N, B, 32] of weights -> (steps [N, B, 1], codes [N, B, 32]) with every weight
+    d * code (+ low: two roundings) to the bit, d an fp16 value, or None. guess: each block's
+    d rounded to fp16, tried with its two fp16 neighbours either way (what the quantizer's own
+    rounding may have moved)."""
+    offset = low if low is not None else torch.zeros_like(guess, dtype=torch.float32)
+    bits = guess.half().view(torch.int16)
+    step = torch.zeros_like(offset)
+    codes = torch.zeros_like(blocks)
+    found = torch.zeros(offset.shape, dtype=torch.bool)
+    for delta in (0, -1, 1, -2, 2):
+        d = (bits + delta).view(torch.float16).float()
+        d = torch.where(torch.isfinite(d) & (d >= 0), d, torch.zeros_like(d))
+        q = torch.where(d > 0, (blocks - offset) / d, torch.zeros_like(blocks)).round().clamp(*limits)
+        rebuilt = d * q if low is None else d * q + low   # GGUF's dequantization, rounding by rounding
+        match = (rebuilt.view(torch.int32) == blocks.view(torch.int32)).all(-1, keepdim=True) & ~found
+        step, codes = torch.where(match, d, step), torch.where(match, q, codes)
+        found |= match
+        if found.all() or not found.any():   # done, or not such values at all
+            break
+    return (step, codes) if found.all() else None
+
+
+def _q4_panels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """weight [N, K] -> (codes [P, K, 8] uint8, scales [P, K / 32, 2, 16] fp32) of its Q4_1
+    panels (models/csrc/panel_linear.cpp), or None unless every weight is d * code + m of its
+    block of 32 (fp16 d and m, 4-bit codes) to the bit. A block's minimum is its code-0
+    weight, m; d is about (max - m) / 15."""
     n, k = weight.shape
     if k % Q4_BLOCK:
         return None
     blocks = weight.detach().float().reshape(n, k // Q4_BLOCK, Q4_BLOCK)
     low = blocks.amin(-1, keepdim=True)
-    guess = ((blocks.amax(-1, keepdim=True) - low) / 15).half().view(torch.int16)
-    step = torch.zeros_like(low)
-    codes = torch.zeros(blocks.shape, dtype=torch.uint8)
-    found = torch.zeros(low.shape, dtype=torch.bool)
-    for delta in (0, -1, 1, -2, 2):
-        d = (guess + delta).view(torch.float16).float()
-        d = torch.where(torch.isfinite(d) & (d >= 0), d, torch.zeros_like(d))
-        q = torch.where(d > 0, (blocks - low) / d, torch.zeros_like(blocks)).round().clamp(0, 15)
-        rebuilt = d * q + low   # two roundings, as GGUF's dequantization
-        match = (rebuilt.view(torch.int32) == blocks.view(torch.int32)).all(-1, keepdim=True) & ~found
-        step = torch.where(match, d, step)
-        codes = torch.where(match, q.to(torch.uint8), codes)
-        found |= match
-        if found.all() or not found.any():   # done, or not Q4_1 at all (no need to try further)
-            break
-    if not found.all():
+    found = _block_codes(blocks, (blocks.amax(-1, keepdim=True) - low) / 15, low, (0, 15))
+    if found is None:
         return None
-    count = -(-n // PANEL)
-    pad = count * PANEL - n
-    codes = F.pad(codes.reshape(n, k), (0, 0, 0, pad)).view(count, PANEL, k).transpose(1, 2)   # [P, K, 16]
-    codes = (codes[..., :PANEL // 2] | (codes[..., PANEL // 2:] << 4)).contiguous()           # [P, K, 8]
-    scales = torch.stack([F.pad(t.reshape(n, k // Q4_BLOCK), (0, 0, 0, pad)) for t in (step, low)])
-    scales = scales.view(2, count, PANEL, k // Q4_BLOCK).permute(1, 3, 0, 2).contiguous()      # [P, K/32, 2, 16]
-    return codes, scales
+    step, codes = found
+    codes = _by_panel(codes.to(torch.uint8).reshape(n, k))                                  # [P, K, 16]
+    codes = (codes[..., :PANEL // 2] | (codes[..., PANEL // 2:] << 4)).contiguous()       # [P, K, 8]
+    scales = torch.stack([_by_panel(t.reshape(n, -1)) for t in (step, low)], dim=2)       # [P, K/32, 2, 16]
+    return codes, scales.contiguous()
+
+
+def _q8_panels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """weight [N, K] -> (codes [P, K, 16] int8, scales [P, K / 32, 16] fp32) of its Q8_0
+    panels, or None unless every weight is d * code of its block of 32 (fp16 d, 8-bit codes)
+    to the bit. d is about the block's largest magnitude / 127."""
+    n, k = weight.shape
+    if k % Q4_BLOCK:
+        return None
+    blocks = weight.detach().float().reshape(n, k // Q4_BLOCK, Q4_BLOCK)
+    found = _block_codes(blocks, blocks.abs().amax(-1, keepdim=True) / 127, None, (-128, 127))
+    if found is None:
+        return None
+    step, codes = found
+    return (_by_panel(codes.to(torch.int8).reshape(n, k)).contiguous(),
+            _by_panel(step.reshape(n, -1)).contiguous())
+
+
+QUANTIZED_LAYOUTS = (("4-bit panels", _q4_panels, "q4_panel_linear"),
+                     ("8-bit panels", _q8_panels, "q8_panel_linear"))
 
 
 class PackedLinear(nn.Module):
@@ -100,15 +132,21 @@ class PackedLinear(nn.Module):
     embedding holds it anyway); otherwise only the packed copy stays in memory.
     """
 
-    def __init__(self, linear: nn.Linear, keep_weight: bool = False, panels: bool = True, q4: bool = True):
-        """panels=False: oneDNN even where the panel kernel runs; q4=False: fp32 panels even
-        for exact 4-bit weights (both for side-by-side benchmarks)."""
+    def __init__(self, linear: nn.Linear, keep_weight: bool = False, panels: bool = True, quantized: bool = True):
+        """panels=False: oneDNN even where the panel kernel runs; quantized=False: fp32 panels
+        even for exact Q4_1 / Q8_0 weights (both for side-by-side benchmarks)."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         self.kernels = cpu_kernels() if panels and weight.dtype == torch.float32 else None
-        self.q4 = _q4_panels(weight) if self.kernels is not None and q4 else None
-        if self.q4 is not None:
+        self.layout = "panels" if self.kernels is not None else "oneDNN"
+        self.quantized = None   # (kernel, codes, scales)
+        for layout, pack, kernel in QUANTIZED_LAYOUTS if self.kernels is not None and quantized else ():
+            found = pack(weight)
+            if found is not None:
+                self.layout, self.quantized = layout, (getattr(self.kernels, kernel), *found)
+                break
+        if self.quantized is not None:
             self.packed = None
         else:
             self.packed = _panels(weight) if self.kernels is not None else torch.ops.mkldnn._reorder_linear_weight(weight)
@@ -119,8 +157,9 @@ class PackedLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if not rows.is_contiguous():
             rows = rows.contiguous()
-        if self.q4 is not None:
-            out = self.kernels.q4_panel_linear(rows, *self.q4, self.bias, self.out_features)
+        if self.quantized is not None:
+            kernel, codes, scales = self.quantized
+            out = kernel(rows, codes, scales, self.bias, self.out_features)
         elif self.kernels is not None:
             out = self.kernels.panel_linear(rows, self.packed, self.bias, self.out_features)
         else:
@@ -128,11 +167,11 @@ class PackedLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        layout = "4-bit panels" if self.q4 is not None else "panels" if self.kernels is not None else "oneDNN"
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed={layout}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.layout}"
 
 
-def pack_linears(module: nn.Module, keep_weights: tuple[str, ...] = (), panels: bool = True, q4: bool = True) -> int:
+def pack_linears(module: nn.Module, keep_weights: tuple[str, ...] = (), panels: bool = True,
+                 quantized: bool = True) -> int:
     """Replace every nn.Linear inside `module` by a PackedLinear; returns how many.
 
     `keep_weights` names (as in named_modules) the layers whose dense weight other code
@@ -143,6 +182,6 @@ def pack_linears(module: nn.Module, keep_weights: tuple[str, ...] = (), panels: 
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 full = f"{parent_name}.{name}" if parent_name else name
-                setattr(parent, name, PackedLinear(child, full in keep_weights, panels, q4))
+                setattr(parent, name, PackedLinear(child, full in keep_weights, panels, quantized))
                 replaced += 1
     return replaced

@@ -69,48 +69,64 @@ void rows_times_panel(int rows, const float* x, int64_t K, const float* panel, f
   }
 }
 
-constexpr int64_t Q4_BLOCK = 32;  // k per block of 4-bit codes sharing a step and a minimum
-constexpr int Q4_ROWS = 4;  // rows a pass over a 4-bit panel: 8 accumulators + 2 weights + scales
+constexpr int64_t QBLOCK = 32;  // k per block of codes sharing their scales (GGUF's Q4_1 and Q8_0)
+constexpr int QROWS = 4;  // rows a pass over a quantized panel: 8 accumulators + 2 weights + scales
 // up to this many rows every pass dequantizes in registers (cheaper than a trip through a
 // buffer while the passes are few); more rows dequantize each panel once into a buffer
-constexpr int64_t Q4_FUSED_ROWS = 8;
+constexpr int64_t QFUSED_ROWS = 8;
 
-// One 4-bit panel -> its [K, 16] fp32 weights: d * code + m per column, as two roundings.
+// GGUF's Q4_1: per block and column a step d and a minimum m; codes [P, K, 8] uint8 (byte j
+// of row k: column j in the low nibble, column j + 8 in the high one), scales [P, K / 32, 2,
+// 16] (the block's d of each column, then its m). Weight = d * code + m, rounded after the
+// product and after the sum, as GGUF's dequantization computes it.
+struct Q4 {
+  static constexpr int64_t code_bytes = PANEL / 2, scale_floats = 2 * PANEL;
+  static inline void weights(const uint8_t* codes, const float* s, __m256& lo, __m256& hi) {
+    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
+    const __m256 c_lo = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(0x0F)));
+    const __m256 c_hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+    lo = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(s), c_lo), _mm256_loadu_ps(s + PANEL));
+    hi = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(s + 8), c_hi), _mm256_loadu_ps(s + PANEL + 8));
+  }
+};
+
+// GGUF's Q8_0: per block and column a step d; codes [P, K, 16] int8, scales [P, K / 32, 16].
+// Weight = d * code, one rounding.
+struct Q8 {
+  static constexpr int64_t code_bytes = PANEL, scale_floats = PANEL;
+  static inline void weights(const uint8_t* codes, const float* s, __m256& lo, __m256& hi) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+    lo = _mm256_mul_ps(_mm256_loadu_ps(s), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)));
+    hi = _mm256_mul_ps(_mm256_loadu_ps(s + 8), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8))));
+  }
+};
+
+// One quantized panel -> its [K, 16] fp32 weights.
+template <typename Format>
 void dequantize_panel(const uint8_t* codes, const float* scales, int64_t K, float* out) {
-  const __m256i low4 = _mm256_set1_epi32(0x0F);
-  for (int64_t kb = 0; kb < K / Q4_BLOCK; ++kb) {
-    const float* s = scales + kb * 2 * PANEL;
-    const __m256 d_lo = _mm256_loadu_ps(s), d_hi = _mm256_loadu_ps(s + 8);
-    const __m256 m_lo = _mm256_loadu_ps(s + PANEL), m_hi = _mm256_loadu_ps(s + PANEL + 8);
-    for (int64_t k = kb * Q4_BLOCK; k < (kb + 1) * Q4_BLOCK; ++k) {
-      const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + k * 8)));
-      const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, low4));
-      const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
-      _mm256_storeu_ps(out + k * PANEL, _mm256_add_ps(_mm256_mul_ps(d_lo, lo), m_lo));
-      _mm256_storeu_ps(out + k * PANEL + 8, _mm256_add_ps(_mm256_mul_ps(d_hi, hi), m_hi));
-    }
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 lo, hi;
+    Format::weights(codes + k * Format::code_bytes, scales + k / QBLOCK * Format::scale_floats, lo, hi);
+    _mm256_storeu_ps(out + k * PANEL, lo);
+    _mm256_storeu_ps(out + k * PANEL + 8, hi);
   }
 }
 
-// rows_ input rows times one 4-bit panel, dequantizing each k's 16 weights in registers as
-// dequantize_panel does (the same bits) and multiplying them as panel_product does.
-template <int rows_>
-inline void q4_panel_product(const float* x, int64_t ldx, const uint8_t* codes, const float* scales, int64_t K,
-                             float* out, int64_t ldo) {
-  const __m256i low4 = _mm256_set1_epi32(0x0F);
+// rows_ input rows times one quantized panel, dequantizing each k's 16 weights in registers
+// as dequantize_panel does (the same bits) and multiplying them as panel_product does.
+template <typename Format, int rows_>
+inline void quantized_panel_product(const float* x, int64_t ldx, const uint8_t* codes, const float* scales,
+                                    int64_t K, float* out, int64_t ldo) {
   __m256 lo[rows_], hi[rows_];
   for (int r = 0; r < rows_; ++r) {
     lo[r] = _mm256_setzero_ps();
     hi[r] = _mm256_setzero_ps();
   }
-  for (int64_t kb = 0; kb < K / Q4_BLOCK; ++kb) {
-    const float* s = scales + kb * 2 * PANEL;
-    for (int64_t k = kb * Q4_BLOCK; k < (kb + 1) * Q4_BLOCK; ++k) {
-      const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + k * 8)));
-      const __m256 w_lo = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(s), _mm256_cvtepi32_ps(_mm256_and_si256(bytes, low4))),
-                                        _mm256_loadu_ps(s + PANEL));
-      const __m256 w_hi = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(s + 8), _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4))),
-                                        _mm256_loadu_ps(s + PANEL + 8));
+  for (int64_t kb = 0; kb < K / QBLOCK; ++kb) {
+    const float* s = scales + kb * Format::scale_floats;
+    for (int64_t k = kb * QBLOCK; k < (kb + 1) * QBLOCK; ++k) {
+      __m256 w_lo, w_hi;
+      Format::weights(codes + k * Format::code_bytes, s, w_lo, w_hi);
       for (int r = 0; r < rows_; ++r) {
         const __m256 xk = _mm256_broadcast_ss(x + r * ldx + k);
         lo[r] = _mm256_fmadd_ps(xk, w_lo, lo[r]);
@@ -190,48 +206,60 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels,
   return y;
 }
 
-// The same product over 4-bit panels: codes [P, K, 8] uint8 (byte j of row k: column j in the
-// low nibble, column j + 8 in the high one), scales [P, K / 32, 2, 16] fp32 (per block of 32
-// k: each column's step d, then its minimum m). Weight = d * code + m, rounded after the
-// product and after the sum (no fused multiply-add: the arithmetic of GGUF's Q4_1
-// dequantization), so a panel dequantized here holds the very fp32 weights the fp32 panels
-// hold, and y has the same bits; the weights' trip from memory is 6 bits each, not 32.
-torch::Tensor q4_panel_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
-                              const std::optional<torch::Tensor>& bias, int64_t N) {
+// The same product over quantized panels (Q4 or Q8 above): a panel dequantized here holds the
+// very fp32 weights the fp32 panels hold when the weights are such values, so y has the same
+// bits, while the weights' trip from memory is 6 (Q4) or 9 (Q8) bits each, not 32.
+namespace {
+
+template <typename Format>
+torch::Tensor quantized_panel_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                                     const std::optional<torch::Tensor>& bias, int64_t N) {
   check_x(x);
   const int64_t M = x.size(0), K = x.size(1), P = codes.size(0);
-  TORCH_CHECK(codes.dim() == 3 && codes.size(1) == K && codes.size(2) == PANEL / 2 &&
-              codes.scalar_type() == torch::kByte && codes.is_contiguous(),
-              "codes must be a contiguous uint8 [P, K, 8] tensor for x's K = ", K);
-  TORCH_CHECK(K % Q4_BLOCK == 0 && scales.dim() == 4 && scales.size(0) == P && scales.size(1) == K / Q4_BLOCK &&
-              scales.size(2) == 2 && scales.size(3) == PANEL && scales.scalar_type() == torch::kFloat &&
-              scales.is_contiguous(), "scales must be a contiguous fp32 [P, K / 32, 2, 16] tensor");
+  TORCH_CHECK(codes.dim() == 3 && codes.size(1) == K && codes.size(2) == Format::code_bytes &&
+              codes.element_size() == 1 && codes.is_contiguous(),
+              "codes must be a contiguous 8-bit [P, K, ", Format::code_bytes, "] tensor for x's K = ", K);
+  TORCH_CHECK(K % QBLOCK == 0 && scales.size(0) == P && scales.numel() == P * K / QBLOCK * Format::scale_floats &&
+              scales.scalar_type() == torch::kFloat && scales.is_contiguous(),
+              "scales must be a contiguous fp32 tensor of ", Format::scale_floats, " per panel and block of 32 k");
   TORCH_CHECK(N > (P - 1) * PANEL && N <= P * PANEL, "N = ", N, " does not match ", P, " panels");
   const float* b = checked_bias(bias, N);
   auto y = torch::empty({M, N}, x.options());
   const float* xd = x.data_ptr<float>();
-  const uint8_t* cd = codes.data_ptr<uint8_t>();
+  const uint8_t* cd = static_cast<const uint8_t*>(codes.data_ptr());
   const float* sd = scales.data_ptr<float>();
   at::parallel_for(0, P, 1, [&](int64_t first, int64_t last) {
-    auto codes_of = [&](int64_t p) { return cd + p * K * (PANEL / 2); };
-    auto scales_of = [&](int64_t p) { return sd + p * K / Q4_BLOCK * 2 * PANEL; };
-    if (M <= Q4_FUSED_ROWS) {   // dequantized in registers, again for each pass
-      panel_passes<Q4_ROWS>(M, N, b, y.data_ptr<float>(), first, last, [&](int64_t p, int64_t m, int rows, float* out, int64_t ldo) {
+    auto codes_of = [&](int64_t p) { return cd + p * K * Format::code_bytes; };
+    auto scales_of = [&](int64_t p) { return sd + p * K / QBLOCK * Format::scale_floats; };
+    if (M <= QFUSED_ROWS) {   // dequantized in registers, again for each pass
+      panel_passes<QROWS>(M, N, b, y.data_ptr<float>(), first, last, [&](int64_t p, int64_t m, int rows, float* out, int64_t ldo) {
         const float* x0 = xd + m * K;
         switch (rows) {
-          case 1: return q4_panel_product<1>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
-          case 2: return q4_panel_product<2>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
-          case 3: return q4_panel_product<3>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
-          default: return q4_panel_product<Q4_ROWS>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
+          case 1: return quantized_panel_product<Format, 1>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
+          case 2: return quantized_panel_product<Format, 2>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
+          case 3: return quantized_panel_product<Format, 3>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
+          default: return quantized_panel_product<Format, QROWS>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
         }
       });
       return;
     }
     std::vector<float> buffer(K * PANEL);   // more rows: each panel once into cache, for all passes
     panel_passes<ROWS>(M, N, b, y.data_ptr<float>(), first, last, [&](int64_t p, int64_t m, int rows, float* out, int64_t ldo) {
-      if (m == 0) dequantize_panel(codes_of(p), scales_of(p), K, buffer.data());
+      if (m == 0) dequantize_panel<Format>(codes_of(p), scales_of(p), K, buffer.data());
       rows_times_panel(rows, xd + m * K, K, buffer.data(), out, ldo, nullptr);
     });
   });
   return y;
+}
+
+}  // namespace
+
+torch::Tensor q4_panel_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                              const std::optional<torch::Tensor>& bias, int64_t N) {
+  return quantized_panel_linear<Q4>(x, codes, scales, bias, N);
+}
+
+torch::Tensor q8_panel_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                              const std::optional<torch::Tensor>& bias, int64_t N) {
+  return quantized_panel_linear<Q8>(x, codes, scales, bias, N);
 }

@@ -82,52 +82,59 @@ def test_loaded_model_is_packed_on_cpu(model):
     assert (model.lm_head.kernels is not None) == (cpu_kernels() is not None)
 
 
-def q4_linear(out_features: int, in_features: int, bias: bool = True, seed: int = 0) -> torch.nn.Linear:
-    """A linear layer whose weights are Q4_1 values, quantized as llama.cpp does (per block of
-    32 along k: fp16 step d = (max - min) / 15 and minimum m, 4-bit codes) and dequantized as
-    GGUF does (d * code + m in fp32, two roundings)."""
+def gguf_linear(out_features: int, in_features: int, kind: str, bias: bool = True, seed: int = 0) -> torch.nn.Linear:
+    """A linear layer whose weights are Q4_1 or Q8_0 values, quantized as llama.cpp does (per
+    block of 32 along k an fp16 step d: (max - min) / 15 and the minimum m for Q4_1, the
+    largest magnitude / 127 for Q8_0) and dequantized as GGUF does (d * code + m, or d *
+    code, in fp32, rounding after each operation)."""
     torch.manual_seed(seed)
     linear = torch.nn.Linear(in_features, out_features, bias=bias)
     blocks = linear.weight.detach().reshape(out_features, -1, 32)
-    low, high = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
-    d = ((high - low) / 15).half().float()
-    m = low.half().float()
-    codes = ((blocks - m) / d).round().clamp(0, 15)
+    if kind == "q4":
+        low = blocks.amin(-1, keepdim=True).half().float()
+        d = ((blocks.amax(-1, keepdim=True) - low) / 15).half().float()
+        weights = d * ((blocks - low) / d).round().clamp(0, 15) + low
+    else:
+        d = (blocks.abs().amax(-1, keepdim=True) / 127).half().float()
+        weights = d * (blocks / d).round().clamp(-128, 127)
     with torch.no_grad():
-        linear.weight.copy_((d * codes + m).reshape(out_features, in_features))
+        linear.weight.copy_(weights.reshape(out_features, in_features))
     return linear
 
 
 @needs_panels
+@pytest.mark.parametrize("kind,layout", [("q4", "4-bit panels"), ("q8", "8-bit panels")])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 13, 40])
 @pytest.mark.parametrize("in_features,out_features,bias", [(576, 960, False), (64, 17, True), (32, 1, True)])
-def test_4bit_panels_give_the_bits_of_fp32_panels(rows, in_features, out_features, bias):
-    """Exact Q4_1 weights go to 4-bit panels, whose product has the fp32 panels' bits at every
-    row count (fused passes up to 8 rows, a dequantized buffer beyond), partial panels too."""
-    linear = q4_linear(out_features, in_features, bias, seed=rows)
-    q4, fp32 = PackedLinear(linear), PackedLinear(linear, q4=False)
-    assert q4.q4 is not None and fp32.q4 is None and "4-bit" in q4.extra_repr()
+def test_quantized_panels_give_the_bits_of_fp32_panels(kind, layout, rows, in_features, out_features, bias):
+    """Exact Q4_1 / Q8_0 weights go to 4- / 8-bit panels, whose product has the fp32 panels'
+    bits at every row count (fused passes up to 8 rows, a dequantized buffer beyond), partial
+    panels too."""
+    linear = gguf_linear(out_features, in_features, kind, bias, seed=rows)
+    quantized, fp32 = PackedLinear(linear), PackedLinear(linear, quantized=False)
+    assert quantized.layout == layout and fp32.layout == "panels" and layout in quantized.extra_repr()
     x = torch.randn(rows, in_features)
     with torch.inference_mode():
-        assert torch.equal(q4(x), fp32(x))
+        assert torch.equal(quantized(x), fp32(x))
 
 
 @needs_panels
-def test_weights_that_are_not_exact_q4_keep_fp32_panels():
-    linear = q4_linear(48, 64)
-    assert PackedLinear(linear).q4 is not None
-    with torch.no_grad():
-        linear.weight[3, 40] = torch.nextafter(linear.weight[3, 40], torch.tensor(1.0))   # one weight off by an ulp
-    assert PackedLinear(linear).q4 is None
-    assert PackedLinear(torch.nn.Linear(48, 48)).q4 is None            # random fp32 weights
-    assert PackedLinear(q4_linear(8, 32)).q4 is not None
-    assert PackedLinear(torch.nn.Linear(40, 8)).q4 is None             # k not a multiple of 32
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+def test_weights_that_are_not_exact_gguf_values_keep_fp32_panels(kind):
+    linear = gguf_linear(48, 64, kind)
+    assert PackedLinear(linear).quantized is not None
+    with torch.no_grad():   # one weight off by an ulp
+        linear.weight[3, 40] = torch.nextafter(linear.weight[3, 40], torch.tensor(1.0))
+    assert PackedLinear(linear).quantized is None
+    assert PackedLinear(torch.nn.Linear(48, 48)).quantized is None            # random fp32 weights
+    assert PackedLinear(torch.nn.Linear(40, 8)).quantized is None             # k not a multiple of 32
 
 
-def test_default_model_layers_run_on_4bit_panels(model):
-    """The default model comes from a Q4_1 GGUF: every layer's linear layers are exact 4-bit
-    panels (the unembedding, Q8_0 in the GGUF, stays fp32)."""
+def test_default_model_runs_on_quantized_panels(model):
+    """The default model comes from a GGUF with Q4_1 layers and a Q8_0 embedding (the tied
+    unembedding): all of them run on quantized panels, with the fp32 weights' bits."""
     if cpu_kernels() is None:
         pytest.skip("the panel kernel needs x86-64 with AVX2")
-    layers = [m for name, m in model.named_modules() if isinstance(m, PackedLinear) and name != "lm_head"]
-    assert layers and all(m.q4 is not None for m in layers)
+    layouts = {name: m.layout for name, m in model.named_modules() if isinstance(m, PackedLinear)}
+    assert layouts.pop("lm_head") == "8-bit panels"
+    assert layouts and set(layouts.values()) == {"4-bit panels"}
