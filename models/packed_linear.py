@@ -3,7 +3,7 @@
 A decode or tree-verification step multiplies a few rows by every weight matrix, so its
 time is the weights' trip from memory. A plain `nn.Linear` on the CPU goes through a GEMM
 that repacks its weight matrix on every call; for a few rows that costs as much as the
-multiplication. Two layouts, chosen once per process:
+multiplication. The layouts, chosen once per process:
 
 - **panels** (x86-64 with AVX2 and FMA, the default there): our kernel
   (`models/csrc/panel_linear.cpp`, built by models/cpu_kernels.py) over weights stored as
@@ -11,14 +11,15 @@ multiplication. Two layouts, chosen once per process:
   over each panel; more rows take further passes from cache) and is as fast as oneDNN for
   hundreds (docs/benchmarks.md), and a row's result does not depend on how many rows share
   the call: a plain step and a speculative tree get the same bits for the same token.
-- **4-bit panels** (the same kernel, where a weight matrix holds nothing but Q4_1 values:
-  blocks of 32 along k, each weight d * code + m with a 4-bit code and a per-block fp16 step
-  d and minimum m, as GGUF's Q4_1 dequantization computes them; the default model comes
-  from such a GGUF). `_q4_panels` recovers d, m and the codes from the fp32 weights and keeps
-  them only if they rebuild every weight to the bit, so the kernel, dequantizing a panel
-  at a time into cache, multiplies the very fp32 weights the fp32 panels hold and gives the
-  same bits, from 6 bits a weight in memory instead of 32 (docs/benchmarks.md). Matrices
-  that are not exactly Q4_1 keep fp32 panels.
+- **4- and 8-bit panels** (the same kernel, where a weight matrix holds nothing but the
+  values of GGUF's Q4_1 or Q8_0 dequantization: per block of 32 along k an fp16 step d (and
+  for Q4_1 a minimum m), each weight d * code (+ m) in fp32; the default model comes from
+  such a GGUF: Q4_1 layers, a Q8_0 embedding). `_q4_panels` / `_q8_panels` recover the
+  scales and codes from the fp32 weights and keep them only if they rebuild every weight to
+  the bit; the kernel dequantizes in registers with the same roundings, so it multiplies
+  the very fp32 weights the fp32 panels hold and gives the same bits, from 6 or 9 bits a
+  weight in memory instead of 32: 1.6-1.8x the fp32 panels' speed (docs/benchmarks.md).
+  Other matrices keep fp32 panels.
 - **oneDNN** (elsewhere, with GORGON_CPU_KERNELS=off, or if the kernels cannot be built):
   `mkldnn._reorder_linear_weight`, what torch.compile's CPU freezing pass uses.
 

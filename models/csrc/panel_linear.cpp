@@ -16,6 +16,13 @@
 // 22 ms against 29 without it, 1 row 18 ms; docs/benchmarks.md). A lone row leaves it to
 // the hardware prefetcher, which keeps up with its stream (prefetching there cost ~5%).
 //
+// Quantized panels (Q4, Q8 below): where a matrix's weights are exactly the values GGUF's
+// Q4_1 or Q8_0 dequantization gives (the default model's are: it comes from such a GGUF),
+// the panels hold the codes and per-block scales, 6 or 9 bits a weight, and each pass
+// dequantizes them in registers with GGUF's own roundings: the very fp32 weights, the same
+// products and sums, the same bits as the fp32 panels, at 1.6-1.8x their speed for 1 to 512
+// rows on the development VM (docs/benchmarks.md).
+//
 // Every output element is one sum over k in order, started from zero, with the bias added
 // last, whatever the number of rows: a row's result never depends on the rows beside it, so
 // a speculative tree and a plain step compute bit-identical logits for the same token.
@@ -24,7 +31,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <vector>
 
 namespace {
 
@@ -70,10 +76,6 @@ void rows_times_panel(int rows, const float* x, int64_t K, const float* panel, f
 }
 
 constexpr int64_t QBLOCK = 32;  // k per block of codes sharing their scales (GGUF's Q4_1 and Q8_0)
-constexpr int QROWS = 4;  // rows a pass over a quantized panel: 8 accumulators + 2 weights + scales
-// up to this many rows every pass dequantizes in registers (cheaper than a trip through a
-// buffer while the passes are few); more rows dequantize each panel once into a buffer
-constexpr int64_t QFUSED_ROWS = 8;
 
 // GGUF's Q4_1: per block and column a step d and a minimum m; codes [P, K, 8] uint8 (byte j
 // of row k: column j in the low nibble, column j + 8 in the high one), scales [P, K / 32, 2,
@@ -101,19 +103,10 @@ struct Q8 {
   }
 };
 
-// One quantized panel -> its [K, 16] fp32 weights.
-template <typename Format>
-void dequantize_panel(const uint8_t* codes, const float* scales, int64_t K, float* out) {
-  for (int64_t k = 0; k < K; ++k) {
-    __m256 lo, hi;
-    Format::weights(codes + k * Format::code_bytes, scales + k / QBLOCK * Format::scale_floats, lo, hi);
-    _mm256_storeu_ps(out + k * PANEL, lo);
-    _mm256_storeu_ps(out + k * PANEL + 8, hi);
-  }
-}
-
-// rows_ input rows times one quantized panel, dequantizing each k's 16 weights in registers
-// as dequantize_panel does (the same bits) and multiplying them as panel_product does.
+// rows_ input rows times one quantized panel: each k's 16 weights dequantized in registers
+// (Format::weights), then multiplied as panel_product does. Every pass dequantizes again:
+// that costs less than a trip through a dequantized copy (36-98 KB a panel, from L2), at
+// any row count (docs/benchmarks.md).
 template <typename Format, int rows_>
 inline void quantized_panel_product(const float* x, int64_t ldx, const uint8_t* codes, const float* scales,
                                     int64_t K, float* out, int64_t ldo) {
@@ -231,22 +224,16 @@ torch::Tensor quantized_panel_linear(const torch::Tensor& x, const torch::Tensor
   at::parallel_for(0, P, 1, [&](int64_t first, int64_t last) {
     auto codes_of = [&](int64_t p) { return cd + p * K * Format::code_bytes; };
     auto scales_of = [&](int64_t p) { return sd + p * K / QBLOCK * Format::scale_floats; };
-    if (M <= QFUSED_ROWS) {   // dequantized in registers, again for each pass
-      panel_passes<QROWS>(M, N, b, y.data_ptr<float>(), first, last, [&](int64_t p, int64_t m, int rows, float* out, int64_t ldo) {
-        const float* x0 = xd + m * K;
-        switch (rows) {
-          case 1: return quantized_panel_product<Format, 1>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
-          case 2: return quantized_panel_product<Format, 2>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
-          case 3: return quantized_panel_product<Format, 3>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
-          default: return quantized_panel_product<Format, QROWS>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
-        }
-      });
-      return;
-    }
-    std::vector<float> buffer(K * PANEL);   // more rows: each panel once into cache, for all passes
     panel_passes<ROWS>(M, N, b, y.data_ptr<float>(), first, last, [&](int64_t p, int64_t m, int rows, float* out, int64_t ldo) {
-      if (m == 0) dequantize_panel<Format>(codes_of(p), scales_of(p), K, buffer.data());
-      rows_times_panel(rows, xd + m * K, K, buffer.data(), out, ldo, nullptr);
+      const float* x0 = xd + m * K;
+      switch (rows) {
+        case 1: return quantized_panel_product<Format, 1>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
+        case 2: return quantized_panel_product<Format, 2>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
+        case 3: return quantized_panel_product<Format, 3>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
+        case 4: return quantized_panel_product<Format, 4>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
+        case 5: return quantized_panel_product<Format, 5>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
+        default: return quantized_panel_product<Format, ROWS>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
+      }
     });
   });
   return y;
