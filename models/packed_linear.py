@@ -18,8 +18,9 @@ multiplication. The layouts, chosen once per process:
   scales and codes from the fp32 weights and keep them only if they rebuild every weight to
   the bit; the kernel dequantizes in registers with the same roundings, so it multiplies
   the very fp32 weights the fp32 panels hold and gives the same bits, from 6 or 9 bits a
-  weight in memory instead of 32: 1.6-1.8x the fp32 panels' speed (docs/benchmarks.md).
-  Other matrices keep fp32 panels.
+  weight in memory instead of 32. They run calls of up to QUANTIZED_MAX_ROWS rows (a
+  decode or a small tree: ~1.7-3x the fp32 panels' speed at 1 to 6 rows), the fp32 panels,
+  kept beside them, the bigger ones (docs/benchmarks.md). Other matrices have fp32 panels only.
 - **oneDNN** (elsewhere, with GORGON_CPU_KERNELS=off, or if the kernels cannot be built):
   `mkldnn._reorder_linear_weight`, what torch.compile's CPU freezing pass uses.
 
@@ -122,6 +123,11 @@ def _q8_panels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None
             _by_panel(step.reshape(n, -1)).contiguous())
 
 
+# Rows a call up to which the quantized panels run: their passes are compute-bound (each
+# dequantizes again), the fp32 panels' first pass memory-bound, so a few rows gain most
+# (1 row ~1.8-3x, 6 rows ~1.7x, 8 rows 0.9-1.3x on the development VM) and 32 or more run
+# ~0.75x the fp32 panels' speed; both give the same bits, so the choice is free
+QUANTIZED_MAX_ROWS = 8
 QUANTIZED_LAYOUTS = (("4-bit panels", _q4_panels, "q4_panel_linear"),
                      ("8-bit panels", _q8_panels, "q8_panel_linear"))
 
@@ -147,10 +153,7 @@ class PackedLinear(nn.Module):
             if found is not None:
                 self.layout, self.quantized = layout, (getattr(self.kernels, kernel), *found)
                 break
-        if self.quantized is not None:
-            self.packed = None
-        else:
-            self.packed = _panels(weight) if self.kernels is not None else torch.ops.mkldnn._reorder_linear_weight(weight)
+        self.packed = _panels(weight) if self.kernels is not None else torch.ops.mkldnn._reorder_linear_weight(weight)
         self.bias = linear.bias
         self.weight = linear.weight if keep_weight else None
 
@@ -158,7 +161,7 @@ class PackedLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if not rows.is_contiguous():
             rows = rows.contiguous()
-        if self.quantized is not None:
+        if self.quantized is not None and len(rows) <= QUANTIZED_MAX_ROWS:
             kernel, codes, scales = self.quantized
             out = kernel(rows, codes, scales, self.bias, self.out_features)
         elif self.kernels is not None:

@@ -20,8 +20,9 @@
 // Q4_1 or Q8_0 dequantization gives (the default model's are: it comes from such a GGUF),
 // the panels hold the codes and per-block scales, 6 or 9 bits a weight, and each pass
 // dequantizes them in registers with GGUF's own roundings: the very fp32 weights, the same
-// products and sums, the same bits as the fp32 panels, at 1.6-1.8x their speed for 1 to 512
-// rows on the development VM (docs/benchmarks.md).
+// products and sums, the same bits as the fp32 panels. Their passes are compute-bound, so
+// they pay for a few rows (1-6 rows: 1.7-3x the fp32 panels on the development VM) and not
+// for many (32+: ~0.75x); models/packed_linear.py picks per call (docs/benchmarks.md).
 //
 // Every output element is one sum over k in order, started from zero, with the bias added
 // last, whatever the number of rows: a row's result never depends on the rows beside it, so
@@ -104,9 +105,8 @@ struct Q8 {
 };
 
 // rows_ input rows times one quantized panel: each k's 16 weights dequantized in registers
-// (Format::weights), then multiplied as panel_product does. Every pass dequantizes again:
-// that costs less than a trip through a dequantized copy (36-98 KB a panel, from L2), at
-// any row count (docs/benchmarks.md).
+// (Format::weights), then multiplied as panel_product does. Every pass dequantizes again
+// (a dequantized copy of the panel in L2, read by 6-row passes, measured slower).
 template <typename Format, int rows_>
 inline void quantized_panel_product(const float* x, int64_t ldx, const uint8_t* codes, const float* scales,
                                     int64_t K, float* out, int64_t ldo) {

@@ -108,14 +108,16 @@ def gguf_linear(out_features: int, in_features: int, kind: str, bias: bool = Tru
 @pytest.mark.parametrize("in_features,out_features,bias", [(576, 960, False), (64, 17, True), (32, 1, True)])
 def test_quantized_panels_give_the_bits_of_fp32_panels(kind, layout, rows, in_features, out_features, bias):
     """Exact Q4_1 / Q8_0 weights go to 4- / 8-bit panels, whose product has the fp32 panels'
-    bits at every row count (1 to 6 rows a pass, several passes), partial
-    panels too."""
+    bits at every row count (1 to 6 rows a pass, several passes), partial panels too."""
     linear = gguf_linear(out_features, in_features, kind, bias, seed=rows)
     quantized, fp32 = PackedLinear(linear), PackedLinear(linear, quantized=False)
     assert quantized.layout == layout and fp32.layout == "panels" and layout in quantized.extra_repr()
     x = torch.randn(rows, in_features)
+    kernel, codes, scales = quantized.quantized
     with torch.inference_mode():
-        assert torch.equal(quantized(x), fp32(x))
+        expected = fp32(x)
+        assert torch.equal(quantized(x), expected)   # the quantized kernel up to 8 rows, then fp32 panels
+        assert torch.equal(kernel(x, codes, scales, linear.bias, out_features), expected)   # any rows
 
 
 @needs_panels
