@@ -35,7 +35,7 @@ from torch import nn
 from models.cpu_kernels import cpu_kernels
 
 PANEL = 16  # output columns per panel (models/csrc/panel_linear.cpp)
-Q4_BLOCK = 32  # k per block of 4-bit codes sharing a step and a minimum
+QBLOCK = 32  # k per block of codes sharing their scales (GGUF's Q4_1 and Q8_0)
 
 
 def can_pack(device: torch.device | str, dtype: torch.dtype) -> bool:
@@ -93,9 +93,9 @@ def _q4_panels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None
     block of 32 (fp16 d and m, 4-bit codes) to the bit. A block's minimum is its code-0
     weight, m; d is about (max - m) / 15."""
     n, k = weight.shape
-    if k % Q4_BLOCK:
+    if k % QBLOCK:
         return None
-    blocks = weight.detach().float().reshape(n, k // Q4_BLOCK, Q4_BLOCK)
+    blocks = weight.detach().float().reshape(n, k // QBLOCK, QBLOCK)
     low = blocks.amin(-1, keepdim=True)
     found = _block_codes(blocks, (blocks.amax(-1, keepdim=True) - low) / 15, low, (0, 15))
     if found is None:
@@ -112,9 +112,9 @@ def _q8_panels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None
     panels, or None unless every weight is d * code of its block of 32 (fp16 d, 8-bit codes)
     to the bit. d is about the block's largest magnitude / 127."""
     n, k = weight.shape
-    if k % Q4_BLOCK:
+    if k % QBLOCK:
         return None
-    blocks = weight.detach().float().reshape(n, k // Q4_BLOCK, Q4_BLOCK)
+    blocks = weight.detach().float().reshape(n, k // QBLOCK, QBLOCK)
     found = _block_codes(blocks, blocks.abs().amax(-1, keepdim=True) / 127, None, (-128, 127))
     if found is None:
         return None

@@ -38,20 +38,66 @@ namespace {
 constexpr int64_t PANEL = 16;  // output columns per panel: two 8-float AVX registers
 constexpr int ROWS = 6;        // input rows per pass over a panel: 12 accumulators + 2 weights
 
-// rows_ input rows [rows_, K] (row stride ldx) times one panel [K, 16] -> out [rows_, 16];
-// next: a panel to prefetch meanwhile, or null.
-template <int rows_>
-inline void panel_product(const float* x, int64_t ldx, const float* panel, int64_t K,
-                          float* out, int64_t ldo, const float* next) {
+constexpr int64_t QBLOCK = 32;  // k per block of codes sharing their scales (GGUF's Q4_1 and Q8_0)
+
+// A panel's weights at row k, two AVX registers (columns 0-7, 8-15): fp32 panels read them;
+// quantized ones dequantize them.
+struct Fp32 {
+  const float* panel;
+  const float* next;  // a panel to prefetch meanwhile (one line per k, into L2), or null
+  inline void weights(int64_t k, __m256& lo, __m256& hi) const {
+    if (next) _mm_prefetch(reinterpret_cast<const char*>(next + k * PANEL), _MM_HINT_T1);
+    lo = _mm256_loadu_ps(panel + k * PANEL);
+    hi = _mm256_loadu_ps(panel + k * PANEL + 8);
+  }
+};
+
+// GGUF's Q4_1: per block and column a step d and a minimum m; codes [P, K, 8] uint8 (byte j
+// of row k: column j in the low nibble, column j + 8 in the high one), scales [P, K / 32, 2,
+// 16] (the block's d of each column, then its m). Weight = d * code + m, rounded after the
+// product and after the sum, as GGUF's dequantization computes it.
+struct Q4 {
+  static constexpr int64_t code_bytes = PANEL / 2, scale_floats = 2 * PANEL;
+  const uint8_t* codes;  // the panel's
+  const float* scales;
+  inline void weights(int64_t k, __m256& lo, __m256& hi) const {
+    const float* s = scales + k / QBLOCK * scale_floats;
+    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + k * code_bytes)));
+    const __m256 c_lo = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(0x0F)));
+    const __m256 c_hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+    lo = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(s), c_lo), _mm256_loadu_ps(s + PANEL));
+    hi = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(s + 8), c_hi), _mm256_loadu_ps(s + PANEL + 8));
+  }
+};
+
+// GGUF's Q8_0: per block and column a step d; codes [P, K, 16] int8, scales [P, K / 32, 16].
+// Weight = d * code, one rounding.
+struct Q8 {
+  static constexpr int64_t code_bytes = PANEL, scale_floats = PANEL;
+  const uint8_t* codes;  // the panel's
+  const float* scales;
+  inline void weights(int64_t k, __m256& lo, __m256& hi) const {
+    const float* s = scales + k / QBLOCK * scale_floats;
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k * code_bytes));
+    lo = _mm256_mul_ps(_mm256_loadu_ps(s), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)));
+    hi = _mm256_mul_ps(_mm256_loadu_ps(s + 8), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8))));
+  }
+};
+
+// rows_ input rows [rows_, K] (row stride ldx) times one panel [K, 16] -> out [rows_, 16]:
+// each k's 16 weights (read, or dequantized in registers: every pass dequantizes again; a
+// dequantized copy in L2 read by fp32 passes measured slower), times every row, summed in
+// k order.
+template <int rows_, typename Panel>
+inline void panel_product(const float* x, int64_t ldx, const Panel& panel, int64_t K, float* out, int64_t ldo) {
   __m256 lo[rows_], hi[rows_];
   for (int r = 0; r < rows_; ++r) {
     lo[r] = _mm256_setzero_ps();
     hi[r] = _mm256_setzero_ps();
   }
   for (int64_t k = 0; k < K; ++k) {
-    if (next) _mm_prefetch(reinterpret_cast<const char*>(next + k * PANEL), _MM_HINT_T1);
-    const __m256 w_lo = _mm256_loadu_ps(panel + k * PANEL);
-    const __m256 w_hi = _mm256_loadu_ps(panel + k * PANEL + 8);
+    __m256 w_lo, w_hi;
+    panel.weights(k, w_lo, w_hi);
     for (int r = 0; r < rows_; ++r) {
       const __m256 xk = _mm256_broadcast_ss(x + r * ldx + k);
       lo[r] = _mm256_fmadd_ps(xk, w_lo, lo[r]);
@@ -64,89 +110,28 @@ inline void panel_product(const float* x, int64_t ldx, const float* panel, int64
   }
 }
 
-void rows_times_panel(int rows, const float* x, int64_t K, const float* panel, float* out, int64_t ldo,
-                      const float* next) {
+template <typename Panel>
+void rows_times_panel(int rows, const float* x, int64_t K, const Panel& panel, float* out, int64_t ldo) {
   switch (rows) {
-    case 1: panel_product<1>(x, K, panel, K, out, ldo, next); break;
-    case 2: panel_product<2>(x, K, panel, K, out, ldo, next); break;
-    case 3: panel_product<3>(x, K, panel, K, out, ldo, next); break;
-    case 4: panel_product<4>(x, K, panel, K, out, ldo, next); break;
-    case 5: panel_product<5>(x, K, panel, K, out, ldo, next); break;
-    default: panel_product<ROWS>(x, K, panel, K, out, ldo, next); break;
+    case 1: return panel_product<1>(x, K, panel, K, out, ldo);
+    case 2: return panel_product<2>(x, K, panel, K, out, ldo);
+    case 3: return panel_product<3>(x, K, panel, K, out, ldo);
+    case 4: return panel_product<4>(x, K, panel, K, out, ldo);
+    case 5: return panel_product<5>(x, K, panel, K, out, ldo);
+    default: return panel_product<ROWS>(x, K, panel, K, out, ldo);
   }
 }
 
-constexpr int64_t QBLOCK = 32;  // k per block of codes sharing their scales (GGUF's Q4_1 and Q8_0)
-
-// GGUF's Q4_1: per block and column a step d and a minimum m; codes [P, K, 8] uint8 (byte j
-// of row k: column j in the low nibble, column j + 8 in the high one), scales [P, K / 32, 2,
-// 16] (the block's d of each column, then its m). Weight = d * code + m, rounded after the
-// product and after the sum, as GGUF's dequantization computes it.
-struct Q4 {
-  static constexpr int64_t code_bytes = PANEL / 2, scale_floats = 2 * PANEL;
-  static inline void weights(const uint8_t* codes, const float* s, __m256& lo, __m256& hi) {
-    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
-    const __m256 c_lo = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(0x0F)));
-    const __m256 c_hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
-    lo = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(s), c_lo), _mm256_loadu_ps(s + PANEL));
-    hi = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(s + 8), c_hi), _mm256_loadu_ps(s + PANEL + 8));
-  }
-};
-
-// GGUF's Q8_0: per block and column a step d; codes [P, K, 16] int8, scales [P, K / 32, 16].
-// Weight = d * code, one rounding.
-struct Q8 {
-  static constexpr int64_t code_bytes = PANEL, scale_floats = PANEL;
-  static inline void weights(const uint8_t* codes, const float* s, __m256& lo, __m256& hi) {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
-    lo = _mm256_mul_ps(_mm256_loadu_ps(s), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)));
-    hi = _mm256_mul_ps(_mm256_loadu_ps(s + 8), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8))));
-  }
-};
-
-// rows_ input rows times one quantized panel: each k's 16 weights dequantized in registers
-// (Format::weights), then multiplied as panel_product does. Every pass dequantizes again
-// (a dequantized copy of the panel in L2, read by 6-row passes, measured slower).
-template <typename Format, int rows_>
-inline void quantized_panel_product(const float* x, int64_t ldx, const uint8_t* codes, const float* scales,
-                                    int64_t K, float* out, int64_t ldo) {
-  __m256 lo[rows_], hi[rows_];
-  for (int r = 0; r < rows_; ++r) {
-    lo[r] = _mm256_setzero_ps();
-    hi[r] = _mm256_setzero_ps();
-  }
-  for (int64_t kb = 0; kb < K / QBLOCK; ++kb) {
-    const float* s = scales + kb * Format::scale_floats;
-    for (int64_t k = kb * QBLOCK; k < (kb + 1) * QBLOCK; ++k) {
-      __m256 w_lo, w_hi;
-      Format::weights(codes + k * Format::code_bytes, s, w_lo, w_hi);
-      for (int r = 0; r < rows_; ++r) {
-        const __m256 xk = _mm256_broadcast_ss(x + r * ldx + k);
-        lo[r] = _mm256_fmadd_ps(xk, w_lo, lo[r]);
-        hi[r] = _mm256_fmadd_ps(xk, w_hi, hi[r]);
-      }
-    }
-  }
-  for (int r = 0; r < rows_; ++r) {
-    _mm256_storeu_ps(out + r * ldo, lo[r]);
-    _mm256_storeu_ps(out + r * ldo + 8, hi[r]);
-  }
-}
-
-}  // namespace
-
-namespace {
-
-// The passes over panels first .. last - 1 for all M rows, group_ rows a pass:
-// multiply(p, m, rows, out, ldo) writes rows m .. m + rows - 1 (rows <= group_) times panel
-// p into out (row stride ldo).
-template <int group_, typename Multiply>
+// The passes over panels first .. last - 1 for all M rows, ROWS rows a pass:
+// multiply(p, m, rows, out, ldo) writes rows m .. m + rows - 1 times panel p into out (row
+// stride ldo); the bias is added after.
+template <typename Multiply>
 void panel_passes(int64_t M, int64_t N, const float* b, float* yd, int64_t first, int64_t last, Multiply multiply) {
-  float tail[group_ * PANEL];  // a partial last panel's columns go through here
+  float tail[ROWS * PANEL];  // a partial last panel's columns go through here
   for (int64_t p = first; p < last; ++p) {
     const int64_t n0 = p * PANEL, cols = std::min(PANEL, N - n0);
-    for (int64_t m = 0; m < M; m += group_) {
-      const int rows = static_cast<int>(std::min<int64_t>(group_, M - m));
+    for (int64_t m = 0; m < M; m += ROWS) {
+      const int rows = static_cast<int>(std::min<int64_t>(ROWS, M - m));
       float* out = cols == PANEL ? yd + m * N + n0 : tail;
       const int64_t ldo = cols == PANEL ? N : PANEL;
       multiply(p, m, rows, out, ldo);
@@ -190,20 +175,20 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels,
   const float* xd = x.data_ptr<float>();
   const float* wd = panels.data_ptr<float>();
   at::parallel_for(0, P, 1, [&](int64_t first, int64_t last) {
-    panel_passes<ROWS>(M, N, b, y.data_ptr<float>(), first, last, [&](int64_t p, int64_t m, int rows, float* out, int64_t ldo) {
+    panel_passes(M, N, b, y.data_ptr<float>(), first, last, [&](int64_t p, int64_t m, int rows, float* out, int64_t ldo) {
       const float* panel = wd + p * K * PANEL;
       const float* next = m == 0 && M > 1 && p + 1 < last ? panel + K * PANEL : nullptr;
-      rows_times_panel(rows, xd + m * K, K, panel, out, ldo, next);
+      rows_times_panel(rows, xd + m * K, K, Fp32{panel, next}, out, ldo);
     });
   });
   return y;
 }
 
+namespace {
+
 // The same product over quantized panels (Q4 or Q8 above): a panel dequantized here holds the
 // very fp32 weights the fp32 panels hold when the weights are such values, so y has the same
 // bits, while the weights' trip from memory is 6 (Q4) or 9 (Q8) bits each, not 32.
-namespace {
-
 template <typename Format>
 torch::Tensor quantized_panel_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
                                      const std::optional<torch::Tensor>& bias, int64_t N) {
@@ -222,18 +207,9 @@ torch::Tensor quantized_panel_linear(const torch::Tensor& x, const torch::Tensor
   const uint8_t* cd = static_cast<const uint8_t*>(codes.data_ptr());
   const float* sd = scales.data_ptr<float>();
   at::parallel_for(0, P, 1, [&](int64_t first, int64_t last) {
-    auto codes_of = [&](int64_t p) { return cd + p * K * Format::code_bytes; };
-    auto scales_of = [&](int64_t p) { return sd + p * K / QBLOCK * Format::scale_floats; };
-    panel_passes<ROWS>(M, N, b, y.data_ptr<float>(), first, last, [&](int64_t p, int64_t m, int rows, float* out, int64_t ldo) {
-      const float* x0 = xd + m * K;
-      switch (rows) {
-        case 1: return quantized_panel_product<Format, 1>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
-        case 2: return quantized_panel_product<Format, 2>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
-        case 3: return quantized_panel_product<Format, 3>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
-        case 4: return quantized_panel_product<Format, 4>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
-        case 5: return quantized_panel_product<Format, 5>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
-        default: return quantized_panel_product<Format, ROWS>(x0, K, codes_of(p), scales_of(p), K, out, ldo);
-      }
+    panel_passes(M, N, b, y.data_ptr<float>(), first, last, [&](int64_t p, int64_t m, int rows, float* out, int64_t ldo) {
+      const Format panel{cd + p * K * Format::code_bytes, sd + p * K / QBLOCK * Format::scale_floats};
+      rows_times_panel(rows, xd + m * K, K, panel, out, ldo);
     });
   });
   return y;
