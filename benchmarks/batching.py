@@ -93,9 +93,10 @@ def main(argv=None) -> None:
                         help="requests per run at least: low concurrency gets enough tokens to measure")
     parser.add_argument("--without-datastore", action="store_true",
                         help="also run the adaptive policy without the datastore's chains")
+    parser.add_argument("--int8-linear", action="store_true", help="the engine's --int8-linear")
     args = parser.parse_args(argv)
     engine = LLMEngine(EngineConfig(heads=args.heads, max_num_seqs=64, max_num_batched_tokens=1024,
-                                    kv_cache_memory_gb=2.0))
+                                    kv_cache_memory_gb=2.0, int8_linear=args.int8_linear))
     prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in MIXED]
     datastore = engine.datastore
     modes = [("plain", 1, datastore), (f"tree {args.fixed_tree}", args.fixed_tree, datastore),
@@ -103,7 +104,7 @@ def main(argv=None) -> None:
     if args.without_datastore:
         modes.append(("adaptive, no datastore", None, None))
     print(f"# {date.today()} {platform.node()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"float32, greedy, {args.max_tokens} +- {args.spread:.0%} new tokens per request, {args.rounds} round(s), "
+          f"float32{', int8 linear layers' if args.int8_linear else ''}, greedy, {args.max_tokens} +- {args.spread:.0%} new tokens per request, {args.rounds} round(s), "
           f"max({args.requests_per_slot} x c, {args.min_requests}) requests per run, timed while c are in flight")
     print("| concurrency | mode | tokens/s | p50 ITL ms | p99 ITL ms | vs best fixed |")
     print("|---|---|---|---|---|---|")

@@ -4,7 +4,8 @@
 
 One sequence with `--context` cached tokens verifies a chain of n new tokens (logits on
 every row, as a tree step has), through the model in four set-ups, interleaved round by
-round so machine noise hits all: Gorgon's CPU kernels for the linear layers (panels) and
+round so machine noise hits all: Gorgon's CPU kernels for the linear layers (8-bit integer
+products where the CPU has AVX-512 VNNI, exact 4/8-bit panels, fp32 panels) and
 the decode/tree attention (where they run), the panels with PyTorch's SDPA, oneDNN-packed
 weights with SDPA, and plain nn.Linear with SDPA. Prints the best time of each, each
 size's cost relative to one token, and each set-up's speed-up over oneDNN with SDPA.
@@ -23,6 +24,7 @@ from models.cpu_attention import CpuAttention
 from models.fetch import ensure_default_model
 from models.loader import load_model
 from models.cpu_kernels import cpu_kernels
+from models.packed_linear import int8_supported
 
 
 @torch.inference_mode()
@@ -46,6 +48,8 @@ def main(argv=None) -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     model_dir = ensure_default_model()
     variants = {}   # name -> (model, attention backend)
+    if int8_supported():
+        variants["4/8-bit x 8-bit integers, C++ attention"] = (load_model(model_dir, "float32", int8=True), CpuAttention)
     if cpu_kernels() is not None:
         variants["4/8-bit panels, C++ attention"] = (load_model(model_dir, "float32"), CpuAttention)
         panels = load_model(model_dir, "float32", quantized=False)

@@ -16,6 +16,7 @@ they cannot run) or `off`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import platform
@@ -26,7 +27,9 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger("gorgon.cpu_kernels")
-_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("panel_linear.cpp", "tree_attention.cpp", "bindings.cpp")]
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = [_CSRC / name for name in ("panel_linear.cpp", "int8_linear.cpp", "tree_attention.cpp", "bindings.cpp")]
+_HEADERS = [_CSRC / "panels.h"]
 
 
 @functools.cache
@@ -52,8 +55,11 @@ def cpu_kernels():
         # OpenMP runtime of our own: they run on the one torch has loaded (its thread pool);
         # -ffp-contract=off: a product then a sum stays two roundings where the code says so
         # (the 4-bit panels' dequantization must match GGUF's to the bit)
+        # torch rebuilds when a source or a flag changes, not a header: the headers' hash is a flag
+        headers = hashlib.sha256(b"".join(h.read_bytes() for h in _HEADERS)).hexdigest()[:16]
         return load("gorgon_cpu_kernels", [str(s) for s in _SOURCES],
-                    extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"])
+                    extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off",
+                                  f"-DGORGON_HEADERS={headers}"])
     except Exception as e:  # no compiler, no ninja, a read-only cache...
         if choice == "on":
             raise

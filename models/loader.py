@@ -66,13 +66,14 @@ def stack_projections(state: dict[str, torch.Tensor]) -> None:
 
 def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu", pack: bool = True, panels: bool = True,
-               quantized: bool = True) -> LlamaForCausalLM:
+               quantized: bool = True, int8: bool = False) -> LlamaForCausalLM:
     """Build the model from a directory; every parameter must be present with its shape.
 
     On the CPU its linear layers are packed (models/packed_linear.py: our panel kernel where
     it runs, unless `panels` is False, else oneDNN; 4- and 8-bit panels for weights that are
-    exactly Q4_1 / Q8_0 values unless `quantized` is False) unless `pack` is False; the unembedding
-    keeps its dense weight (the heads and training read it).
+    exactly Q4_1 / Q8_0 values unless `quantized` is False; with `int8`, those weights multiply
+    activations rounded to 8 bits in integer arithmetic instead) unless `pack` is False; the
+    unembedding keeps its dense weight (the heads and training read it).
     """
     model_dir = Path(model_dir)
     config = read_config(model_dir)
@@ -99,5 +100,7 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32",
     model.model.rotary_emb = RotaryEmbedding(config)  # its buffer was built on the meta device
     model = model.to(device).eval().requires_grad_(False)
     if pack and can_pack(device, dtype):
-        pack_linears(model, keep_weights=("lm_head",), panels=panels, quantized=quantized)
+        pack_linears(model, keep_weights=("lm_head",), panels=panels, quantized=quantized, int8=int8)
+    elif int8:
+        raise ValueError("8-bit integer linear layers run on the CPU in fp32 only (--dtype float32)")
     return model

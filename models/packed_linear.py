@@ -28,6 +28,9 @@ Inference only: the packed copy is frozen and has no gradient.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,11 +90,10 @@ def _block_codes(blocks: torch.Tensor, guess: torch.Tensor, low: torch.Tensor | 
     return (step, codes) if found.all() else None
 
 
-def _q4_panels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """weight [N, K] -> (codes [P, K, 8] uint8, scales [P, K / 32, 2, 16] fp32) of its Q4_1
-    panels (models/csrc/panel_linear.cpp), or None unless every weight is d * code + m of its
-    block of 32 (fp16 d and m, 4-bit codes) to the bit. A block's minimum is its code-0
-    weight, m; d is about (max - m) / 15."""
+def _q4_values(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """weight [N, K] -> (codes [N, K], steps [N, K / 32], minimums [N, K / 32]) of GGUF's Q4_1,
+    or None unless every weight is d * code + m of its block of 32 (fp16 d and m, 4-bit
+    codes) to the bit. A block's minimum is its code-0 weight, m; d is about (max - m) / 15."""
     n, k = weight.shape
     if k % QBLOCK:
         return None
@@ -101,16 +103,13 @@ def _q4_panels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None
     if found is None:
         return None
     step, codes = found
-    codes = _by_panel(codes.to(torch.uint8).reshape(n, k))                                  # [P, K, 16]
-    codes = (codes[..., :PANEL // 2] | (codes[..., PANEL // 2:] << 4)).contiguous()       # [P, K, 8]
-    scales = torch.stack([_by_panel(t.reshape(n, -1)) for t in (step, low)], dim=2)       # [P, K/32, 2, 16]
-    return codes, scales.contiguous()
+    return codes.to(torch.uint8).reshape(n, k), step.reshape(n, -1), low.reshape(n, -1)
 
 
-def _q8_panels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """weight [N, K] -> (codes [P, K, 16] int8, scales [P, K / 32, 16] fp32) of its Q8_0
-    panels, or None unless every weight is d * code of its block of 32 (fp16 d, 8-bit codes)
-    to the bit. d is about the block's largest magnitude / 127."""
+def _q8_values(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """weight [N, K] -> (codes [N, K], steps [N, K / 32]) of GGUF's Q8_0, or None unless every
+    weight is d * code of its block of 32 (fp16 d, 8-bit codes) to the bit. d is about the
+    block's largest magnitude / 127."""
     n, k = weight.shape
     if k % QBLOCK:
         return None
@@ -119,8 +118,52 @@ def _q8_panels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None
     if found is None:
         return None
     step, codes = found
-    return (_by_panel(codes.to(torch.int8).reshape(n, k)).contiguous(),
-            _by_panel(step.reshape(n, -1)).contiguous())
+    return codes.to(torch.int8).reshape(n, k), step.reshape(n, -1)
+
+
+def _q4_scales(steps: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """[N, K / 32] steps and minimums -> [P, K / 32, 2, 16]: each panel's and block's d, then m."""
+    return torch.stack([_by_panel(steps), _by_panel(mins)], dim=2).contiguous()
+
+
+def _q4_panels(codes: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_1 values -> the exact 4-bit panels (models/csrc/panel_linear.cpp): codes [P, K, 8]
+    uint8 (byte j of row k: column j's code in the low nibble, column j + 8's in the high one)
+    and scales [P, K / 32, 2, 16]."""
+    codes = _by_panel(codes)                                                              # [P, K, 16]
+    codes = (codes[..., :PANEL // 2] | (codes[..., PANEL // 2:] << 4)).contiguous()       # [P, K, 8]
+    return codes, _q4_scales(steps, mins)
+
+
+def _q8_panels(codes: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0 values -> the exact 8-bit panels: codes [P, K, 16] int8, scales [P, K / 32, 16]."""
+    return _by_panel(codes).contiguous(), _by_panel(steps).contiguous()
+
+
+def _int8_groups(codes: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] -> [P, K / 32, 8, 16, 4]: per panel, block and group of 4 k, column j's 4
+    codes side by side (one int32 lane of VPDPBUSD each; models/csrc/int8_linear.cpp)."""
+    n, k = codes.shape
+    by_panel = _by_panel(codes)                                                  # [P, K, 16]
+    return by_panel.view(len(by_panel), k // QBLOCK, 8, 4, PANEL).transpose(3, 4)
+
+
+def _q4_int8_panels(codes: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Q4_1 values -> the 8-bit integer kernel's layout: codes [P, K / 32, 4, 64] uint8 (group
+    pair h: groups 2h in the low nibbles, 2h + 1 in the high ones) and scales [P, K / 32, 2, 16]."""
+    groups = _int8_groups(codes)
+    packed = groups[:, :, 0::2] | (groups[:, :, 1::2] << 4)
+    return packed.reshape(*packed.shape[:3], 4 * PANEL).contiguous(), _q4_scales(steps, mins)
+
+
+def _q8_int8_panels(codes: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Q8_0 values -> codes [P, K / 32, 8, 64] int8, scales [P, K / 32, 16] and each column's
+    codes summed per block, [P, K / 32, 16] int32."""
+    n, k = codes.shape
+    sums = codes.reshape(n, k // QBLOCK, QBLOCK).sum(-1, dtype=torch.int32)
+    groups = _int8_groups(codes)
+    return (groups.reshape(*groups.shape[:3], 4 * PANEL).contiguous(), _by_panel(steps).contiguous(),
+            _by_panel(sums).contiguous())
 
 
 # Rows a call up to which the quantized panels run: their passes are compute-bound (each
@@ -128,8 +171,28 @@ def _q8_panels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None
 # (1 row ~1.8-3x, 6 rows ~1.7x, 8 rows 0.9-1.3x on the development VM) and 32 or more run
 # ~0.75x the fp32 panels' speed; both give the same bits, so the choice is free
 QUANTIZED_MAX_ROWS = 8
-QUANTIZED_LAYOUTS = (("4-bit panels", _q4_panels, "q4_panel_linear"),
-                     ("8-bit panels", _q8_panels, "q8_panel_linear"))
+
+
+@dataclass(frozen=True)
+class QuantizedFormat:
+    name: str
+    values: Callable        # weight -> its codes and scales, or None
+    exact: Callable         # values -> the exact panels' tensors
+    exact_kernel: str
+    int8: Callable          # values -> the 8-bit integer kernel's tensors
+    int8_kernel: str
+
+
+QUANTIZED_FORMATS = (QuantizedFormat("4-bit", _q4_values, _q4_panels, "q4_panel_linear",
+                                     _q4_int8_panels, "q4_int8_linear"),
+                     QuantizedFormat("8-bit", _q8_values, _q8_panels, "q8_panel_linear",
+                                     _q8_int8_panels, "q8_int8_linear"))
+
+
+def int8_supported() -> bool:
+    """Whether this CPU runs the 8-bit integer kernels (AVX-512 with VNNI, kernels built)."""
+    kernels = cpu_kernels()
+    return kernels is not None and kernels.int8_linear_supported()
 
 
 class PackedLinear(nn.Module):
@@ -139,21 +202,37 @@ class PackedLinear(nn.Module):
     embedding holds it anyway); otherwise only the packed copy stays in memory.
     """
 
-    def __init__(self, linear: nn.Linear, keep_weight: bool = False, panels: bool = True, quantized: bool = True):
+    def __init__(self, linear: nn.Linear, keep_weight: bool = False, panels: bool = True, quantized: bool = True,
+                 int8: bool = False):
         """panels=False: oneDNN even where the panel kernel runs; quantized=False: fp32 panels
-        even for exact Q4_1 / Q8_0 weights (both for side-by-side benchmarks)."""
+        even for exact Q4_1 / Q8_0 weights (both for side-by-side benchmarks); int8=True: exact
+        Q4_1 / Q8_0 weights multiply x rounded to 8 bits in integer arithmetic (close to the
+        exact product, not equal; models/csrc/int8_linear.cpp), at every row count."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         self.kernels = cpu_kernels() if panels and weight.dtype == torch.float32 else None
+        if int8 and not (self.kernels is not None and self.kernels.int8_linear_supported()):
+            raise ValueError("8-bit integer linear layers need Gorgon's CPU kernels on a CPU with AVX-512 VNNI")
         self.layout = "panels" if self.kernels is not None else "oneDNN"
-        self.quantized = None   # (kernel, codes, scales)
-        for layout, pack, kernel in QUANTIZED_LAYOUTS if self.kernels is not None and quantized else ():
-            found = pack(weight)
-            if found is not None:
-                self.layout, self.quantized = layout, (getattr(self.kernels, kernel), *found)
-                break
-        self.packed = _panels(weight) if self.kernels is not None else torch.ops.mkldnn._reorder_linear_weight(weight)
+        self.quantized = self.int8 = None   # (kernel, its weight tensors...)
+        for fmt in QUANTIZED_FORMATS if self.kernels is not None and (quantized or int8) else ():
+            values = fmt.values(weight)
+            if values is None:
+                continue
+            if int8:
+                self.layout, self.int8 = f"{fmt.name} x 8-bit integers", (getattr(self.kernels, fmt.int8_kernel),
+                                                                          *fmt.int8(*values))
+            else:
+                self.layout, self.quantized = f"{fmt.name} panels", (getattr(self.kernels, fmt.exact_kernel),
+                                                                     *fmt.exact(*values))
+            break
+        if self.int8 is not None:
+            self.packed = None   # every call runs on the integer kernel
+        elif self.kernels is not None:
+            self.packed = _panels(weight)
+        else:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
         self.bias = linear.bias
         self.weight = linear.weight if keep_weight else None
 
@@ -161,9 +240,12 @@ class PackedLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if not rows.is_contiguous():
             rows = rows.contiguous()
-        if self.quantized is not None and len(rows) <= QUANTIZED_MAX_ROWS:
-            kernel, codes, scales = self.quantized
-            out = kernel(rows, codes, scales, self.bias, self.out_features)
+        if self.int8 is not None:
+            kernel, *weights = self.int8
+            out = kernel(rows, *weights, self.bias, self.out_features)
+        elif self.quantized is not None and len(rows) <= QUANTIZED_MAX_ROWS:
+            kernel, *weights = self.quantized
+            out = kernel(rows, *weights, self.bias, self.out_features)
         elif self.kernels is not None:
             out = self.kernels.panel_linear(rows, self.packed, self.bias, self.out_features)
         else:
@@ -175,7 +257,7 @@ class PackedLinear(nn.Module):
 
 
 def pack_linears(module: nn.Module, keep_weights: tuple[str, ...] = (), panels: bool = True,
-                 quantized: bool = True) -> int:
+                 quantized: bool = True, int8: bool = False) -> int:
     """Replace every nn.Linear inside `module` by a PackedLinear; returns how many.
 
     `keep_weights` names (as in named_modules) the layers whose dense weight other code
@@ -186,6 +268,6 @@ def pack_linears(module: nn.Module, keep_weights: tuple[str, ...] = (), panels: 
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 full = f"{parent_name}.{name}" if parent_name else name
-                setattr(parent, name, PackedLinear(child, full in keep_weights, panels, quantized))
+                setattr(parent, name, PackedLinear(child, full in keep_weights, panels, quantized, int8))
                 replaced += 1
     return replaced

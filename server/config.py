@@ -14,6 +14,7 @@ class EngineConfig:
     lookup_tokens: int = 16           # longest lookup chain added to a tree (0: none)
     datastore: str | None = None      # answers to draft chains from; None = the heads' own; "none" = off
     dtype: str = "float32"
+    int8_linear: bool = False         # CPU: 4/8-bit weights times activations rounded to 8 bits (not exact fp32)
     device: str = "auto"              # auto = cuda when available, else cpu
     attention_backend: str = "auto"   # auto | torch | triton
     max_num_seqs: int = 64
@@ -38,5 +39,7 @@ class EngineConfig:
             raise ValueError("kv_cache_memory_gb must be positive")
         if self.max_num_batched_tokens < self.max_tree_nodes:
             raise ValueError("max_num_batched_tokens must hold at least one full tree (max_tree_nodes)")
+        if self.int8_linear and self.dtype not in ("float32", "fp32"):
+            raise ValueError("int8_linear rounds fp32 activations: it needs dtype float32")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")

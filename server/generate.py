@@ -55,5 +55,5 @@ def generate_stream(model: LlamaForCausalLM, prompt_ids: list[int], params: Samp
 
 
 def generate(model: LlamaForCausalLM, prompt_ids: list[int], params: SamplingParams,
-             eos_token_ids: frozenset[int] = frozenset()) -> list[int]:
-    return list(generate_stream(model, prompt_ids, params, eos_token_ids))
+             eos_token_ids: frozenset[int] = frozenset(), attention=TorchAttention) -> list[int]:
+    return list(generate_stream(model, prompt_ids, params, eos_token_ids, attention))

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from models.attention import TorchAttention, build_metadata
-from models.cpu_attention import CpuAttention
+from models.cpu_attention import BatchInvariantCpuAttention, CpuAttention
 from models.heads import MedusaHeads
 from models.llama import LlamaForCausalLM
 from models.loader import load_model, parse_dtype
@@ -49,11 +49,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def attention_class(name: str, device: torch.device) -> type:
+def attention_class(name: str, device: torch.device, batch_invariant: bool = False) -> type:
+    """batch_invariant (on the CPU): prompts through Gorgon's kernel too, every row's bits
+    independent of chunking and batching (what --int8-linear needs to stay exact)."""
     if name == "torch":
         return TorchAttention
-    if name == "auto" and device.type != "cuda":
-        return CpuAttention   # PyTorch's where the C++ kernels do not run
+    if name == "auto" and device.type != "cuda":   # PyTorch's where the C++ kernels do not run
+        return BatchInvariantCpuAttention if batch_invariant else CpuAttention
     from kernels.backend import attention_backend
     return attention_backend(name, device)
 
@@ -68,7 +70,7 @@ def load_components(config: EngineConfig, heads_override=None) -> Components:
     else:
         model_dir = Path(config.model)
     started = time.perf_counter()
-    model = load_model(model_dir, dtype, device)
+    model = load_model(model_dir, dtype, device, int8=config.int8_linear)
     tokenizer = Tokenizer(model_dir, model.config.eos_token_id)
     logger.info("loaded %s (%s) in %.1f s", model_dir, dtype, time.perf_counter() - started)
     checkpoint = heads_override
@@ -90,7 +92,7 @@ def load_components(config: EngineConfig, heads_override=None) -> Components:
         model=model, tokenizer=tokenizer, heads=heads, datastore=datastore,
         tree_paths=tuple(checkpoint.tree_paths) if checkpoint is not None else (),
         accuracies=list(checkpoint.accuracies) if checkpoint is not None else [],
-        attention_cls=attention_class(config.attention_backend, device),
+        attention_cls=attention_class(config.attention_backend, device, batch_invariant=config.int8_linear),
         device=device, model_name=Path(model_dir).name)
 
 

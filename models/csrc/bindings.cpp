@@ -7,6 +7,11 @@ torch::Tensor q4_panel_linear(const torch::Tensor& x, const torch::Tensor& codes
                               const std::optional<torch::Tensor>& bias, int64_t N);
 torch::Tensor q8_panel_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
                               const std::optional<torch::Tensor>& bias, int64_t N);
+bool int8_linear_supported();
+torch::Tensor q4_int8_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                             const std::optional<torch::Tensor>& bias, int64_t N);
+torch::Tensor q8_int8_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                             const torch::Tensor& sums, const std::optional<torch::Tensor>& bias, int64_t N);
 void tree_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache,
                     const torch::Tensor& v_cache, const torch::Tensor& block_tables,
                     const torch::Tensor& seq_lens, const torch::Tensor& cu_seqlens_q,
@@ -16,5 +21,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("panel_linear", &panel_linear, "y = x W^T + b over weights packed in 16-column panels");
   m.def("q4_panel_linear", &q4_panel_linear, "panel_linear over 4-bit panels, dequantized exactly");
   m.def("q8_panel_linear", &q8_panel_linear, "panel_linear over 8-bit panels, dequantized exactly");
+  m.def("int8_linear_supported", &int8_linear_supported, "whether this CPU runs the 8-bit integer kernels");
+  m.def("q4_int8_linear", &q4_int8_linear, "x rounded to 8 bits times 4-bit weights, integer dot products");
+  m.def("q8_int8_linear", &q8_int8_linear, "x rounded to 8 bits times 8-bit weights, integer dot products");
   m.def("tree_attention", &tree_attention, "paged decode/tree attention, written into out's tree rows");
 }

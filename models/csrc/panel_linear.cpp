@@ -31,14 +31,11 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
-#include <algorithm>
+#include "panels.h"
 
 namespace {
 
-constexpr int64_t PANEL = 16;  // output columns per panel: two 8-float AVX registers
-constexpr int ROWS = 6;        // input rows per pass over a panel: 12 accumulators + 2 weights
-
-constexpr int64_t QBLOCK = 32;  // k per block of codes sharing their scales (GGUF's Q4_1 and Q8_0)
+constexpr int ROWS = 6;  // input rows per pass over a panel: 12 accumulators + 2 weights
 
 // A panel's weights at row k, two AVX registers (columns 0-7, 8-15): fp32 panels read them;
 // quantized ones dequantize them.
@@ -122,43 +119,6 @@ void rows_times_panel(int rows, const float* x, int64_t K, const Panel& panel, f
   }
 }
 
-// The passes over panels first .. last - 1 for all M rows, ROWS rows a pass:
-// multiply(p, m, rows, out, ldo) writes rows m .. m + rows - 1 times panel p into out (row
-// stride ldo); the bias is added after.
-template <typename Multiply>
-void panel_passes(int64_t M, int64_t N, const float* b, float* yd, int64_t first, int64_t last, Multiply multiply) {
-  float tail[ROWS * PANEL];  // a partial last panel's columns go through here
-  for (int64_t p = first; p < last; ++p) {
-    const int64_t n0 = p * PANEL, cols = std::min(PANEL, N - n0);
-    for (int64_t m = 0; m < M; m += ROWS) {
-      const int rows = static_cast<int>(std::min<int64_t>(ROWS, M - m));
-      float* out = cols == PANEL ? yd + m * N + n0 : tail;
-      const int64_t ldo = cols == PANEL ? N : PANEL;
-      multiply(p, m, rows, out, ldo);
-      if (cols == PANEL && b == nullptr) continue;  // already in place
-      for (int r = 0; r < rows; ++r) {
-        float* row = yd + (m + r) * N + n0;
-        for (int64_t c = 0; c < cols; ++c) {
-          const float sum = cols == PANEL ? row[c] : tail[r * PANEL + c];
-          row[c] = b ? sum + b[n0 + c] : sum;
-        }
-      }
-    }
-  }
-}
-
-const float* checked_bias(const std::optional<torch::Tensor>& bias, int64_t N) {
-  if (!bias.has_value()) return nullptr;
-  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == torch::kFloat &&
-              bias->is_contiguous(), "bias must be a contiguous fp32 [N] tensor");
-  return bias->data_ptr<float>();
-}
-
-void check_x(const torch::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.device().is_cpu(),
-              "x must be a contiguous 2-D fp32 CPU tensor");
-}
-
 }  // namespace
 
 // x [M, K] fp32 contiguous, panels [P, K, 16] fp32 contiguous, bias [N] or None -> y [M, N].
@@ -175,7 +135,7 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels,
   const float* xd = x.data_ptr<float>();
   const float* wd = panels.data_ptr<float>();
   at::parallel_for(0, P, 1, [&](int64_t first, int64_t last) {
-    panel_passes(M, N, b, y.data_ptr<float>(), first, last, [&](int64_t p, int64_t m, int rows, float* out, int64_t ldo) {
+    panel_passes<ROWS>(M, N, b, y.data_ptr<float>(), first, last, [&](int64_t p, int64_t m, int rows, float* out, int64_t ldo) {
       const float* panel = wd + p * K * PANEL;
       const float* next = m == 0 && M > 1 && p + 1 < last ? panel + K * PANEL : nullptr;
       rows_times_panel(rows, xd + m * K, K, Fp32{panel, next}, out, ldo);
@@ -207,7 +167,7 @@ torch::Tensor quantized_panel_linear(const torch::Tensor& x, const torch::Tensor
   const uint8_t* cd = static_cast<const uint8_t*>(codes.data_ptr());
   const float* sd = scales.data_ptr<float>();
   at::parallel_for(0, P, 1, [&](int64_t first, int64_t last) {
-    panel_passes(M, N, b, y.data_ptr<float>(), first, last, [&](int64_t p, int64_t m, int rows, float* out, int64_t ldo) {
+    panel_passes<ROWS>(M, N, b, y.data_ptr<float>(), first, last, [&](int64_t p, int64_t m, int rows, float* out, int64_t ldo) {
       const Format panel{cd + p * K * Format::code_bytes, sd + p * K / QBLOCK * Format::scale_floats};
       rows_times_panel(rows, xd + m * K, K, panel, out, ldo);
     });

@@ -30,6 +30,7 @@ def test_environment_mirrors_every_flag(monkeypatch):
     assert args.port == 9001 and args.api_key == "k"
     assert config.max_num_seqs == 3 and not config.speculation and config.kv_cache_memory_gb == 0.5
     assert config.model is None and config.tree_budget == 8
+    assert not config.int8_linear and engine_config(parse([], monkeypatch, GORGON_INT8_LINEAR="1")).int8_linear
     assert {env_name(flag[2:].replace("-", "_")) for flag, *_ in SERVE_OPTIONS} >= {
         "GORGON_HOST", "GORGON_PORT", "GORGON_MODEL", "GORGON_HEADS", "GORGON_API_KEY", "GORGON_MAX_NUM_SEQS",
         "GORGON_MAX_MODEL_LEN", "GORGON_MAX_QUEUE_SIZE", "GORGON_DTYPE", "GORGON_DEVICE", "GORGON_LOG_LEVEL"}
@@ -45,6 +46,8 @@ def test_bad_values_are_refused(monkeypatch):
         parse([], monkeypatch, GORGON_PORT="eighty")
     with pytest.raises(ValueError, match="max_num_seqs"):
         engine_config(parse(["--max-num-seqs", "0"], monkeypatch))
+    with pytest.raises(ValueError, match="int8_linear .* float32"):
+        engine_config(parse(["--int8-linear", "--dtype", "bfloat16"], monkeypatch))
 
 
 def test_python_dash_m_server_is_serve():

@@ -6,7 +6,7 @@ import torch
 
 from batches import DEVICE, Batch, assert_close, random_tree_masks
 from models.attention import KVCache, TorchAttention, build_metadata
-from models.cpu_attention import CpuAttention
+from models.cpu_attention import BatchInvariantCpuAttention, CpuAttention
 from models.cpu_kernels import cpu_kernels
 
 pytestmark = pytest.mark.skipif(cpu_kernels() is None or DEVICE != "cpu",
@@ -83,3 +83,56 @@ def test_other_dtypes_use_torch_attention():
     md = build_metadata([1], [3], [[1]], 8, 0, [[1]])
     attention = CpuAttention(md, cache)
     assert not attention.has_trees and attention.groups
+
+
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("seed", range(3))
+def test_batch_invariant_attention_matches_torch_attention(heads, seed):
+    """Prompt chunks of up to 150 rows (runs of 64 through the kernel, a full 64-bit chain
+    word included), with and without history, beside trees and padding sequences."""
+    rng = random.Random(seed)
+    query_lens = [rng.choice([64, 150, rng.randrange(1, 100)]), rng.randrange(1, 70), 5]
+    seq_lens = [query_lens[0] + rng.choice([0, rng.randrange(1, 90)]), query_lens[1] + rng.randrange(0, 50), 0]
+    for _ in range(rng.randrange(1, 4)):
+        q = rng.randrange(1, 65)
+        query_lens.append(q)
+        seq_lens.append(q + rng.randrange(0, 200))
+    batch = Batch(query_lens, seq_lens, 3, *heads, 64, torch.float32, rng)
+    expected = TorchAttention(batch.metadata, batch.cache)(0, batch.q, batch.k, batch.v)
+    attention = BatchInvariantCpuAttention(batch.metadata, batch.cache)
+    assert attention.has_trees and not attention.groups   # every row through the kernel
+    assert_close(attention(0, batch.q, batch.k, batch.v), expected, torch.float32)
+
+
+def test_batch_invariant_prompt_rows_get_the_bits_of_any_chunking():
+    """A prompt's rows through BatchInvariantCpuAttention: the same bits in one chunk, in
+    chunks of other sizes, one token at a time (decode steps), and beside another prompt."""
+    torch.manual_seed(5)
+    hq, hkv, d, block, n = 6, 2, 64, 8, 150
+    q, k, v = torch.randn(n, hq, d), torch.randn(n, hkv, d), torch.randn(n, hkv, d)
+    table = list(range(30, 30 - 1 - n // block, -1))   # scattered blocks
+
+    def run(chunks, neighbour=0, decode=False):
+        cache = KVCache(1, 64, block, hkv, d, torch.float32)
+        other = list(range(31, 31 + -(-neighbour // block)))
+        outs, done = [], 0
+        for size in chunks:
+            lens, seqs, tables = [size], [done + size], [table]
+            rows = slice(done, done + size)
+            step_q, step_k, step_v = q[rows], k[rows], v[rows]
+            if neighbour:   # another prompt in the same step, first
+                lens, seqs, tables = [neighbour] + lens, [neighbour] + seqs, [other] + tables
+                step_q, step_k, step_v = (torch.cat([torch.randn(neighbour, *t.shape[1:]), t])
+                                          for t in (step_q, step_k, step_v))
+            # decode: the target's rows as one-token tree steps, as the engine decodes
+            md = build_metadata(lens, seqs, tables, block, len(lens) - decode, [[1]] if decode else None)
+            outs.append(BatchInvariantCpuAttention(md, cache)(0, step_q, step_k, step_v)[-size:])
+            done += size
+        return torch.cat(outs)
+
+    whole = run([n])
+    assert_close(whole, TorchAttention(build_metadata([n], [n], [table], block, 1), KVCache(1, 64, block, hkv, d,
+                 torch.float32))(0, q, k, v), torch.float32)
+    for chunks, neighbour in (([37, 100, 13], 0), ([64, 64, 22], 0), ([n], 45), ([1] * n, 0)):
+        assert torch.equal(run(chunks, neighbour), whole), (chunks, neighbour)
+    assert torch.equal(run([1] * n, 20, decode=True), whole)

@@ -3,10 +3,11 @@ import pytest
 import torch
 
 from models.cpu_kernels import cpu_kernels
-from models.packed_linear import PackedLinear, can_pack, pack_linears
+from models.packed_linear import PackedLinear, can_pack, int8_supported, pack_linears
 
 pytestmark = pytest.mark.skipif(not can_pack("cpu", torch.float32), reason="no packed layout on this build")
 needs_panels = pytest.mark.skipif(cpu_kernels() is None, reason="the panel kernel needs x86-64 with AVX2")
+needs_int8 = pytest.mark.skipif(not int8_supported(), reason="the 8-bit integer kernels need AVX-512 VNNI")
 LAYOUTS = [pytest.param(True, marks=needs_panels, id="panels"), pytest.param(False, id="onednn")]
 
 
@@ -140,3 +141,76 @@ def test_default_model_runs_on_quantized_panels(model):
     layouts = {name: m.layout for name, m in model.named_modules() if isinstance(m, PackedLinear)}
     assert layouts.pop("lm_head") == "8-bit panels"
     assert layouts and set(layouts.values()) == {"4-bit panels"}
+
+
+def int8_reference(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
+    """x rounded per block of 32 to 8-bit codes times max |x| / 127, times the weights, in
+    float64: what the integer kernel computes, up to fp32 rounding of its scaled sums."""
+    blocks = x.reshape(len(x), -1, 32)
+    step = blocks.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(step > 0, 1 / step, torch.zeros_like(step))
+    rounded = ((blocks * inverse).round() * step).reshape(x.shape)
+    out = rounded.double() @ linear.weight.double().T
+    return (out + linear.bias.double() if linear.bias is not None else out).float()
+
+
+@needs_int8
+@pytest.mark.parametrize("kind,layout", [("q4", "4-bit x 8-bit integers"), ("q8", "8-bit x 8-bit integers")])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 16, 17, 40])
+@pytest.mark.parametrize("in_features,out_features,bias", [(576, 960, False), (1536, 40, True), (32, 1, True)])
+def test_int8_products_match_their_reference_and_stay_close_to_exact(kind, layout, rows, in_features,
+                                                                     out_features, bias):
+    """Every row count (1 to 8 rows a pass, several passes), partial panels, bias; the output
+    is poisoned by nothing: each element is compared. Rounding x to 8 bits moves the product
+    by well under 2% of its scale."""
+    linear = gguf_linear(out_features, in_features, kind, bias, seed=rows)
+    packed = PackedLinear(linear, int8=True)
+    assert packed.layout == layout and packed.packed is None and packed.quantized is None
+    x = torch.randn(rows, in_features)
+    x[0, :32] = 0.0   # an all-zero block: step 0
+    with torch.inference_mode():
+        out, exact = packed(x), linear(x)
+    torch.testing.assert_close(out, int8_reference(x, linear), atol=2e-6, rtol=1e-5)
+    assert (out - exact).abs().max() < 0.02 * exact.abs().max()
+
+
+@needs_int8
+def test_int8_rows_get_the_same_bits_alone_and_in_any_batch():
+    """What keeps speculation exact on the integer kernels: a row's rounding and sums depend
+    on that row only."""
+    for kind in ("q4", "q8"):
+        packed = PackedLinear(gguf_linear(200, 576, kind, True), int8=True)
+        x = torch.randn(23, 576)
+        with torch.inference_mode():
+            alone = torch.cat([packed(x[i:i + 1]) for i in range(len(x))])
+            for rows in (2, 5, 8, 9, 23):
+                assert torch.equal(packed(x[:rows]), alone[:rows])
+
+
+@needs_int8
+def test_int8_leaves_other_weights_on_exact_panels():
+    packed = PackedLinear(torch.nn.Linear(64, 48), int8=True)   # random fp32 weights: no codes to use
+    assert packed.layout == "panels" and packed.int8 is None
+
+
+@needs_int8
+def test_default_model_on_int8_products_stays_close_to_exact(model, model_dir, tokenizer):
+    """All 120 layer matrices and the unembedding run on the integer kernels; the next-token
+    choice along a chat prompt is (nearly always) the exact model's."""
+    from models.attention import KVCache, TorchAttention, build_metadata
+    from models.loader import load_model
+    int8 = load_model(model_dir, "float32", int8=True)
+    layouts = {name: m.layout for name, m in int8.named_modules() if isinstance(m, PackedLinear)}
+    assert layouts.pop("lm_head") == "8-bit x 8-bit integers"
+    assert len(layouts) == 120 and set(layouts.values()) == {"4-bit x 8-bit integers"}
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Explain how a hash map works, with an example."}])
+    config, n = model.config, len(ids)
+    picks = []
+    for m in (model, int8):
+        cache = KVCache(config.num_hidden_layers, -(-n // 16), 16, config.num_key_value_heads, config.head_dim,
+                        torch.float32)
+        metadata = build_metadata([n], [n], [list(range(-(-n // 16)))], 16, 1)
+        with torch.inference_mode():
+            logits, _ = m(torch.tensor(ids), torch.arange(n), TorchAttention(metadata, cache), torch.arange(n))
+        picks.append(logits.argmax(-1))
+    assert (picks[0] == picks[1]).float().mean() > 0.9

@@ -45,5 +45,9 @@ def run_to_completion(engine, requests, max_steps=10_000):
     return outputs
 
 
-def reference(engine, ids, params):
-    return generate(engine.model, ids, params, engine.tokenizer.eos_token_ids)
+def reference(engine, ids, params, same_attention=False):
+    """Plain greedy decoding (server/generate.py) with the engine's model: through PyTorch's
+    attention, or with same_attention through the engine's own backend (where the bits must
+    match: on 8-bit integer products a last-bit difference can flip an activation's rounding)."""
+    attention = {"attention": engine.runner.attention_cls} if same_attention else {}
+    return generate(engine.model, ids, params, engine.tokenizer.eos_token_ids, **attention)

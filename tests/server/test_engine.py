@@ -188,3 +188,37 @@ def test_shipped_heads_greedy_equals_plain_greedy_in_a_batch(shipped_engine, ref
 @pytest.mark.slow
 def test_shipped_heads_exact_on_22_prompts_batch_1_and_8(shipped_engine, references):
     check_exact_alone_and_in_batches(shipped_engine, references)
+
+
+@pytest.fixture(scope="module")
+def int8_engine():
+    from models.packed_linear import int8_supported
+    if not int8_supported():
+        pytest.skip("the 8-bit integer kernels need AVX-512 VNNI")
+    return LLMEngine(EngineConfig(max_num_batched_tokens=256, kv_cache_memory_gb=0.25, int8_linear=True))
+
+
+@pytest.fixture(scope="module")
+def int8_references(int8_engine):
+    """Plain greedy decoding with the int8 engine's own model and attention: the outputs it must equal."""
+    cache = {}
+
+    def get(prompt, params=GREEDY):
+        if (prompt, params) not in cache:
+            cache[prompt, params] = reference(int8_engine, chat_ids(int8_engine.tokenizer, prompt), params,
+                                              same_attention=True)
+        return cache[prompt, params]
+    return get
+
+
+def test_int8_linear_speculation_equals_its_own_plain_greedy(int8_engine, int8_references):
+    """--int8-linear rounds activations, so its text may part from the fp32 path's, but
+    speculation over it stays exact: alone and in a batch of different lengths."""
+    assert int8_engine.model.lm_head.layout == "8-bit x 8-bit integers"
+    check_exact(int8_engine, int8_references, PROMPTS[15:16])
+    check_exact(int8_engine, int8_references, PROMPTS[3:11])
+
+
+@pytest.mark.slow
+def test_int8_linear_exact_on_22_prompts_batch_1_and_8(int8_engine, int8_references):
+    check_exact_alone_and_in_batches(int8_engine, int8_references)

@@ -1,0 +1,228 @@
+// Linear layers in 8-bit integer arithmetic for x86-64 CPUs with AVX-512 VNNI: y = x W^T + b
+// with W a model's 4-bit (GGUF Q4_1) or 8-bit (Q8_0) weights and x rounded to 8 bits.
+//
+// The exact panels (panel_linear.cpp) multiply in fp32: past a few rows a pass is bound by
+// its multiply-adds (16 a cycle and core), so every token a speculative tree adds costs its
+// full share of compute. Here each row of x is rounded, per block of 32 k, to 8-bit codes
+// times a step (d_x = max |x| / 127; llama.cpp's Q8_0 / Q8_1 for activations), and a
+// block's products are integer dot products: one VPDPBUSD multiplies 64 code pairs and sums
+// them by 4 into 16 int32 lanes, one lane per output column of the panel. A block then adds
+// d_w d_x dot (+ m_w d_x sum(codes_x) for Q4_1's minimum) to the row's fp32 sum. That is
+// about 4x less compute a row than fp32 multiply-adds; a lone row is still bound by the
+// weights' trip from memory.
+//
+// This changes the numbers: x is rounded (a relative error of up to 1/254 of the block's
+// largest value per element), so outputs are close to the exact fp32 product, not equal,
+// and greedy text may part from the fp32 path's after a while. What speculation needs still
+// holds: a row's codes and steps depend only on that row, integer sums are exact in any
+// order, and the blocks add up in k order, so a row's result never depends on the rows
+// beside it, and a token verified in a tree gets the bits it gets when decoded alone.
+//
+// Layouts (models/packed_linear.py writes them; panels of 16 output columns as everywhere):
+// - Q4: codes [P, K / 32, 4, 64] uint8. In group pair h of a block, byte 4j + i holds column
+//   j's code for k = 8h + i in its low nibble and for k = 8h + 4 + i in its high one; scales
+//   [P, K / 32, 2, 16] fp32 (each column's d, then its m), as the exact Q4 panels.
+// - Q8: codes [P, K / 32, 8, 64] int8, byte 4j + i of group g: column j, k = 4g + i; scales
+//   [P, K / 32, 16] (d); sums [P, K / 32, 16] int32 (each column's codes summed over the
+//   block). VPDPBUSD multiplies unsigned by signed bytes, so x's codes go in as x + 128
+//   (flipping the sign bit) and 128 times the weights' sum comes off again.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+
+#include "panels.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+
+namespace {
+
+constexpr int INT8_ROWS = 8;  // rows per pass over a panel: 8 int32 dots + 8 fp32 sums
+
+// x [M, K] rounded per block of 32: codes [M, K] int8, steps d [M, K / 32], and d * sum(codes).
+struct Int8Rows {
+  const int8_t* codes;
+  const float* steps;
+  const float* sums;
+  int64_t K;
+};
+
+Int8Rows quantize_rows(const torch::Tensor& x, torch::Tensor& codes, torch::Tensor& scales) {
+  const int64_t M = x.size(0), K = x.size(1), blocks = K / QBLOCK;
+  codes = torch::empty({M, K}, x.options().dtype(torch::kChar));
+  scales = torch::empty({2, M, blocks}, x.options());
+  const float* xd = x.data_ptr<float>();
+  int8_t* cd = codes.data_ptr<int8_t>();
+  float* steps = scales.data_ptr<float>();
+  float* sums = steps + M * blocks;
+  at::parallel_for(0, M * blocks, 64, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      const float* v = xd + i * QBLOCK;  // block i % blocks of row i / blocks
+      float largest = 0.0f;
+      for (int64_t j = 0; j < QBLOCK; ++j) largest = std::max(largest, std::fabs(v[j]));
+      const float d = largest / 127.0f, inverse = d > 0.0f ? 1.0f / d : 0.0f;
+      int32_t sum = 0;
+      for (int64_t j = 0; j < QBLOCK; ++j) {
+        const int32_t q = static_cast<int32_t>(std::nearbyint(v[j] * inverse));
+        cd[i * QBLOCK + j] = static_cast<int8_t>(q);
+        sum += q;
+      }
+      steps[i] = d;
+      sums[i] = d * static_cast<float>(sum);
+    }
+  });
+  return {cd, steps, sums, K};
+}
+
+// One block's integer dot products of rows_ rows with a panel's 16 columns, then their
+// scaled sum into each row's fp32 accumulator.
+struct Q4Int8 {
+  static constexpr int64_t code_bytes = 256, scale_floats = 2 * PANEL;
+  const uint8_t* codes;  // the panel's
+  const float* scales;
+  template <int rows_>
+  inline void dots(int64_t b, const int32_t* const* x, __m512i* dot) const {
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    for (int h = 0; h < 4; ++h) {
+      const __m512i packed = _mm512_loadu_si512(codes + b * code_bytes + 64 * h);
+      const __m512i low = _mm512_and_si512(packed, nibble);
+      const __m512i high = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+      for (int r = 0; r < rows_; ++r) {
+        dot[r] = _mm512_dpbusd_epi32(dot[r], low, _mm512_set1_epi32(x[r][2 * h]));
+        dot[r] = _mm512_dpbusd_epi32(dot[r], high, _mm512_set1_epi32(x[r][2 * h + 1]));
+      }
+    }
+  }
+  inline __m512 add(int64_t b, __m512i dot, float step, float sum, __m512 acc) const {
+    const float* s = scales + b * scale_floats;
+    acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(s), _mm512_set1_ps(step)), _mm512_cvtepi32_ps(dot), acc);
+    return _mm512_fmadd_ps(_mm512_loadu_ps(s + PANEL), _mm512_set1_ps(sum), acc);
+  }
+};
+
+struct Q8Int8 {
+  static constexpr int64_t code_bytes = 512, scale_floats = PANEL;
+  const int8_t* codes;  // the panel's
+  const float* scales;
+  const int32_t* sums;
+  template <int rows_>
+  inline void dots(int64_t b, const int32_t* const* x, __m512i* dot) const {
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    for (int g = 0; g < 8; ++g) {
+      const __m512i w = _mm512_loadu_si512(codes + b * code_bytes + 64 * g);
+      for (int r = 0; r < rows_; ++r)
+        dot[r] = _mm512_dpbusd_epi32(dot[r], _mm512_xor_si512(_mm512_set1_epi32(x[r][g]), flip), w);
+    }
+  }
+  inline __m512 add(int64_t b, __m512i dot, float step, float, __m512 acc) const {
+    const __m512i exact = _mm512_sub_epi32(dot, _mm512_slli_epi32(_mm512_loadu_si512(sums + b * PANEL), 7));
+    return _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(scales + b * scale_floats), _mm512_set1_ps(step)),
+                           _mm512_cvtepi32_ps(exact), acc);
+  }
+};
+
+template <int rows_, typename Panel>
+inline void int8_product(const Int8Rows& x, int64_t m, const Panel& panel, float* out, int64_t ldo) {
+  const int64_t blocks = x.K / QBLOCK;
+  __m512 acc[rows_];
+  for (int r = 0; r < rows_; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int32_t* rows[rows_];
+    __m512i dot[rows_];
+    for (int r = 0; r < rows_; ++r) {
+      rows[r] = reinterpret_cast<const int32_t*>(x.codes + (m + r) * x.K + b * QBLOCK);
+      dot[r] = _mm512_setzero_si512();
+    }
+    panel.template dots<rows_>(b, rows, dot);
+    for (int r = 0; r < rows_; ++r) {
+      const int64_t i = (m + r) * blocks + b;
+      acc[r] = panel.add(b, dot[r], x.steps[i], x.sums[i], acc[r]);
+    }
+  }
+  for (int r = 0; r < rows_; ++r) _mm512_storeu_ps(out + r * ldo, acc[r]);
+}
+
+template <typename Panel>
+void int8_rows_times_panel(int rows, const Int8Rows& x, int64_t m, const Panel& panel, float* out, int64_t ldo) {
+  switch (rows) {
+    case 1: return int8_product<1>(x, m, panel, out, ldo);
+    case 2: return int8_product<2>(x, m, panel, out, ldo);
+    case 3: return int8_product<3>(x, m, panel, out, ldo);
+    case 4: return int8_product<4>(x, m, panel, out, ldo);
+    case 5: return int8_product<5>(x, m, panel, out, ldo);
+    case 6: return int8_product<6>(x, m, panel, out, ldo);
+    case 7: return int8_product<7>(x, m, panel, out, ldo);
+    default: return int8_product<INT8_ROWS>(x, m, panel, out, ldo);
+  }
+}
+
+void check_int8_weights(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                        int64_t code_bytes, int64_t scale_floats, int64_t N) {
+  check_x(x);
+  const int64_t K = x.size(1), P = codes.size(0);
+  TORCH_CHECK(K % QBLOCK == 0, "K = ", K, " is not a multiple of ", QBLOCK);
+  TORCH_CHECK(codes.element_size() == 1 && codes.is_contiguous() && codes.numel() == P * K / QBLOCK * code_bytes,
+              "codes must be a contiguous 8-bit tensor of ", code_bytes, " bytes per panel and block of 32 k");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() &&
+              scales.numel() == P * K / QBLOCK * scale_floats,
+              "scales must be a contiguous fp32 tensor of ", scale_floats, " per panel and block of 32 k");
+  TORCH_CHECK(N > (P - 1) * PANEL && N <= P * PANEL, "N = ", N, " does not match ", P, " panels");
+}
+
+template <typename Make>
+torch::Tensor int8_linear(const torch::Tensor& x, int64_t P, const std::optional<torch::Tensor>& bias, int64_t N,
+                          Make make_panel) {
+  const float* b = checked_bias(bias, N);
+  torch::Tensor codes, scales;
+  const Int8Rows rows = quantize_rows(x, codes, scales);
+  const int64_t M = x.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  at::parallel_for(0, P, 1, [&](int64_t first, int64_t last) {
+    panel_passes<INT8_ROWS>(M, N, b, y.data_ptr<float>(), first, last,
+                            [&](int64_t p, int64_t m, int count, float* out, int64_t ldo) {
+      int8_rows_times_panel(count, rows, m, make_panel(p), out, ldo);
+    });
+  });
+  return y;
+}
+
+}  // namespace
+
+bool int8_linear_supported() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+// x [M, K] fp32 times Q4_1 weights in the layout above -> y [M, N] fp32.
+torch::Tensor q4_int8_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                             const std::optional<torch::Tensor>& bias, int64_t N) {
+  TORCH_CHECK(int8_linear_supported(), "q4_int8_linear needs AVX-512 with VNNI");
+  check_int8_weights(x, codes, scales, Q4Int8::code_bytes, Q4Int8::scale_floats, N);
+  const int64_t per_panel = x.size(1) / QBLOCK;
+  const uint8_t* cd = static_cast<const uint8_t*>(codes.data_ptr());
+  const float* sd = scales.data_ptr<float>();
+  return int8_linear(x, codes.size(0), bias, N, [&](int64_t p) {
+    return Q4Int8{cd + p * per_panel * Q4Int8::code_bytes, sd + p * per_panel * Q4Int8::scale_floats};
+  });
+}
+
+// x [M, K] fp32 times Q8_0 weights in the layout above -> y [M, N] fp32.
+torch::Tensor q8_int8_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                             const torch::Tensor& sums, const std::optional<torch::Tensor>& bias, int64_t N) {
+  TORCH_CHECK(int8_linear_supported(), "q8_int8_linear needs AVX-512 with VNNI");
+  check_int8_weights(x, codes, scales, Q8Int8::code_bytes, Q8Int8::scale_floats, N);
+  TORCH_CHECK(sums.scalar_type() == torch::kInt && sums.is_contiguous() && sums.numel() == scales.numel(),
+              "sums must be a contiguous int32 tensor shaped like scales");
+  const int64_t per_panel = x.size(1) / QBLOCK;
+  const int8_t* cd = static_cast<const int8_t*>(codes.data_ptr());
+  const float* sd = scales.data_ptr<float>();
+  const int32_t* wd = sums.data_ptr<int32_t>();
+  return int8_linear(x, codes.size(0), bias, N, [&](int64_t p) {
+    return Q8Int8{cd + p * per_panel * Q8Int8::code_bytes, sd + p * per_panel * Q8Int8::scale_floats,
+                  wd + p * per_panel * PANEL};
+  });
+}
+
+#pragma GCC pop_options
