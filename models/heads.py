@@ -162,7 +162,9 @@ class MedusaHeads(nn.Module):
             rows = nn.Linear(weight.shape[1], len(self.draft_vocab), bias=False, device=weight.device,
                              dtype=weight.dtype).requires_grad_(False)
             rows.weight.copy_(weight.detach()[self.draft_vocab.to(weight.device)])
-            self._draft_unembedding = (weight, PackedLinear(rows) if can_pack(weight.device, weight.dtype) else rows)
+            int8 = getattr(base_lm_head, "int8", None) is not None   # as the base model's unembedding runs
+            self._draft_unembedding = (weight, PackedLinear(rows, int8=int8) if can_pack(weight.device, weight.dtype)
+                                       else rows)
         vocab = self.draft_vocab.to(head_hidden.device)
         logits = self._draft_unembedding[1](head_hidden).float()
         top = logits.softmax(-1).topk(min(k, len(vocab)), dim=-1)

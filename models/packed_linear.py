@@ -189,6 +189,20 @@ QUANTIZED_FORMATS = (QuantizedFormat("4-bit", _q4_values, _q4_panels, "q4_panel_
                                      _q8_int8_panels, "q8_int8_linear"))
 
 
+def round_to_q8_0(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] -> the nearest Q8_0 values (per block of 32 along k an fp16 step d = the
+    largest magnitude / 127, each weight d * round(w / d)), which PackedLinear(int8=True) runs
+    on the integer kernel; weight itself when K is not a multiple of 32. Lossy: for weights
+    whose exact values do not matter (the heads only draft)."""
+    n, k = weight.shape
+    if k % QBLOCK:
+        return weight
+    blocks = weight.detach().float().reshape(n, k // QBLOCK, QBLOCK)
+    step = (blocks.abs().amax(-1, keepdim=True) / 127).half().float()
+    codes = torch.where(step > 0, blocks / step, torch.zeros_like(blocks)).round().clamp(-128, 127)
+    return (step * codes).reshape(n, k).to(weight.dtype)
+
+
 def int8_supported() -> bool:
     """Whether this CPU runs the 8-bit integer kernels (AVX-512 with VNNI, kernels built)."""
     kernels = cpu_kernels()

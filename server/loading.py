@@ -15,7 +15,7 @@ from models.cpu_attention import BatchInvariantCpuAttention, CpuAttention
 from models.heads import MedusaHeads
 from models.llama import LlamaForCausalLM
 from models.loader import load_model, parse_dtype
-from models.packed_linear import can_pack, pack_linears
+from models.packed_linear import can_pack, pack_linears, round_to_q8_0
 from models.tokenizer import Tokenizer
 from server.config import EngineConfig
 from server.datastore import Datastore
@@ -83,7 +83,11 @@ def load_components(config: EngineConfig, heads_override=None) -> Components:
     heads = checkpoint.heads.to(device=device, dtype=dtype).eval() if checkpoint is not None else None
     if heads is not None and can_pack(device, dtype):  # the engine only drafts with them: packed like the
         heads = copy.deepcopy(heads)                    # model's (a copy: the caller's heads stay trainable)
-        pack_linears(heads)
+        if config.int8_linear:   # drafts need not be exact: their weights rounded to Q8_0, integer products
+            with torch.no_grad():
+                for linear in (m for m in heads.modules() if isinstance(m, torch.nn.Linear)):
+                    linear.weight.copy_(round_to_q8_0(linear.weight))
+        pack_linears(heads, int8=config.int8_linear)
     datastore = load_datastore(config, checkpoint)
     if datastore is not None and datastore.max_token >= model.config.vocab_size:
         raise ValueError(f"the datastore holds token id {datastore.max_token}, beyond this model's vocabulary "

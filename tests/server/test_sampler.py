@@ -52,3 +52,14 @@ def test_draws_follow_the_distribution():
 def test_invalid_parameters_raise_value_error(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_draws_follow_the_distribution_and_skip_zero_probabilities():
+    from server.sampler import sample
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 2.0]])   # rows need not sum to 1
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample(probs, generator) for _ in range(20_000)])
+    assert draws[:, 1].eq(5).all()
+    counts = torch.bincount(draws[:, 0], minlength=6).float() / len(draws)
+    assert counts[[0, 2, 5]].sum() == 0
+    assert torch.allclose(counts[[1, 3, 4]], torch.tensor([0.5, 0.3, 0.2]), atol=0.015)
