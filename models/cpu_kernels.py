@@ -2,10 +2,14 @@
 
 - `panel_linear`: fp32 linear layers over weights laid out in 16-column panels
   (models/packed_linear.py);
+- `q4_int8_linear`, `q8_int8_linear` (AVX-512 VNNI): those weights times activations
+  rounded to 8 bits, in integer arithmetic (--int8-linear);
 - `tree_attention`: paged attention of decode and tree-verification queries, read in place
-  from the KV cache (models/cpu_attention.py).
+  from the KV cache (models/cpu_attention.py);
+- `rms_norm`, `rotary_`: a layer's RMSNorm and rotary embedding in one call each
+  (models/llama.py).
 
-Both compute each row (each query) on its own, in an order that does not depend on the
+All compute each row (each query) on its own, in an order that does not depend on the
 other rows of the step, so a token verified in a speculative tree gets the bits it gets when
 decoded alone. They are compiled once with torch's C++ extension builder (the system's C++
 compiler and ninja; `make install` does it ahead, about a minute) and cached under
@@ -28,7 +32,8 @@ import torch
 
 logger = logging.getLogger("gorgon.cpu_kernels")
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / name for name in ("panel_linear.cpp", "int8_linear.cpp", "tree_attention.cpp", "bindings.cpp")]
+_SOURCES = [_CSRC / name for name in ("panel_linear.cpp", "int8_linear.cpp", "layer_ops.cpp", "tree_attention.cpp",
+                                     "bindings.cpp")]
 _HEADERS = [_CSRC / "panels.h"]
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
+from models.cpu_kernels import cpu_kernels
 
 Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -25,7 +26,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op; the same arithmetic as below
+        if x.dtype == torch.float32:  # one call (our kernel on the CPU, else a fused op); the arithmetic below
+            kernels = cpu_kernels() if x.device.type == "cpu" and x.shape[-1] % 8 == 0 else None
+            if kernels is not None:
+                return kernels.rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.eps).view(x.shape)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
@@ -73,6 +77,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def rotate_heads(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads_total, head_dim] -> its first `heads` heads with the rotary embedding (in
+    place in x where our CPU kernel runs: fp32, contiguous, head_dim a multiple of 16)."""
+    if x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous() and x.shape[-1] % 16 == 0:
+        kernels = cpu_kernels()
+        if kernels is not None:
+            kernels.rotary_(x, cos, sin, heads)
+            return x[:, :heads]
+    return apply_rotary(x[:, :heads], cos, sin)
+
+
 class LlamaAttention(nn.Module):
     """Grouped-query attention; the query, key and value projections are one matmul
     (`qkv_proj`, stacked by the loader from Hugging Face's q_proj, k_proj and v_proj): one
@@ -94,7 +109,7 @@ class LlamaAttention(nn.Module):
         tokens = x.shape[0]
         qkv = self.qkv_proj(x).view(tokens, -1, self.head_dim)
         rotated = self.num_heads + self.num_kv_heads
-        q, k = apply_rotary(qkv[:, :rotated], cos, sin).split((self.num_heads, self.num_kv_heads), dim=1)
+        q, k = rotate_heads(qkv, rotated, cos, sin).split((self.num_heads, self.num_kv_heads), dim=1)
         out = attn(self.layer, q, k, qkv[:, rotated:])        # [T, num_heads, head_dim]
         return self.o_proj(out.reshape(tokens, -1))
 

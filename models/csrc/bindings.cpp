@@ -12,6 +12,8 @@ torch::Tensor q4_int8_linear(const torch::Tensor& x, const torch::Tensor& codes,
                              const std::optional<torch::Tensor>& bias, int64_t N);
 torch::Tensor q8_int8_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
                              const torch::Tensor& sums, const std::optional<torch::Tensor>& bias, int64_t N);
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+void rotary_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads);
 void tree_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache,
                     const torch::Tensor& v_cache, const torch::Tensor& block_tables,
                     const torch::Tensor& seq_lens, const torch::Tensor& cu_seqlens_q,
@@ -24,5 +26,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear_supported", &int8_linear_supported, "whether this CPU runs the 8-bit integer kernels");
   m.def("q4_int8_linear", &q4_int8_linear, "x rounded to 8 bits times 4-bit weights, integer dot products");
   m.def("q8_int8_linear", &q8_int8_linear, "x rounded to 8 bits times 8-bit weights, integer dot products");
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row of x [T, H]");
+  m.def("rotary_", &rotary_, "rotate-half rotary embedding of x's first heads, in place");
   m.def("tree_attention", &tree_attention, "paged decode/tree attention, written into out's tree rows");
 }

@@ -214,3 +214,21 @@ def test_default_model_on_int8_products_stays_close_to_exact(model, model_dir, t
             logits, _ = m(torch.tensor(ids), torch.arange(n), TorchAttention(metadata, cache), torch.arange(n))
         picks.append(logits.argmax(-1))
     assert (picks[0] == picks[1]).float().mean() > 0.9
+
+
+@needs_panels
+@pytest.mark.parametrize("rows", [1, 3, 17, 40])
+def test_layer_kernels_match_pytorch(rows):
+    """RMSNorm within an ulp of PyTorch's, the rotary embedding with its bits (in place on the
+    first heads, the rest untouched); each row the same alone and in any batch."""
+    from models.llama import apply_rotary, rotate_heads
+    kernels = cpu_kernels()
+    torch.manual_seed(rows)
+    x, weight = torch.randn(rows, 576) * 3, torch.randn(576)
+    normed = kernels.rms_norm(x, weight, 1e-5)
+    torch.testing.assert_close(normed, torch.nn.functional.rms_norm(x, (576,), weight, 1e-5), atol=2e-6, rtol=1e-6)
+    assert torch.equal(torch.cat([kernels.rms_norm(x[i:i + 1], weight, 1e-5) for i in range(rows)]), normed)
+    qkv, cos, sin = torch.randn(rows, 15, 64), torch.randn(rows, 1, 64), torch.randn(rows, 1, 64)
+    expected, untouched = apply_rotary(qkv[:, :12], cos, sin), qkv[:, 12:].clone()
+    assert torch.equal(rotate_heads(qkv, 12, cos, sin), expected)
+    assert torch.equal(qkv[:, 12:], untouched)
