@@ -150,19 +150,20 @@ def _int8_groups(codes: torch.Tensor) -> torch.Tensor:
 
 def _q4_int8_panels(codes: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Q4_1 values -> the 8-bit integer kernel's layout: codes [P, K / 32, 4, 64] uint8 (group
-    pair h: groups 2h in the low nibbles, 2h + 1 in the high ones) and scales [P, K / 32, 2, 16]."""
+    pair h: groups 2h in the low nibbles, 2h + 1 in the high ones) and scales [P, K / 32, 2, 16]
+    fp16 (GGUF's own fp16 values: no rounding)."""
     groups = _int8_groups(codes)
     packed = groups[:, :, 0::2] | (groups[:, :, 1::2] << 4)
-    return packed.reshape(*packed.shape[:3], 4 * PANEL).contiguous(), _q4_scales(steps, mins)
+    return packed.reshape(*packed.shape[:3], 4 * PANEL).contiguous(), _q4_scales(steps, mins).half()
 
 
 def _q8_int8_panels(codes: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Q8_0 values -> codes [P, K / 32, 8, 64] int8, scales [P, K / 32, 16] and each column's
-    codes summed per block, [P, K / 32, 16] int32."""
+    """Q8_0 values -> codes [P, K / 32, 8, 64] int8, scales [P, K / 32, 16] fp16 and each
+    column's codes summed per block, [P, K / 32, 16] int16."""
     n, k = codes.shape
-    sums = codes.reshape(n, k // QBLOCK, QBLOCK).sum(-1, dtype=torch.int32)
+    sums = codes.reshape(n, k // QBLOCK, QBLOCK).sum(-1, dtype=torch.int32).to(torch.int16)
     groups = _int8_groups(codes)
-    return (groups.reshape(*groups.shape[:3], 4 * PANEL).contiguous(), _by_panel(steps).contiguous(),
+    return (groups.reshape(*groups.shape[:3], 4 * PANEL).contiguous(), _by_panel(steps).half().contiguous(),
             _by_panel(sums).contiguous())
 
 

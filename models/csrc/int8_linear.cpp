@@ -21,11 +21,13 @@
 // Layouts (models/packed_linear.py writes them; panels of 16 output columns as everywhere):
 // - Q4: codes [P, K / 32, 4, 64] uint8. In group pair h of a block, byte 4j + i holds column
 //   j's code for k = 8h + i in its low nibble and for k = 8h + 4 + i in its high one; scales
-//   [P, K / 32, 2, 16] fp32 (each column's d, then its m), as the exact Q4 panels.
+//   [P, K / 32, 2, 16] fp16 (each column's d, then its m: GGUF's own fp16 values).
 // - Q8: codes [P, K / 32, 8, 64] int8, byte 4j + i of group g: column j, k = 4g + i; scales
-//   [P, K / 32, 16] (d); sums [P, K / 32, 16] int32 (each column's codes summed over the
-//   block). VPDPBUSD multiplies unsigned by signed bytes, so x's codes go in as x + 128
+//   [P, K / 32, 16] fp16 (d); sums [P, K / 32, 16] int16 (each column's codes summed over
+//   the block). VPDPBUSD multiplies unsigned by signed bytes, so x's codes go in as x + 128
 //   (flipping the sign bit) and 128 times the weights' sum comes off again.
+// A lone row is bound by the trip from memory: 0.625 bytes a weight for Q4 (fp32 scales
+// would make it 0.75), 1.06 for Q8.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -78,10 +80,15 @@ Int8Rows quantize_rows(const torch::Tensor& x, torch::Tensor& codes, torch::Tens
 
 // One block's integer dot products of rows_ rows with a panel's 16 columns, then their
 // scaled sum into each row's fp32 accumulator.
+// 16 fp16 values -> 16 floats
+inline __m512 halves(const at::Half* h) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h)));
+}
+
 struct Q4Int8 {
-  static constexpr int64_t code_bytes = 256, scale_floats = 2 * PANEL;
+  static constexpr int64_t code_bytes = 256, scale_halves = 2 * PANEL;
   const uint8_t* codes;  // the panel's
-  const float* scales;
+  const at::Half* scales;
   template <int rows_>
   inline void dots(int64_t b, const int32_t* const* x, __m512i* dot) const {
     const __m512i nibble = _mm512_set1_epi8(0x0F);
@@ -96,17 +103,17 @@ struct Q4Int8 {
     }
   }
   inline __m512 add(int64_t b, __m512i dot, float step, float sum, __m512 acc) const {
-    const float* s = scales + b * scale_floats;
-    acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(s), _mm512_set1_ps(step)), _mm512_cvtepi32_ps(dot), acc);
-    return _mm512_fmadd_ps(_mm512_loadu_ps(s + PANEL), _mm512_set1_ps(sum), acc);
+    const at::Half* s = scales + b * scale_halves;
+    acc = _mm512_fmadd_ps(_mm512_mul_ps(halves(s), _mm512_set1_ps(step)), _mm512_cvtepi32_ps(dot), acc);
+    return _mm512_fmadd_ps(halves(s + PANEL), _mm512_set1_ps(sum), acc);
   }
 };
 
 struct Q8Int8 {
-  static constexpr int64_t code_bytes = 512, scale_floats = PANEL;
+  static constexpr int64_t code_bytes = 512, scale_halves = PANEL;
   const int8_t* codes;  // the panel's
-  const float* scales;
-  const int32_t* sums;
+  const at::Half* scales;
+  const int16_t* sums;
   template <int rows_>
   inline void dots(int64_t b, const int32_t* const* x, __m512i* dot) const {
     const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
@@ -117,8 +124,9 @@ struct Q8Int8 {
     }
   }
   inline __m512 add(int64_t b, __m512i dot, float step, float, __m512 acc) const {
-    const __m512i exact = _mm512_sub_epi32(dot, _mm512_slli_epi32(_mm512_loadu_si512(sums + b * PANEL), 7));
-    return _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(scales + b * scale_floats), _mm512_set1_ps(step)),
+    const __m512i sum = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums + b * PANEL)));
+    const __m512i exact = _mm512_sub_epi32(dot, _mm512_slli_epi32(sum, 7));
+    return _mm512_fmadd_ps(_mm512_mul_ps(halves(scales + b * scale_halves), _mm512_set1_ps(step)),
                            _mm512_cvtepi32_ps(exact), acc);
   }
 };
@@ -159,15 +167,15 @@ void int8_rows_times_panel(int rows, const Int8Rows& x, int64_t m, const Panel& 
 }
 
 void check_int8_weights(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
-                        int64_t code_bytes, int64_t scale_floats, int64_t N) {
+                        int64_t code_bytes, int64_t scale_halves, int64_t N) {
   check_x(x);
   const int64_t K = x.size(1), P = codes.size(0);
   TORCH_CHECK(K % QBLOCK == 0, "K = ", K, " is not a multiple of ", QBLOCK);
   TORCH_CHECK(codes.element_size() == 1 && codes.is_contiguous() && codes.numel() == P * K / QBLOCK * code_bytes,
               "codes must be a contiguous 8-bit tensor of ", code_bytes, " bytes per panel and block of 32 k");
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() &&
-              scales.numel() == P * K / QBLOCK * scale_floats,
-              "scales must be a contiguous fp32 tensor of ", scale_floats, " per panel and block of 32 k");
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() &&
+              scales.numel() == P * K / QBLOCK * scale_halves,
+              "scales must be a contiguous fp16 tensor of ", scale_halves, " per panel and block of 32 k");
   TORCH_CHECK(N > (P - 1) * PANEL && N <= P * PANEL, "N = ", N, " does not match ", P, " panels");
 }
 
@@ -199,12 +207,12 @@ bool int8_linear_supported() {
 torch::Tensor q4_int8_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
                              const std::optional<torch::Tensor>& bias, int64_t N) {
   TORCH_CHECK(int8_linear_supported(), "q4_int8_linear needs AVX-512 with VNNI");
-  check_int8_weights(x, codes, scales, Q4Int8::code_bytes, Q4Int8::scale_floats, N);
+  check_int8_weights(x, codes, scales, Q4Int8::code_bytes, Q4Int8::scale_halves, N);
   const int64_t per_panel = x.size(1) / QBLOCK;
   const uint8_t* cd = static_cast<const uint8_t*>(codes.data_ptr());
-  const float* sd = scales.data_ptr<float>();
+  const at::Half* sd = scales.data_ptr<at::Half>();
   return int8_linear(x, codes.size(0), bias, N, [&](int64_t p) {
-    return Q4Int8{cd + p * per_panel * Q4Int8::code_bytes, sd + p * per_panel * Q4Int8::scale_floats};
+    return Q4Int8{cd + p * per_panel * Q4Int8::code_bytes, sd + p * per_panel * Q4Int8::scale_halves};
   });
 }
 
@@ -212,15 +220,15 @@ torch::Tensor q4_int8_linear(const torch::Tensor& x, const torch::Tensor& codes,
 torch::Tensor q8_int8_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
                              const torch::Tensor& sums, const std::optional<torch::Tensor>& bias, int64_t N) {
   TORCH_CHECK(int8_linear_supported(), "q8_int8_linear needs AVX-512 with VNNI");
-  check_int8_weights(x, codes, scales, Q8Int8::code_bytes, Q8Int8::scale_floats, N);
-  TORCH_CHECK(sums.scalar_type() == torch::kInt && sums.is_contiguous() && sums.numel() == scales.numel(),
-              "sums must be a contiguous int32 tensor shaped like scales");
+  check_int8_weights(x, codes, scales, Q8Int8::code_bytes, Q8Int8::scale_halves, N);
+  TORCH_CHECK(sums.scalar_type() == torch::kShort && sums.is_contiguous() && sums.numel() == scales.numel(),
+              "sums must be a contiguous int16 tensor shaped like scales");
   const int64_t per_panel = x.size(1) / QBLOCK;
   const int8_t* cd = static_cast<const int8_t*>(codes.data_ptr());
-  const float* sd = scales.data_ptr<float>();
-  const int32_t* wd = sums.data_ptr<int32_t>();
+  const at::Half* sd = scales.data_ptr<at::Half>();
+  const int16_t* wd = sums.data_ptr<int16_t>();
   return int8_linear(x, codes.size(0), bias, N, [&](int64_t p) {
-    return Q8Int8{cd + p * per_panel * Q8Int8::code_bytes, sd + p * per_panel * Q8Int8::scale_floats,
+    return Q8Int8{cd + p * per_panel * Q8Int8::code_bytes, sd + p * per_panel * Q8Int8::scale_halves,
                   wd + p * per_panel * PANEL};
   });
 }
