@@ -59,7 +59,8 @@ Int8Rows quantize_rows(const torch::Tensor& x, torch::Tensor& codes, torch::Tens
   int8_t* cd = codes.data_ptr<int8_t>();
   float* steps = scales.data_ptr<float>();
   float* sums = steps + M * blocks;
-  at::parallel_for(0, M * blocks, 64, [&](int64_t first, int64_t last) {
+  // a few thousand blocks a thread: a decode step's rows are not worth a parallel region (~10 us)
+  at::parallel_for(0, M * blocks, 4096, [&](int64_t first, int64_t last) {
     for (int64_t i = first; i < last; ++i) {
       const float* v = xd + i * QBLOCK;  // block i % blocks of row i / blocks
       float largest = 0.0f;
