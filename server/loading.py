@@ -72,7 +72,8 @@ def load_components(config: EngineConfig, heads_override=None) -> Components:
     started = time.perf_counter()
     model = load_model(model_dir, dtype, device, int8=config.int8_linear)
     tokenizer = Tokenizer(model_dir, model.config.eos_token_id)
-    logger.info("loaded %s (%s) in %.1f s", model_dir, dtype, time.perf_counter() - started)
+    logger.info("loaded %s (%s%s) in %.1f s", model_dir, dtype,
+                ", 8-bit integer linear layers" if config.int8_linear else "", time.perf_counter() - started)
     checkpoint = heads_override
     if checkpoint is None and config.speculation and config.heads != "none":
         from models.head_checkpoint import DEFAULT_HEADS_DIR, load_heads, model_checksum
