@@ -41,15 +41,19 @@ def test_panels_match_float64_reference_for_any_row_count(rows, in_features, out
         torch.testing.assert_close(PackedLinear(linear)(x), expected, atol=1e-4, rtol=1e-4)
 
 
-@needs_panels
-def test_a_row_gets_the_same_bits_alone_and_in_any_batch():
-    """What makes a speculative tree and a plain step agree bit for bit in the linear layers."""
+@pytest.mark.parametrize("layer", [
+    pytest.param(lambda: PackedLinear(torch.nn.Linear(576, 1000)), marks=needs_panels, id="fp32 panels"),
+    pytest.param(lambda: PackedLinear(gguf_linear(200, 576, "q4", True), int8=True), marks=needs_int8, id="int8 q4"),
+    pytest.param(lambda: PackedLinear(gguf_linear(200, 576, "q8", True), int8=True), marks=needs_int8, id="int8 q8")])
+def test_a_row_gets_the_same_bits_alone_and_in_any_batch(layer):
+    """What makes a speculative tree and a plain step agree bit for bit in the linear layers
+    (on the integer kernels: a row's rounding and sums depend on that row only)."""
     torch.manual_seed(0)
-    packed = PackedLinear(torch.nn.Linear(576, 1000))
+    packed = layer()
     x = torch.randn(23, 576)
     with torch.inference_mode():
         alone = torch.cat([packed(x[i:i + 1]) for i in range(len(x))])
-        for rows in (2, 4, 6, 7, 23):
+        for rows in (2, 4, 5, 6, 7, 8, 9, 23):
             assert torch.equal(packed(x[:rows]), alone[:rows])
 
 
@@ -172,19 +176,6 @@ def test_int8_products_match_their_reference_and_stay_close_to_exact(kind, layou
         out, exact = packed(x), linear(x)
     torch.testing.assert_close(out, int8_reference(x, linear), atol=2e-6, rtol=1e-5)
     assert (out - exact).abs().max() < 0.02 * exact.abs().max()
-
-
-@needs_int8
-def test_int8_rows_get_the_same_bits_alone_and_in_any_batch():
-    """What keeps speculation exact on the integer kernels: a row's rounding and sums depend
-    on that row only."""
-    for kind in ("q4", "q8"):
-        packed = PackedLinear(gguf_linear(200, 576, kind, True), int8=True)
-        x = torch.randn(23, 576)
-        with torch.inference_mode():
-            alone = torch.cat([packed(x[i:i + 1]) for i in range(len(x))])
-            for rows in (2, 5, 8, 9, 23):
-                assert torch.equal(packed(x[:rows]), alone[:rows])
 
 
 @needs_int8
