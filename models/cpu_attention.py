@@ -70,15 +70,14 @@ def prompt_runs_as_trees(metadata: AttentionMetadata) -> AttentionMetadata:
     s_lens = torch.tensor(metadata.seq_lens_host[:prefills])
     seq = torch.repeat_interleave(torch.arange(prefills), q_lens)                 # each row's sequence
     index = torch.arange(rows) - (torch.cumsum(q_lens, 0) - q_lens)[seq]           # its place in its chunk
-    run_start = (index == 0) | (index % MAX_TREE_TOKENS == 0)
-    starts = torch.nonzero(run_start).squeeze(1)                                   # each run's first row
+    offset = index % MAX_TREE_TOKENS                                               # its place in its run
+    starts = torch.nonzero(offset == 0).squeeze(1)                                 # each run's first row
     run_lens = torch.diff(starts, append=torch.tensor([rows]))
     run_seq = seq[starts]
     ends = index[starts] + run_lens                                                # rows of the chunk up to the run's end
     lens = torch.where(s_lens[run_seq] > 0, (s_lens - q_lens)[run_seq] + ends, 0)  # keys the run sees; 0: padding
-    offset = index % MAX_TREE_TOKENS
-    chain = torch.bitwise_left_shift(torch.ones(rows, dtype=torch.int64), offset + 1) - 1
-    chain = torch.where(offset == 63, -1, chain)  # all 64 bits: -1 in two's complement
+    chain = torch.bitwise_left_shift(torch.ones(rows, dtype=torch.int64), offset + 1) - 1   # rows 0..offset
+    chain = torch.where(offset == MAX_TREE_TOKENS - 1, -1, chain)  # all 64 bits: -1 in two's complement
     device = metadata.seq_lens.device
     tree_mask = chain.to(device)
     if metadata.tree_mask is not None:

@@ -21,6 +21,11 @@ multiplication. The layouts, chosen once per process:
   weight in memory instead of 32. They run calls of up to QUANTIZED_MAX_ROWS rows (a
   decode or a small tree: ~1.7-3x the fp32 panels' speed at 1 to 6 rows), the fp32 panels,
   kept beside them, the bigger ones (docs/benchmarks.md). Other matrices have fp32 panels only.
+- **4/8-bit codes x 8-bit integers** (`int8=True`, the engine's --int8-linear; CPUs with
+  AVX-512 VNNI): the same exact Q4_1 / Q8_0 codes, laid out for VPDPBUSD, times x rounded
+  per row and block of 32 to 8 bits, in integer dot products (models/csrc/int8_linear.cpp):
+  ~3x less compute a row, at every row count, but not the exact product. No fp32 panels
+  are kept beside them. `round_to_q8_0` makes any weight such values (lossy: the heads).
 - **oneDNN** (elsewhere, with GORGON_CPU_KERNELS=off, or if the kernels cannot be built):
   `mkldnn._reorder_linear_weight`, what torch.compile's CPU freezing pass uses.
 
