@@ -35,11 +35,19 @@ and drafting stops costing time. Every lookup chain proposed is scored the same 
 the text after it is known (`score_lookups`), whether or not it was verified. `trust`
 scales every plan's expectations by what the trees taken really kept against what their
 plans expected (picking the best-looking estimates picks those that err high).
+
+Planning itself takes time (`own_time`: ~1.7 ms a step for 32 sequences on the development
+VM, against steps of ~50 ms with --int8-linear), which no plan saves back when trees gain
+little. So when neither this step's plan nor the hoped-for one of the sequences planned
+plain is expected to save more than that time, a batch of several sequences pauses for
+PAUSE_STEPS steps: plain steps, no drafts, no lookups, then it plans again (a lone
+sequence never pauses: its plans are cheap and its trees gain most).
 """
 from __future__ import annotations
 
 import bisect
 import heapq
+import time
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -57,6 +65,8 @@ HOPE_SHARE = 0.5  # share of the time a hopeful tree would save that drafting fo
 HOPE_WEIGHT = 0.05  # of each hopeful draft in the moving average behind `hope_yield`
 HOPE_FLOOR = 0.2    # hope_yield never drops below this: hopeful drafts are its only measure
 TRUST_WEIGHT = 0.05  # of each verified tree in the moving averages behind `trust`
+PAUSE_STEPS = 8      # plain steps, unplanned, when trees would save less than planning costs
+OWN_WEIGHT = 0.1     # of each plan's own time in its moving average, `own_time`
 # a lookup chain's tokens and, for a datastore chain, their vote confidences (else None)
 Chain = tuple[list[int], "list[float] | None"]
 PRICES = (0.0,) + tuple(0.001 * 1.4 ** k for k in range(21))  # a node's chance, 0.001 .. 0.84
@@ -172,6 +182,9 @@ class SpeculationPolicy:
         # the share of hopeful drafts whose sequence verified a tree the step after: what the
         # hope is worth (in a busy batch most such drafts turn out unsure and go unverified)
         self.hope_yield = 1.0
+        self.own_time = 0.0    # seconds a plan takes to make (a moving average)
+        self.paused = 0        # plain steps left before the next plan
+        self._hoped_saving = 0.0
 
     def record_tree(self, planned: float, kept: int) -> None:
         """A verified tree's heads' nodes: what the plan expected them to keep (their chances
@@ -213,7 +226,12 @@ class SpeculationPolicy:
         before) and which sequences draft for the next step."""
         if not seqs:  # a new prompt will have the batch (nearly) to itself
             self.speculating = bool(self.tree_paths) and self.fixed_size != 1
+            self.paused = 0
             return TreePlan([], [])
+        if self.paused:   # trees gained less than planning costs: plain steps, no drafts
+            self.paused -= 1
+            return TreePlan([step_tree(seq.token_ids[-1], (), (), (), 0.0) for seq in seqs], [0] * len(seqs))
+        started = time.perf_counter()
         reach = [self._reach(seq) for seq in seqs]
         chains = [self._chain(seq) for seq in seqs]
         for seq, (chain, confidences) in zip(seqs, chains):
@@ -228,7 +246,8 @@ class SpeculationPolicy:
                       for h, c, p in zip(heads, candidates, pinned)]
         else:
             forced = [(self.pinned_size, len(c.chain)) if p else (None, None) for c, p in zip(candidates, pinned)]
-        heads, chain_lens, _ = self._best_plan(seqs, candidates, skills, forced, other_tokens, token_limit, other_keys)
+        heads, chain_lens, rate, plain_rate = self._best_plan(seqs, candidates, skills, forced, other_tokens,
+                                                              token_limit, other_keys)
         self.speculating = any(n > 1 for n in heads)
         for seq, n in zip(seqs, heads):
             if seq.spec.hoping:
@@ -236,7 +255,18 @@ class SpeculationPolicy:
                 self.hope_yield = max(HOPE_FLOOR, self.hope_yield + HOPE_WEIGHT * ((n > 1) - self.hope_yield))
         drafts = self._next_drafts(seqs, reach, chains, heads, skills, forced, other_tokens, token_limit, other_keys)
         trees = [self._step_tree(seq, c, n, m) for seq, c, n, m in zip(seqs, candidates, heads, chain_lens)]
+        self.own_time += OWN_WEIGHT * (time.perf_counter() - started - self.own_time)
+        if self.fixed_size is None and len(seqs) > 1 and not any(self.is_pinned(seq) for seq in seqs):
+            step = self._step_estimate(seqs, other_tokens, other_keys)
+            saving = max(step * (rate / plain_rate - 1.0), self._hoped_saving)
+            if saving < self.own_time:   # (this step's drafts stand: the explorers' are scored)
+                self.paused = PAUSE_STEPS
         return TreePlan(trees, drafts)
+
+    def _step_estimate(self, seqs: list[Sequence], other_tokens: int, other_keys: int) -> float:
+        """The model's time for a plain step of these sequences."""
+        tokens = len(seqs) + other_tokens
+        return self.cost_model(tokens, other_keys + sum(q.num_cached_tokens for q in seqs) + tokens)
 
     def _next_drafts(self, seqs: list[Sequence], reach: list[int], chains: list[Chain], heads: list[int],
                      skills: list[float], forced, other_tokens: int, token_limit: int, other_keys: int) -> list[int]:
@@ -251,19 +281,20 @@ class SpeculationPolicy:
         their skill stays current."""
         grown = [self._grown(n) if n > 1 else 0 for n in heads]
         self.steps += 1
+        self._hoped_saving = 0.0
         idle = [n == 1 and r > 1 for n, r in zip(heads, reach)]
         if self.fixed_size is not None or not any(idle):
             return grown
         prior = [self._candidates(seq, r, chain, prior=True) for seq, r, chain in zip(seqs, reach, chains)]
         hoped = [max(skill, self.typical_skill * self.trust) for skill in skills]
-        next_heads, _, rate = self._best_plan(seqs, prior, hoped, forced, other_tokens, token_limit, other_keys)
+        next_heads, _, rate, _ = self._best_plan(seqs, prior, hoped, forced, other_tokens, token_limit, other_keys)
         extra = sum(i and h > 1 for i, h in zip(idle, next_heads))
         if extra:
             drafting = sum(n > 1 for n in heads)
-            tokens = len(seqs) + other_tokens
-            step = self.cost_model(tokens, other_keys + sum(q.num_cached_tokens for q in seqs) + tokens)
+            step = self._step_estimate(seqs, other_tokens, other_keys)
             gain = (rate * step / len(seqs) - 1.0) * step   # seconds a step saves if the hope comes true
             cost = self.cost_model.draft(drafting + extra) - self.cost_model.draft(drafting)
+            self._hoped_saving = self.hope_yield * gain - cost
             if cost > HOPE_SHARE * self.hope_yield * gain:
                 next_heads = heads
         for seq, i, h in zip(seqs, idle, next_heads):
@@ -333,10 +364,10 @@ class SpeculationPolicy:
 
     def _best_plan(self, seqs: list[Sequence], candidates: list[_Candidates], skills: list[float],
                    forced: list[tuple[int | None, int | None]], other_tokens: int, token_limit: int,
-                   other_keys: int) -> tuple[list[int], list[int], float]:
+                   other_keys: int) -> tuple[list[int], list[int], float, float]:
         """Per sequence the heads' nodes (root included) and lookup tokens, as if every
         sequence had a draft, with the most tokens per second (and that rate, in tokens per
-        second without the margin for trees); skills: the calibration of each
+        second without the margin for trees, and plain decoding's); skills: the calibration of each
         sequence's heads' chances; forced: (heads, chain) counts that are not the policy's to
         choose (None: they are)."""
         context = other_keys + sum(seq.num_cached_tokens for seq in seqs)
@@ -365,7 +396,7 @@ class SpeculationPolicy:
             return heads, chains
 
         best = plan_at(None)
-        best_rate = rate(*best)
+        best_rate = plain_rate = rate(*best)
         # a node must keep more than the time one more token costs at that rate, at least:
         # in a compute-bound batch only the surest nodes can pay, and the lower prices need
         # no search (the first one below this floor is still tried: the prices are coarse)
@@ -384,7 +415,7 @@ class SpeculationPolicy:
                     best, best_rate = candidate, candidate_rate
             if price < floor:
                 break
-        return best[0], best[1], rate(*best)
+        return best[0], best[1], rate(*best), plain_rate
 
     def _reach(self, seq: Sequence, pinned: bool = False) -> int:
         """The biggest tree this sequence could use, given a draft (pinned: whatever is left)."""

@@ -5,7 +5,7 @@ from server.cost_model import StepCostModel
 from server.sampling_params import SamplingParams
 from server.sequence import Sequence
 from server.drafter import Draft
-from server.speculation_policy import EXPLORE_EVERY, HOPE_FLOOR, SpeculationPolicy
+from server.speculation_policy import EXPLORE_EVERY, HOPE_FLOOR, PAUSE_STEPS, SpeculationPolicy
 from server.tree import expand_tree
 
 ACCURACIES = [[0.7, 0.15, 0.05], [0.5, 0.1, 0.05], [0.4, 0.08], [0.3, 0.05]]
@@ -160,10 +160,11 @@ def test_real_steps_of_two_sizes_correct_a_disturbed_measurement():
     assert model(16) - model(4) > 0.080 - 0.065       # nothing learnt there: the measured step stands
 
 
-def test_only_sequences_planned_for_a_tree_draft():
+def test_only_sequences_planned_for_a_tree_draft(monkeypatch):
     """Drafting costs time: at a load where trees do not pay, nobody drafts (but every
     EXPLORE_EVERY-th step, to keep the skill current); a sequence without a draft decodes
-    plainly and drafts for the next step."""
+    plainly and drafts for the next step. (Every step planned: no pauses.)"""
+    monkeypatch.setattr("server.speculation_policy.PAUSE_STEPS", 0)
     cheap = policy({1: 0.05, 16: 0.055, 64: 0.07, 256: 0.2, 1024: 0.8})
     (seq,) = seqs(1)
     seq.draft = None
@@ -176,6 +177,30 @@ def test_only_sequences_planned_for_a_tree_draft():
     assert not linear.draft_after_prefill(seqs(1)[0])
     # all of them together, every EXPLORE_EVERY steps (a draft call has a fixed cost)
     assert drafts.count([linear.shadow_size] * 8) == 2 and drafts.count([0] * 8) == 2 * EXPLORE_EVERY - 2
+
+
+def test_a_batch_pauses_planning_when_no_tree_would_save_its_cost():
+    """Where neither this step's trees nor hoped-for ones save more than planning takes, a
+    batch decodes plainly for PAUSE_STEPS steps without planning, drafting or looking up
+    chains; then it plans again. A lone sequence, or a batch whose trees pay, never pauses."""
+    linear = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel({1: 0.01, 16: 0.16, 64: 0.64, 256: 2.56}),
+                               max_nodes=64)
+    batch = seqs(8)
+    assert linear.choose(batch, 0, 1024).sizes == [1] * 8 and linear.paused == PAUSE_STEPS
+    for _ in range(PAUSE_STEPS):
+        plan = linear.choose(batch, 0, 1024)
+        assert plan.sizes == [1] * 8 and plan.drafts == [0] * 8 and plan.lookups == [[]] * 8
+        assert not any(seq.spec.pending_lookups for seq in batch)
+    assert linear.paused == 0
+    steps = linear.steps
+    linear.choose(batch, 0, 1024)
+    assert linear.steps == steps + 1 and linear.paused == PAUSE_STEPS   # planned again, paused again
+    alone = seqs(1)
+    linear.paused = 0
+    linear.choose(alone, 0, 1024)
+    assert linear.paused == 0
+    flat = policy({1: 0.05, 16: 0.055, 64: 0.07, 256: 0.2, 1024: 0.8})
+    assert all(n > 1 for n in flat.choose(seqs(8), 0, 1024).sizes) and flat.paused == 0
 
 
 def test_drafting_cost_can_tip_the_balance():
