@@ -230,6 +230,7 @@ class SpeculationPolicy:
             return TreePlan([], [])
         if self.paused:   # trees gained less than planning costs: plain steps, no drafts
             self.paused -= 1
+            self.speculating = False   # (nor do prompts that complete meanwhile)
             return TreePlan([step_tree(seq.token_ids[-1], (), (), (), 0.0) for seq in seqs], [0] * len(seqs))
         started = time.perf_counter()
         reach = [self._reach(seq) for seq in seqs]
@@ -259,8 +260,10 @@ class SpeculationPolicy:
         if self.fixed_size is None and len(seqs) > 1 and not any(self.is_pinned(seq) for seq in seqs):
             step = self._step_estimate(seqs, other_tokens, other_keys)
             saving = max(step * (rate / plain_rate - 1.0), self._hoped_saving)
-            if saving < self.own_time:   # (this step's drafts stand: the explorers' are scored)
+            if saving < self.own_time:
                 self.paused = PAUSE_STEPS
+                if self.steps % EXPLORE_EVERY:   # no tree will use them; explorers' drafts get scored
+                    drafts = [0] * len(seqs)
         return TreePlan(trees, drafts)
 
     def _step_estimate(self, seqs: list[Sequence], other_tokens: int, other_keys: int) -> float:

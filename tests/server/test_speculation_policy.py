@@ -191,6 +191,7 @@ def test_a_batch_pauses_planning_when_no_tree_would_save_its_cost():
         plan = linear.choose(batch, 0, 1024)
         assert plan.sizes == [1] * 8 and plan.drafts == [0] * 8 and plan.lookups == [[]] * 8
         assert not any(seq.spec.pending_lookups for seq in batch)
+        assert not linear.draft_after_prefill(seqs(1)[0])
     assert linear.paused == 0
     steps = linear.steps
     linear.choose(batch, 0, 1024)
