@@ -103,8 +103,10 @@ def main(argv=None) -> None:
              ("adaptive", None, datastore)]
     if args.without_datastore:
         modes.append(("adaptive, no datastore", None, None))
+    linear = ", int8 linear layers" if args.int8_linear else ""
     print(f"# {date.today()} {platform.node()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"float32{', int8 linear layers' if args.int8_linear else ''}, greedy, {args.max_tokens} +- {args.spread:.0%} new tokens per request, {args.rounds} round(s), "
+          f"float32{linear}, greedy, {args.max_tokens} +- {args.spread:.0%} new tokens per request, "
+          f"{args.rounds} round(s), "
           f"max({args.requests_per_slot} x c, {args.min_requests}) requests per run, timed while c are in flight")
     print("| concurrency | mode | tokens/s | p50 ITL ms | p99 ITL ms | vs best fixed |")
     print("|---|---|---|---|---|---|")

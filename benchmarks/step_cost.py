@@ -49,7 +49,8 @@ def main(argv=None) -> None:
     model_dir = ensure_default_model()
     variants = {}   # name -> (model, attention backend)
     if int8_supported():
-        variants["4/8-bit x 8-bit integers, C++ attention"] = (load_model(model_dir, "float32", int8=True), CpuAttention)
+        variants["4/8-bit x 8-bit integers, C++ attention"] = (load_model(model_dir, "float32", int8=True),
+                                                                CpuAttention)
     if cpu_kernels() is not None:
         variants["4/8-bit panels, C++ attention"] = (load_model(model_dir, "float32"), CpuAttention)
         panels = load_model(model_dir, "float32", quantized=False)

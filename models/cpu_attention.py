@@ -74,7 +74,7 @@ def prompt_runs_as_trees(metadata: AttentionMetadata) -> AttentionMetadata:
     starts = torch.nonzero(offset == 0).squeeze(1)                                 # each run's first row
     run_lens = torch.diff(starts, append=torch.tensor([rows]))
     run_seq = seq[starts]
-    ends = index[starts] + run_lens                                                # rows of the chunk up to the run's end
+    ends = index[starts] + run_lens                                                # the chunk's rows to the run's end
     lens = torch.where(s_lens[run_seq] > 0, (s_lens - q_lens)[run_seq] + ends, 0)  # keys the run sees; 0: padding
     chain = torch.bitwise_left_shift(torch.ones(rows, dtype=torch.int64), offset + 1) - 1   # rows 0..offset
     chain = torch.where(offset == MAX_TREE_TOKENS - 1, -1, chain)  # all 64 bits: -1 in two's complement

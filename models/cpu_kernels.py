@@ -34,7 +34,7 @@ logger = logging.getLogger("gorgon.cpu_kernels")
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / name for name in ("panel_linear.cpp", "int8_linear.cpp", "layer_ops.cpp", "tree_attention.cpp",
                                      "bindings.cpp")]
-_HEADERS = [_CSRC / "panels.h"]
+_HEADERS = [_CSRC / "panels.h", _CSRC / "simd.h"]
 
 
 @functools.cache

@@ -12,6 +12,8 @@
 
 #include <cmath>
 
+#include "simd.h"
+
 namespace {
 
 constexpr int64_t ROWS_PER_TASK = 16;
@@ -43,10 +45,7 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
         const __m256 v = _mm256_loadu_ps(row + h);
         sum8 = _mm256_add_ps(sum8, _mm256_mul_ps(v, v));
       }
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, sum8);
-      const float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-      const __m256 scale = _mm256_set1_ps(1.0f / std::sqrt(sum / static_cast<float>(H) + static_cast<float>(eps)));
+      const __m256 scale = _mm256_set1_ps(1.0f / std::sqrt(hsum(sum8) / static_cast<float>(H) + static_cast<float>(eps)));
       for (int64_t h = 0; h < H; h += 8)
         _mm256_storeu_ps(od + t * H + h, _mm256_mul_ps(_mm256_loadu_ps(w + h),
                                                        _mm256_mul_ps(_mm256_loadu_ps(row + h), scale)));
@@ -63,7 +62,8 @@ void rotary_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& si
   check_rows(x, "x");
   check_rows(cos, "cos");
   check_rows(sin, "sin");
-  TORCH_CHECK(x.dim() == 3 && heads >= 0 && heads <= x.size(1), "x must be [T, heads, D] with at least ", heads, " heads");
+  TORCH_CHECK(x.dim() == 3 && heads >= 0 && heads <= x.size(1),
+              "x must be [T, heads, D] with at least ", heads, " heads");
   const int64_t T = x.size(0), stride = x.size(1) * x.size(2), D = x.size(2), half = D / 2;
   TORCH_CHECK(half % 8 == 0 && cos.numel() == T * D && sin.numel() == T * D, "cos and sin must be [T, D], D % 16 == 0");
   float* xd = x.data_ptr<float>();

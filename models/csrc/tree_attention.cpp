@@ -21,14 +21,9 @@
 #include <cmath>
 #include <vector>
 
-namespace {
+#include "simd.h"
 
-// The eight lanes' sum, in a fixed order.
-inline float hsum(__m256 v) {
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, v);
-  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-}
+namespace {
 
 // out[r * ldo] = scale * (q_r . k) for the rows r < count of q (row stride ldq), four rows at
 // a time sharing each load of k; each row's sum runs over d in the same order whatever its
