@@ -57,10 +57,11 @@ def load_query_tile(q_ptr, stride_qt, stride_qh, row_start, q_len, q_tile, kv_he
 
 @triton.jit
 def load_kv_block(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, stride_bt, stride_kb, stride_ko, stride_kh,
-                  kv_head, block_size, offs_n, key_valid, offs_d, d_valid):
-    """Keys and values [N, D] of key positions offs_n of sequence `seq` (masked to zero)."""
-    block = tl.load(block_tables_ptr + seq * stride_bt + offs_n // block_size, mask=key_valid, other=0).to(tl.int64)
-    kv_offs = block * stride_kb + (offs_n % block_size) * stride_ko + kv_head * stride_kh
+                  kv_head, offs_n, key_valid, offs_d, d_valid, BLOCK_SIZE: tl.constexpr):
+    """Keys and values [N, D] of key positions offs_n of sequence `seq` (masked to zero).
+    The cache's block size is a compile-time constant: a shift and a mask, not a division."""
+    block = tl.load(block_tables_ptr + seq * stride_bt + offs_n // BLOCK_SIZE, mask=key_valid, other=0).to(tl.int64)
+    kv_offs = block * stride_kb + (offs_n % BLOCK_SIZE) * stride_ko + kv_head * stride_kh
     kv_mask = key_valid[:, None] & d_valid[None, :]
     k = tl.load(k_cache_ptr + kv_offs[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_cache_ptr + kv_offs[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -68,12 +69,19 @@ def load_kv_block(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, stride_bt, st
 
 
 @triton.jit
-def softmax_update(scores, visible, v, m_i, l_i, acc, DOT_FP32: tl.constexpr):
-    """Fold one block of scores [M, N] (log2 domain) and values [N, D] into (m, l, acc)."""
-    scores = tl.where(visible, scores, NEG_LARGE)
+def attend_block(q, k, v, visible, m_i, l_i, acc, scale_log2, DOT_FP32: tl.constexpr, MASKED: tl.constexpr):
+    """Fold one key block into the online softmax (m, l, acc): scores q k^T [M, N] in the
+    log2 domain, then p v. MASKED=False: every key of the block is visible to every row
+    (`visible` unused), so no mask arithmetic runs: the blocks before a tree or before a
+    prompt tile's first query, which are nearly all of them at long context."""
+    scores = dot(q, tl.trans(k), DOT_FP32) * scale_log2
+    if MASKED:
+        scores = tl.where(visible, scores, NEG_LARGE)
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     alpha = tl.exp2(m_i - m_new)
-    p = tl.where(visible, tl.exp2(scores - m_new[:, None]), 0.0)
+    p = tl.exp2(scores - m_new[:, None])
+    if MASKED:  # a row that has seen no key yet has m_new = NEG_LARGE: exp2(0) must not count
+        p = tl.where(visible, p, 0.0)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_FP32)
     return m_new, l_i, acc

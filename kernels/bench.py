@@ -146,15 +146,18 @@ def bench_attention(case: Case, timed: bool, bandwidth: float | None):
     return error, (ours_ms, ours_graph_ms, sdpa_ms, sdpa_graph_ms), floor_ms, attention_flops(case)
 
 
-# Tile configurations tried by --sweep (after the launcher's current default).
-TREE_SWEEP = [(n, w, s) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
-PREFILL_SWEEP = [(m, n, w, s) for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
+# Tile configurations tried by --sweep (after the launcher's current default), the likelier
+# first: (most rows a tile, key block, warps, stages). Tree tiles over 64 rows only matter
+# for groups of several query heads (a 64-node tree of a group of 1 is 64 rows).
+TREE_SWEEP = [(m, n, w, s) for s in (3, 2, 4) for w in (4, 8) for n in (32, 64) for m in (128, 256, 64)]
+PREFILL_SWEEP = [(m, n, w, s) for s in (2, 3) for w in (4, 8) for m in (128, 64) for n in (64, 32, 128)]
 SWEEP_CASES = {"tree": (64, 8192, 64), "prefill": (1, 8192, 1024)}  # (batch, context, new tokens)
 
 
 def sweep(dtype, device, bandwidth: float, seconds: float, tolerance: float) -> list[str]:
     """Time every tile configuration of both attention kernels at long context, per head
     shape; keep the fastest that matches the reference as the launcher's TILES entry."""
+    import triton
     from kernels import prefill_attention, tree_attention
     from kernels.attention_tiles import head_dim_class
     lines = [f"{'kernel':<9}{'shape':<34}{'tiles':<18}{'max err':>9}{'ms':>9}  note"]
@@ -169,7 +172,9 @@ def sweep(dtype, device, bandwidth: float, seconds: float, tolerance: float) -> 
             shape = f"B={batch} L={seq_len} Q={query_len} H={heads[0]}/{heads[1]}x{heads[2]}"
             results = []
             deadline = time.monotonic() + seconds / (2 * len(HEAD_SHAPES))  # an equal share per table
-            for config in [default] + [c for c in configs if c != default]:
+            rows_needed = triton.next_power_of_2(query_len * heads[0] // heads[1])
+            tried = [c for c in configs if c != default and (not is_tree or c[0] <= max(64, rows_needed))]
+            for config in [default] + tried:
                 if time.monotonic() > deadline:
                     break
                 module.TILES[key] = config

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention_tiles import (LOG2E, NEG_LARGE, dot, head_dim_class, load_kv_block, load_query_tile,
-                                     softmax_update, uses_fp32_dot)
+from kernels.attention_tiles import (LOG2E, NEG_LARGE, attend_block, head_dim_class, load_kv_block, load_query_tile,
+                                     uses_fp32_dot)
 
 
 @triton.jit(do_not_specialize=["stride_bt"])  # the block tables' width changes step to step
@@ -28,8 +28,8 @@ def _prefill_attention_kernel(
     stride_kb, stride_ko, stride_kh,
     stride_ot, stride_oh,
     stride_bt,
-    num_kv_heads, head_dim, block_size, scale_log2,
-    GROUP: tl.constexpr, QUERIES_PER_TILE: tl.constexpr,
+    num_kv_heads, head_dim, scale_log2,
+    GROUP: tl.constexpr, QUERIES_PER_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     q_tile = tl.program_id(0)
@@ -49,16 +49,24 @@ def _prefill_attention_kernel(
     m_i = tl.full([BLOCK_M], NEG_LARGE, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    last_query = tl.minimum(q_len, (q_tile + 1) * QUERIES_PER_TILE) - 1
+    first_query = q_tile * QUERIES_PER_TILE
+    last_query = tl.minimum(q_len, first_query + QUERIES_PER_TILE) - 1
     key_end = tl.minimum(seq_len, prefix_len + last_query + 1)
-    for start_n in range(0, key_end, BLOCK_N):
+    # Whole blocks up to the tile's first query: visible to every row, no mask.
+    open_end = tl.maximum(tl.minimum(key_end, prefix_len + first_query + 1), 0) // BLOCK_N * BLOCK_N
+    for start_n in range(0, open_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k, v = load_kv_block(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, stride_bt, stride_kb, stride_ko,
+                             stride_kh, kv_head, offs_n, offs_n < key_end, offs_d, d_valid, BLOCK_SIZE)  # [N, D]
+        m_i, l_i, acc = attend_block(q, k, v, None, m_i, l_i, acc, scale_log2, DOT_FP32, False)
+    # The diagonal: causal mask.
+    for start_n in range(open_end, key_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_valid = offs_n < key_end
         k, v = load_kv_block(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, stride_bt, stride_kb, stride_ko,
-                             stride_kh, kv_head, block_size, offs_n, key_valid, offs_d, d_valid)  # [N, D]
-        scores = dot(q, tl.trans(k), DOT_FP32) * scale_log2                        # [M, N]
+                             stride_kh, kv_head, offs_n, key_valid, offs_d, d_valid, BLOCK_SIZE)
         visible = key_valid[None, :] & (offs_n[None, :] - prefix_len <= query[:, None])
-        m_i, l_i, acc = softmax_update(scores, visible, v, m_i, l_i, acc, DOT_FP32)
+        m_i, l_i, acc = attend_block(q, k, v, visible, m_i, l_i, acc, scale_log2, DOT_FP32, True)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
@@ -103,8 +111,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1), block_tables.stride(0),
-        num_kv_heads, head_dim, k_cache.shape[1], (head_dim ** -0.5 if scale is None else scale) * LOG2E,
-        GROUP=group, QUERIES_PER_TILE=queries_per_tile, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_kv_heads, head_dim, (head_dim ** -0.5 if scale is None else scale) * LOG2E,
+        GROUP=group, QUERIES_PER_TILE=queries_per_tile, BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=block_d, DOT_FP32=dot_fp32, num_warps=num_warps, num_stages=num_stages,
     )
 

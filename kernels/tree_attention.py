@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention_tiles import (LOG2E, NEG_LARGE, dot, head_dim_class, load_kv_block, load_query_tile,
-                                     softmax_update, uses_fp32_dot)
+from kernels.attention_tiles import (LOG2E, NEG_LARGE, attend_block, head_dim_class, load_kv_block, load_query_tile,
+                                     uses_fp32_dot)
 
 
 # Integer arguments whose divisibility changes from step to step (batch layout, longest
@@ -37,8 +37,8 @@ def _tree_attention_kernel(
     stride_os, stride_ot, stride_oh,
     stride_ls, stride_lt,
     stride_bt,
-    first_seq, tree_row_offset, num_kv_heads, head_dim, block_size, keys_per_split, scale_log2,
-    GROUP: tl.constexpr, QUERIES_PER_TILE: tl.constexpr,
+    first_seq, tree_row_offset, num_kv_heads, head_dim, keys_per_split, scale_log2,
+    GROUP: tl.constexpr, QUERIES_PER_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
@@ -63,17 +63,24 @@ def _tree_attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     key_start = split * keys_per_split
     key_end = tl.minimum(seq_len, key_start + keys_per_split)
-    for start_n in range(key_start, key_end, BLOCK_N):
+    # Whole blocks of cached history: every row sees every key, no mask.
+    history_end = key_start + tl.maximum(tl.minimum(key_end, prefix_len) - key_start, 0) // BLOCK_N * BLOCK_N
+    for start_n in range(key_start, history_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k, v = load_kv_block(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, stride_bt, stride_kb, stride_ko,
+                             stride_kh, kv_head, offs_n, offs_n < key_end, offs_d, d_valid, BLOCK_SIZE)  # [N, D]
+        m_i, l_i, acc = attend_block(q, k, v, None, m_i, l_i, acc, scale_log2, DOT_FP32, False)
+    # The rest: a partial block of history, then the tree's own keys under its mask.
+    for start_n in range(history_end, key_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_valid = offs_n < key_end
         k, v = load_kv_block(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, stride_bt, stride_kb, stride_ko,
-                             stride_kh, kv_head, block_size, offs_n, key_valid, offs_d, d_valid)  # [N, D]
-        scores = dot(q, tl.trans(k), DOT_FP32) * scale_log2                        # [M, N]
+                             stride_kh, kv_head, offs_n, key_valid, offs_d, d_valid, BLOCK_SIZE)
         # New token j = offs_n - prefix_len is visible if bit j of the query's word is set.
         new_index = offs_n - prefix_len
         bit = (words[:, None] >> tl.maximum(new_index, 0).to(tl.int64)[None, :]) & 1
         visible = key_valid[None, :] & ((new_index[None, :] < 0) | (bit != 0))
-        m_i, l_i, acc = softmax_update(scores, visible, v, m_i, l_i, acc, DOT_FP32)
+        m_i, l_i, acc = attend_block(q, k, v, visible, m_i, l_i, acc, scale_log2, DOT_FP32, True)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -113,9 +120,10 @@ def _merge_splits_kernel(
 
 
 
-# Key-block size, warps and pipeline stages by head dim (<= 64, larger), set from
-# `python -m kernels.bench --sweep` on an H200 (docs/benchmarks.md).
-TILES = {64: (32, 4, 4), 128: (32, 4, 3)}
+# Most rows a tile, key-block size, warps and pipeline stages by head dim (<= 64, larger), set
+# from `python -m kernels.bench --sweep` (docs/benchmarks.md). A 64-node tree of a group of 3
+# is 192 rows: tiles of 64 rows read every key block 4 times over, one of 256 rows once.
+TILES = {64: (128, 32, 4, 3), 128: (64, 32, 4, 3)}
 
 
 @functools.lru_cache
@@ -129,10 +137,12 @@ MAX_SPLITS = 64
 
 
 def _choose_num_splits(device: torch.device, num_programs: int, max_seq_len: int, block_n: int) -> int:
-    """Split the keys only when the grid would leave most of the GPU idle."""
+    """Split the keys only when the grid would leave some multiprocessors idle."""
     if device.type != "cuda":
         return 1
     num_sms = _num_sms(device)
+    if num_programs >= num_sms:
+        return 1
     by_occupancy = triton.cdiv(2 * num_sms, max(num_programs, 1))
     by_length = triton.cdiv(max_seq_len, 4 * block_n)  # keep >= 4 key blocks per split
     return max(1, min(by_occupancy, by_length, MAX_SPLITS))
@@ -165,11 +175,11 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     if num_seqs == 0:
         return
     group = num_heads // num_kv_heads
-    block_m = max(16, min(64, triton.next_power_of_2(max_query_len * group)))
+    max_block_m, block_n, num_warps, num_stages = TILES[head_dim_class(head_dim)]
+    block_m = max(16, min(max_block_m, triton.next_power_of_2(max_query_len * group)))
     queries_per_tile = max(1, block_m // group)
-    block_m = max(16, triton.next_power_of_2(queries_per_tile * group))  # group > 64: one query
+    block_m = max(16, triton.next_power_of_2(queries_per_tile * group))  # group > block: one query
     num_q_tiles = triton.cdiv(max_query_len, queries_per_tile)
-    block_n, num_warps, num_stages = TILES[head_dim_class(head_dim)]
     block_d = max(16, triton.next_power_of_2(head_dim))
     if num_splits is None:
         num_splits = _choose_num_splits(q.device, num_seqs * num_kv_heads * num_q_tiles, max_seq_len, block_n)
@@ -177,12 +187,12 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     keys_per_split = triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), block_n) * block_n
     scale_log2 = (head_dim ** -0.5 if scale is None else scale) * LOG2E
     grid = (num_seqs, num_kv_heads * num_q_tiles, num_splits)
-    common = dict(GROUP=group, QUERIES_PER_TILE=queries_per_tile, BLOCK_M=block_m, BLOCK_N=block_n,
+    common = dict(GROUP=group, QUERIES_PER_TILE=queries_per_tile, BLOCK_SIZE=k_cache.shape[1],
+                  BLOCK_M=block_m, BLOCK_N=block_n,
                   BLOCK_D=block_d, DOT_FP32=uses_fp32_dot(q.dtype), num_warps=num_warps, num_stages=num_stages)
     args = (block_tables, seq_lens, cu_seqlens_q, tree_mask,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
-    sizes = (block_tables.stride(0), first_seq, first_row, num_kv_heads, head_dim, k_cache.shape[1],
-             keys_per_split, scale_log2)
+    sizes = (block_tables.stride(0), first_seq, first_row, num_kv_heads, head_dim, keys_per_split, scale_log2)
     if num_splits == 1:
         _tree_attention_kernel[grid](q, k_cache, v_cache, out, out, *args,
                                      0, out.stride(0), out.stride(1), 0, 0, *sizes, SPLIT=False, **common)

@@ -30,11 +30,11 @@ for dtype in ("fp16", "bf16", "fp32"):
     # each head-dim class with the tiles the launchers use (the default model's group of 3; a 7B Llama's 1)
     for head_dim, group in ((64, 3), (128, 1)):
         block_m, block_n, warps, stages = prefill_attention.TILES[head_dim]
-        common = dict(GROUP=group, BLOCK_D=head_dim, DOT_FP32=dtype == "fp32")
+        common = dict(GROUP=group, BLOCK_D=head_dim, BLOCK_SIZE=16, DOT_FP32=dtype == "fp32")
         compile_for_h100(prefill_attention._prefill_attention_kernel, attention,
                          dict(common, QUERIES_PER_TILE=block_m // group, BLOCK_M=block_m, BLOCK_N=block_n), warps, stages)
-        block_n, warps, stages = tree_attention.TILES[head_dim]
-        tiles = dict(common, QUERIES_PER_TILE=64 // group, BLOCK_M=64, BLOCK_N=block_n)
+        block_m, block_n, warps, stages = tree_attention.TILES[head_dim]
+        tiles = dict(common, QUERIES_PER_TILE=block_m // group, BLOCK_M=block_m, BLOCK_N=block_n)
         compile_for_h100(tree_attention._tree_attention_kernel, attention, dict(tiles, SPLIT=False), warps, stages)
         compile_for_h100(tree_attention._tree_attention_kernel, dict(attention, out_ptr="*fp32"), dict(tiles, SPLIT=True),
                          warps, stages)
