@@ -4,12 +4,14 @@
                                 [--dtype float32] [--prompts 16] [--max-tokens 96] [--save texts.json]
                                 [--model DIR]
 
-A variant is device/attention backend/speculation, the last one of plain, adaptive or a fixed
-tree size in nodes. Every evaluation prompt runs at once (one batch of different lengths) at
-temperature 0. For each variant the table gives how many outputs equal the first variant's
-token for token and, where one differs, the first differing position and the first variant's
-margin there (top-1 minus top-2 logit): a tiny margin is a near-tie that float rounding may
-flip between devices; a large one is a bug. --save writes the first variant's texts (JSON,
+A variant is device/attention backend/speculation[/eager], speculation one of plain, adaptive
+or a fixed tree size in nodes; /eager launches every step from Python (no CUDA graphs).
+Every evaluation prompt runs at once (one batch of different lengths) at temperature 0, after
+a short warm-up run of them all (kernel compiles and graph captures). For each variant the
+table gives how many outputs equal the first variant's token for token and, where one
+differs, the first differing position and the first variant's margin there (top-1 minus
+top-2 logit): a tiny margin is a near-tie that float rounding may flip between devices; a
+large one is a bug. --save writes the first variant's texts (JSON,
 prompt -> text) for `benchmarks.server_check`.
 """
 from __future__ import annotations
@@ -28,10 +30,10 @@ from server.sampling_params import SamplingParams
 
 
 def parse_variant(spec: str, dtype: str, model: str | None) -> EngineConfig:
-    device, backend, tree = spec.split("/")
+    device, backend, tree, *launch = spec.split("/")
     return EngineConfig(model=model, device=device, attention_backend=backend, speculation=tree != "plain",
                         tree_budget=None if tree in ("plain", "adaptive") else int(tree), dtype=dtype,
-                        kv_cache_memory_gb=0.5)
+                        kv_cache_memory_gb=0.5, cuda_graphs=launch != ["eager"])
 
 
 def run_batch(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], list[str], float]:
@@ -80,7 +82,7 @@ def main(argv=None) -> None:
         engine = LLMEngine(parse_variant(spec, args.dtype, args.model))
         prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}])
                    for p in MIXED[: args.prompts]]
-        run_batch(engine, prompts[:2], 8)  # warm-up: kernel compiles and caches out of the rate
+        run_batch(engine, prompts, 8)  # warm-up: kernel compiles and graph captures out of the rate
         tokens, texts, rate = run_batch(engine, prompts, args.max_tokens)
         if reference is None:
             reference = (engine, tokens)

@@ -2,15 +2,16 @@
 
     python -m benchmarks.speculation [--max-tokens 128] [--sizes 1,4,8,16,32,64] [--heads DIR ...]
                                      [--lookup-tokens 8[,0]] [--datastore default[,none]]
-                                     [--linear exact[,int8]]
+                                     [--linear exact[,int8]] [--cuda-graphs on[,off]]
 
 Runs every evaluation prompt (chat and code, never training prompts) alone through one
 engine, at temperature 0 and 0.7, for each fixed tree size (1 = plain decoding, the same
 engine; the first size is the baseline) and the adaptive policy, prompt by prompt with every
 variant in turn; prints a Markdown table. Several --heads, lookup lengths (0: no lookup
 chain), datastores (default: the heads' own; none: off) or linear layers (exact fp32
-products, or --int8-linear's) run side by side, one engine each, interleaved size by size,
-each against its own plain rate.
+products, or --int8-linear's) or launch modes on CUDA (steps replayed from CUDA graphs, or
+launched eagerly) run side by side, one engine each, interleaved size by size, each against
+its own plain rate.
 """
 from __future__ import annotations
 
@@ -57,12 +58,16 @@ def main(argv=None) -> None:
     parser.add_argument("--linear", default="exact",
                         help="comma-separated linear layers to compare: exact (fp32 products) and/or int8 "
                              "(--int8-linear)")
+    parser.add_argument("--cuda-graphs", default="on",
+                        help="comma-separated CUDA launch modes to compare: on (graphs) and/or off (eager)")
     args = parser.parse_args(argv)
-    engines = {f"{heads or 'shipped'}, lookup {lookup}, datastore {store}, {linear}": LLMEngine(EngineConfig(
-        heads=heads, dtype=args.dtype, max_num_seqs=1, kv_cache_memory_gb=0.25, lookup_tokens=lookup,
-        datastore=None if store == "default" else store, int8_linear=linear == "int8"))
+    engines = {f"{heads or 'shipped'}, lookup {lookup}, datastore {store}, {linear}, graphs {graphs}": LLMEngine(
+        EngineConfig(heads=heads, dtype=args.dtype, max_num_seqs=1, kv_cache_memory_gb=0.25, lookup_tokens=lookup,
+                     datastore=None if store == "default" else store, int8_linear=linear == "int8",
+                     cuda_graphs=graphs == "on"))
         for heads in args.heads for lookup in [int(n) for n in args.lookup_tokens.split(",")]
-        for store in args.datastore.split(",") for linear in args.linear.split(",")}
+        for store in args.datastore.split(",") for linear in args.linear.split(",")
+        for graphs in args.cuda_graphs.split(",")}
     tokenizer = next(iter(engines.values())).tokenizer
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in MIXED[: args.prompts]]
     sizes: list[int | None] = [int(s) for s in args.sizes.split(",")] + [None]

@@ -20,7 +20,10 @@ BACKEND_NAMES = ("auto", "torch", "triton")
 class TritonAttention:
     """Paged attention with the kernels in this package (same interface as `TorchAttention`)."""
 
-    def __init__(self, metadata: AttentionMetadata, kv_cache: KVCache):
+    def __init__(self, metadata: AttentionMetadata, kv_cache: KVCache, graph_bucket: tuple[int, int] | None = None):
+        """graph_bucket (sequences, longest tree): a tree-only step padded to a CUDA graph's
+        bucket, whose launches the bucket fixes, fit for any context length (server/step_graphs.py);
+        the metadata's host copies are then not read."""
         from kernels import kv_cache as kv_kernels, prefill_attention, tree_attention
 
         self._write_kv = kv_kernels.write_kv
@@ -28,6 +31,11 @@ class TritonAttention:
         self._tree = tree_attention.tree_attention
         self.metadata = metadata
         self.kv_cache = kv_cache
+        if graph_bucket is not None:
+            self.num_prefills, self.first_tree_row, self.max_prefill_query_len = 0, 0, 0
+            self.num_trees, self.max_tree_query_len = graph_bucket
+            self.max_tree_seq_len = None
+            return
         # The plan, from host copies only: no device sync per step.
         num_prefills = metadata.num_prefills
         self.num_prefills = num_prefills

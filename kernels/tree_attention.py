@@ -24,11 +24,11 @@ from kernels.attention_tiles import (LOG2E, NEG_LARGE, attend_block, head_dim_cl
                                      uses_fp32_dot)
 
 
-# Integer arguments whose divisibility changes from step to step (batch layout, longest
-# context) are not specialised on: each distinct specialisation is a compile, and a server
-# must not compile while it serves. The partial output's strides (rows x heads x head dim)
-# and keys_per_split (a multiple of BLOCK_N) keep theirs, and with them vectorised access.
-@triton.jit(do_not_specialize=["stride_ls", "stride_bt", "first_seq", "tree_row_offset"])
+# Integer arguments whose divisibility changes from step to step (batch layout) are not
+# specialised on: each distinct specialisation is a compile, and a server must not compile
+# while it serves. The partial output's strides (rows x heads x head dim) keep theirs, and
+# with them vectorised access.
+@triton.jit(do_not_specialize=["stride_ls", "stride_bt", "first_seq", "tree_row_offset", "num_splits"])
 def _tree_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr,
     block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr, tree_mask_ptr,
@@ -37,10 +37,10 @@ def _tree_attention_kernel(
     stride_os, stride_ot, stride_oh,
     stride_ls, stride_lt,
     stride_bt,
-    first_seq, tree_row_offset, num_kv_heads, head_dim, keys_per_split, scale_log2,
+    first_seq, tree_row_offset, num_kv_heads, head_dim, num_splits, scale_log2,
     GROUP: tl.constexpr, QUERIES_PER_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
+    MIN_SPLIT_BLOCKS: tl.constexpr, SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     seq = first_seq + tl.program_id(0)
     kv_head = tl.program_id(1) % num_kv_heads
@@ -61,6 +61,10 @@ def _tree_attention_kernel(
     m_i = tl.full([BLOCK_M], NEG_LARGE, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # This sequence's share of keys for each split: whole blocks, at least MIN_SPLIT_BLOCKS
+    # (a short sequence leaves the last splits empty; the merge weighs them 0). Computed here,
+    # not passed in, so a CUDA graph's launch fits any context length.
+    keys_per_split = tl.maximum(tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits), MIN_SPLIT_BLOCKS) * BLOCK_N
     key_start = split * keys_per_split
     key_end = tl.minimum(seq_len, key_start + keys_per_split)
     # Whole blocks of cached history: every row sees every key, no mask.
@@ -131,34 +135,38 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# Fewest key blocks a split takes (fewer splits for shorter sequences).
+MIN_SPLIT_BLOCKS = 4
 # The most key splits; the merge kernel always reads this many slots (masked), so that a
 # context growing through 2, 4, 8... splits compiles no new merge variant mid-request.
 MAX_SPLITS = 64
 
 
-def _choose_num_splits(device: torch.device, num_programs: int, max_seq_len: int, block_n: int) -> int:
-    """Split the keys only when the grid would leave some multiprocessors idle."""
+def _choose_num_splits(device: torch.device, num_programs: int, max_seq_len: int | None, block_n: int) -> int:
+    """Split the keys only when the grid would leave some multiprocessors idle (max_seq_len
+    None: any context, as a CUDA graph's launch must fit)."""
     if device.type != "cuda":
         return 1
     num_sms = _num_sms(device)
     if num_programs >= num_sms:
         return 1
     by_occupancy = triton.cdiv(2 * num_sms, max(num_programs, 1))
-    by_length = triton.cdiv(max_seq_len, 4 * block_n)  # keep >= 4 key blocks per split
+    by_length = MAX_SPLITS if max_seq_len is None else triton.cdiv(max_seq_len, MIN_SPLIT_BLOCKS * block_n)
     return max(1, min(by_occupancy, by_length, MAX_SPLITS))
 
 
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                    block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                    tree_mask: torch.Tensor, first_seq: int, num_seqs: int, first_row: int,
-                   num_rows: int, max_query_len: int, max_seq_len: int, scale: float | None = None,
+                   num_rows: int, max_query_len: int, max_seq_len: int | None, scale: float | None = None,
                    num_splits: int | None = None) -> None:
     """Attention of tree sequences [first_seq, first_seq + num_seqs) into their rows of `out`.
 
     q, out [T, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables
     [B, max_blocks] int32 (-1 padded); seq_lens [B] int32; cu_seqlens_q [B + 1] int32;
     tree_mask [num_rows] int64, one word per query row from row `first_row` (=
-    cu_seqlens_q[first_seq]) on. Host ints bound the sequences, so nothing syncs the device.
+    cu_seqlens_q[first_seq]) on. Host ints bound the sequences, so nothing syncs the device;
+    max_seq_len None (a CUDA graph's capture) splits the keys for any context length.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -184,15 +192,14 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     if num_splits is None:
         num_splits = _choose_num_splits(q.device, num_seqs * num_kv_heads * num_q_tiles, max_seq_len, block_n)
     assert 1 <= num_splits <= MAX_SPLITS, num_splits
-    keys_per_split = triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), block_n) * block_n
     scale_log2 = (head_dim ** -0.5 if scale is None else scale) * LOG2E
     grid = (num_seqs, num_kv_heads * num_q_tiles, num_splits)
     common = dict(GROUP=group, QUERIES_PER_TILE=queries_per_tile, BLOCK_SIZE=k_cache.shape[1],
-                  BLOCK_M=block_m, BLOCK_N=block_n,
-                  BLOCK_D=block_d, DOT_FP32=uses_fp32_dot(q.dtype), num_warps=num_warps, num_stages=num_stages)
+                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, MIN_SPLIT_BLOCKS=MIN_SPLIT_BLOCKS,
+                  DOT_FP32=uses_fp32_dot(q.dtype), num_warps=num_warps, num_stages=num_stages)
     args = (block_tables, seq_lens, cu_seqlens_q, tree_mask,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
-    sizes = (block_tables.stride(0), first_seq, first_row, num_kv_heads, head_dim, keys_per_split, scale_log2)
+    sizes = (block_tables.stride(0), first_seq, first_row, num_kv_heads, head_dim, num_splits, scale_log2)
     if num_splits == 1:
         _tree_attention_kernel[grid](q, k_cache, v_cache, out, out, *args,
                                      0, out.stride(0), out.stride(1), 0, 0, *sizes, SPLIT=False, **common)

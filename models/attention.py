@@ -69,13 +69,7 @@ def build_metadata(
     """
     if not (len(query_lens) == len(seq_lens) == len(block_tables)):
         raise ValueError("query_lens, seq_lens and block_tables must have one entry per sequence")
-    slots: list[int] = []
-    for q_len, s_len, table in zip(query_lens, seq_lens, block_tables):
-        if s_len == 0:  # a padding sequence: its rows write nothing and see nothing
-            slots.extend([PAD_SLOT] * q_len)
-            continue
-        for index in range(s_len - q_len, s_len):
-            slots.append(table[index // block_size] * block_size + index % block_size)
+    slots = slot_list(query_lens, seq_lens, block_tables, block_size)
     width = max((len(t) for t in block_tables), default=0)
     tables = [t + [PAD_SLOT] * (width - len(t)) for t in block_tables]
     cu = [0]
@@ -83,16 +77,8 @@ def build_metadata(
         cu.append(cu[-1] + q_len)
     tree_mask = None
     if num_prefills < len(query_lens):
-        words: list[int] = []
-        for b in range(num_prefills, len(query_lens)):
-            q_len = query_lens[b]
-            if q_len > MAX_TREE_TOKENS:
-                raise ValueError(f"a tree holds at most {MAX_TREE_TOKENS} tokens, got {q_len}")
-            mask = tree_masks[b - num_prefills] if tree_masks else None
-            words.extend(mask if mask is not None else [(1 << (i + 1)) - 1 for i in range(q_len)])
-        # int64 words: bit 63 set reads as a negative number; keep the two's complement value.
-        tree_mask = torch.tensor([w - (1 << 64) if w >= 1 << 63 else w for w in words],
-                                 dtype=torch.int64, device=device)
+        tree_mask = torch.tensor(tree_mask_words(query_lens[num_prefills:], tree_masks), dtype=torch.int64,
+                                 device=device)
     return AttentionMetadata(
         slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
         block_tables=torch.tensor(tables, dtype=torch.int32, device=device).reshape(len(tables), width),
@@ -103,6 +89,31 @@ def build_metadata(
         seq_lens_host=tuple(seq_lens),
         query_lens_host=tuple(query_lens),
     )
+
+
+def slot_list(query_lens, seq_lens, block_tables, block_size: int) -> list[int]:
+    """The cache slot of every new token, sequence by sequence (PAD_SLOT for a padding
+    sequence, seq_len 0: its rows write nothing)."""
+    slots: list[int] = []
+    for q_len, s_len, table in zip(query_lens, seq_lens, block_tables):
+        if s_len == 0:
+            slots.extend([PAD_SLOT] * q_len)
+            continue
+        for index in range(s_len - q_len, s_len):
+            slots.append(table[index // block_size] * block_size + index % block_size)
+    return slots
+
+
+def tree_mask_words(query_lens, tree_masks: list[list[int]] | None) -> list[int]:
+    """Tree sequences' mask words in order, as int64 values (None or a None entry: a causal chain)."""
+    words: list[int] = []
+    for b, q_len in enumerate(query_lens):
+        if q_len > MAX_TREE_TOKENS:
+            raise ValueError(f"a tree holds at most {MAX_TREE_TOKENS} tokens, got {q_len}")
+        mask = tree_masks[b] if tree_masks else None
+        words.extend(mask if mask is not None else [(1 << (i + 1)) - 1 for i in range(q_len)])
+    # bit 63 set reads as a negative int64: keep the two's complement value
+    return [w - (1 << 64) if w >= 1 << 63 else w for w in words]
 
 
 class KVCache:

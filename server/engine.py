@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 
+from kernels.backend import TritonAttention
 from models.attention import KVCache
 from server import metrics
 from server.block_manager import BlockManager, blocks_for
@@ -20,6 +21,7 @@ from server.sampling_params import SamplingParams
 from server.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from server.sequence import Sequence, SequenceStatus
 from server.speculation_policy import SpeculationPolicy
+from server.step_graphs import StepGraphs, warm_up_buckets
 from server.loading import load_components, measure_step_costs
 
 logger = logging.getLogger("gorgon.engine")
@@ -47,8 +49,14 @@ class LLMEngine:
                                 model_config.num_key_value_heads, model_config.head_dim, dtype, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         tree_paths = parts.tree_paths if config.speculation and self.heads is not None else ()
+        graphs = None
+        if config.cuda_graphs and self.device.type == "cuda" and parts.attention_cls is TritonAttention:
+            graphs = StepGraphs(self.model, self.kv_cache, parts.attention_cls, config.max_num_seqs,
+                                config.max_num_batched_tokens,
+                                blocks_for(self.max_model_len + config.max_tree_nodes, config.block_size))
+            graphs.warm_up(warm_up_buckets(config.max_num_seqs, config.max_tree_nodes if tree_paths else 1))
         self.runner = ModelRunner(self.model, self.heads if tree_paths else None, self.kv_cache,
-                                  parts.attention_cls, tree_paths)
+                                  parts.attention_cls, tree_paths, graphs)
         self.cost_model = measure_step_costs(self.runner, max(config.max_num_batched_tokens, 64))
         self.accuracies = parts.accuracies
         self.skill_prior = 1.0  # moving average of finished-step skills, seeds new sequences

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from models.attention import TorchAttention, build_metadata
+from models.attention import MAX_TREE_TOKENS, TorchAttention, build_metadata
 from models.cpu_attention import BatchInvariantCpuAttention, CpuAttention
 from models.heads import MedusaHeads
 from models.llama import LlamaForCausalLM
@@ -149,12 +149,17 @@ def measure_step_costs(runner: ModelRunner, max_tokens: int) -> StepCostModel:
         per_seq = -(-(context + max(query_lens)) // block_size)
         tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(query_lens))]
         seq_lens = [context + q for q in query_lens]
-        prefill = len(query_lens) == 1 and context == 0
+        # with CUDA graphs, a lone chain that fits a tree is timed as the graphed tree step it stands for
+        prefill = len(query_lens) == 1 and context == 0 and (runner.graphs is None or query_lens[0] > MAX_TREE_TOKENS)
         masks = None if prefill else [[(1 << (i + 1)) - 1 for i in range(q)] for q in query_lens]
-        metadata = build_metadata(query_lens, seq_lens, tables, block_size, int(prefill), masks, device=device)
         n = sum(query_lens)
+        positions = [context + i for q in query_lens for i in range(q)]
+        if runner.graphs is not None and not prefill:
+            step = ([0] * n, positions, query_lens, seq_lens, tables, 0, masks, list(range(n)))
+            return _best_time(lambda: runner.forward(*step), device, repeats)
+        metadata = build_metadata(query_lens, seq_lens, tables, block_size, int(prefill), masks, device=device)
         ids = torch.zeros(n, dtype=torch.long, device=device)
-        positions = torch.tensor([context + i for q in query_lens for i in range(q)], device=device)
+        positions = torch.tensor(positions, device=device)
         return _best_time(lambda: model(ids, positions, runner.attention_cls(metadata, kv_cache)), device, repeats)
 
     capacity = kv_cache.num_blocks * block_size

@@ -20,6 +20,7 @@ from server.acceptance import accept_greedy, accept_rejection, accept_typical
 from server.drafter import Draft, Drafter
 from server.sampler import pick
 from server.scheduler import SchedulerOutput, ScheduledSequence
+from server.step_graphs import StepGraphs
 from server.tree import LOOKUP_RANK, Path, kept_by_tree
 
 
@@ -35,8 +36,9 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, heads: MedusaHeads | None, kv_cache: KVCache,
-                 attention_cls, tree_paths: tuple[Path, ...]):
+                 attention_cls, tree_paths: tuple[Path, ...], graphs: StepGraphs | None = None):
         self.model = model
+        self.graphs = graphs
         self.kv_cache = kv_cache
         self.attention_cls = attention_cls
         self.tree_paths = tree_paths
@@ -46,7 +48,6 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> list[tuple[ScheduledSequence, StepResult]]:
         items = batch.prefills + batch.decodes
-        block_size = self.kv_cache.block_size
         input_ids, positions, tree_masks, logits_rows = [], [], [], []
         query_lens, seq_lens, tables, first_logit = [], [], [], []
         for item in items:
@@ -69,12 +70,8 @@ class ModelRunner:
             query_lens.append(n)
             seq_lens.append(start + n)
             tables.append(seq.block_table)
-        metadata = build_metadata(query_lens, seq_lens, tables, block_size, len(batch.prefills),
-                                  tree_masks, device=self.device)
-        attention = self.attention_cls(metadata, self.kv_cache)
-        logits, hidden = self.model(torch.tensor(input_ids, device=self.device),
-                                    torch.tensor(positions, device=self.device), attention,
-                                    torch.tensor(logits_rows, dtype=torch.long, device=self.device))
+        logits, hidden = self.forward(input_ids, positions, query_lens, seq_lens, tables, len(batch.prefills),
+                                      tree_masks, logits_rows)
         argmax = logits.argmax(-1).tolist()
 
         results, moves, head_rows, head_items = [], ([], []), [], []
@@ -124,6 +121,22 @@ class ModelRunner:
             for result, draft in zip(drafted, drafts):
                 result.draft = draft
         return list(zip(items, results))
+
+    def forward(self, input_ids: list[int], positions: list[int], query_lens: list[int], seq_lens: list[int],
+                tables: list[list[int]], num_prefills: int, tree_masks: list[list[int]] | None,
+                logits_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One packed step -> (logits [len(logits_rows), vocab], hidden [T, hidden]); from a CUDA
+        graph when the step has no prompt chunk and fits one (hidden then valid until the next step)."""
+        if self.graphs is not None and num_prefills == 0 and self.graphs.fits(query_lens, tables):
+            hidden = self.graphs.run(input_ids, positions, query_lens, seq_lens, tables, tree_masks)
+            every_row = len(logits_rows) == len(input_ids)   # a tree step: logits for all its rows
+            rows = hidden if every_row else hidden[torch.tensor(logits_rows, dtype=torch.long, device=self.device)]
+            return self.model.compute_logits(rows), hidden
+        metadata = build_metadata(query_lens, seq_lens, tables, self.kv_cache.block_size, num_prefills,
+                                  tree_masks, device=self.device)
+        return self.model(torch.tensor(input_ids, device=self.device), torch.tensor(positions, device=self.device),
+                          self.attention_cls(metadata, self.kv_cache),
+                          torch.tensor(logits_rows, dtype=torch.long, device=self.device))
 
     def _slot(self, block_table: list[int], index: int) -> int:
         size = self.kv_cache.block_size

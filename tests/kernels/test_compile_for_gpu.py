@@ -34,7 +34,8 @@ for dtype in ("fp16", "bf16", "fp32"):
         compile_for_h100(prefill_attention._prefill_attention_kernel, attention,
                          dict(common, QUERIES_PER_TILE=block_m // group, BLOCK_M=block_m, BLOCK_N=block_n), warps, stages)
         block_m, block_n, warps, stages = tree_attention.TILES[head_dim]
-        tiles = dict(common, QUERIES_PER_TILE=block_m // group, BLOCK_M=block_m, BLOCK_N=block_n)
+        tiles = dict(common, QUERIES_PER_TILE=block_m // group, BLOCK_M=block_m, BLOCK_N=block_n,
+                     MIN_SPLIT_BLOCKS=tree_attention.MIN_SPLIT_BLOCKS)
         compile_for_h100(tree_attention._tree_attention_kernel, attention, dict(tiles, SPLIT=False), warps, stages)
         compile_for_h100(tree_attention._tree_attention_kernel, dict(attention, out_ptr="*fp32"), dict(tiles, SPLIT=True),
                          warps, stages)

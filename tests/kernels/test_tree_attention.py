@@ -49,7 +49,8 @@ def random_tree_batch(rng, num_heads, num_kv_heads, dtype, num_seqs=3, max_nodes
 @pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_random_trees(rng, dtype, heads, num_splits):
-    check_tree(random_tree_batch(rng, *heads, dtype), num_splits)
+    # a split takes >= MIN_SPLIT_BLOCKS key blocks: several splits need several hundred keys
+    check_tree(random_tree_batch(rng, *heads, dtype, max_prefix=90 if num_splits == 1 else 400), num_splits)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -59,9 +60,10 @@ def test_tree_of_64_nodes_after_prefill_rows(rng, dtype):
     check_tree(batch)
 
 
-def test_decode_with_long_context(rng):
+@pytest.mark.parametrize("num_splits", [None, 4])
+def test_decode_with_long_context(rng, num_splits):
     batch = Batch([1, 1, 1], [300, 7, 1], 0, 8, 1, 64, torch.float32, rng)
-    check_tree(batch)
+    check_tree(batch, num_splits)
 
 
 def test_bfloat16(rng):

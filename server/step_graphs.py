@@ -1,0 +1,136 @@
+"""Decode and tree-verification steps replayed from CUDA graphs.
+
+Launched from Python, a step of the default model is ~30 layers x ~15 kernels, and the GPU
+waits on the host between them (12 ms a plain step on an H200, docs/benchmarks.md). A CUDA
+graph records a step's launches once and replays them in one call. A graph fixes its shapes
+and launch arguments, so a step is padded to a bucket: its sequences, its longest tree and
+its tokens, each rounded up to a power of two. The step's inputs go into static buffers that
+every graph reads (their first B sequences and T tokens); padding tokens write no key (slot
+-1) and padding sequences have no queries. The tree kernel derives each sequence's key split
+from its length on the device, so one graph serves every context length. Steps with prompt
+chunks run eagerly (as in vLLM); so do steps past the largest bucket.
+
+Only the model body (embeddings to the final norm) is graphed: the runner takes the logits
+of the rows it needs eagerly, and reads the output before the next replay overwrites it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from models.attention import PAD_SLOT, AttentionMetadata, KVCache, slot_list, tree_mask_words
+from models.llama import LlamaForCausalLM
+
+logger = logging.getLogger("gorgon.graphs")
+
+
+def bucket(n: int) -> int:
+    """n rounded up to a power of two."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def warm_up_buckets(max_seqs: int, max_tree_nodes: int) -> list[tuple[int, int, int]]:
+    """The buckets worth capturing at start-up: plain decoding at every batch bucket, and a
+    lone sequence's trees at every size (others are captured when first met)."""
+    batches = [1 << i for i in range(bucket(max_seqs).bit_length())]
+    trees = [1 << i for i in range(1, bucket(max_tree_nodes).bit_length())]
+    return [(b, 1, b) for b in batches] + [(1, q, q) for q in trees]
+
+
+class StepGraphs:
+    """One CUDA graph per (sequences, longest tree, tokens) bucket, captured on first use.
+
+    capture=False runs the same padded static-buffer step eagerly (what a graph would replay):
+    on the CPU, for tests.
+    """
+
+    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, attention_cls, max_seqs: int,
+                 max_tokens: int, max_blocks_per_seq: int, capture: bool = True):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.attention_cls = attention_cls
+        self.capture = capture
+        self.max_seqs = bucket(max_seqs)
+        self.max_tokens = bucket(max_tokens)
+        self.max_blocks_per_seq = max_blocks_per_seq
+        device = model.lm_head.weight.device
+        # static inputs: token rows (ids, positions, slots, mask words) and sequence rows (lengths, offsets)
+        self.token_rows = torch.zeros(4, self.max_tokens, dtype=torch.int64, device=device)
+        self.seq_rows = torch.zeros(2, self.max_seqs + 1, dtype=torch.int32, device=device)
+        self.block_tables = torch.full((self.max_seqs, max_blocks_per_seq), PAD_SLOT, dtype=torch.int32,
+                                       device=device)
+        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+
+    def fits(self, query_lens: list[int], tables: list[list[int]]) -> bool:
+        return (len(query_lens) <= self.max_seqs and sum(query_lens) <= self.max_tokens
+                and max(map(len, tables), default=0) <= self.max_blocks_per_seq)
+
+    def run(self, input_ids: list[int], positions: list[int], query_lens: list[int], seq_lens: list[int],
+            tables: list[list[int]], tree_masks: list[list[int]] | None) -> torch.Tensor:
+        """One tree-only step (every sequence a tree or a one-token decode): hidden [T, hidden]
+        for its T tokens, a view of the graph's output, valid until the next `run`."""
+        key = (bucket(len(query_lens)), bucket(max(query_lens)), bucket(sum(query_lens)))
+        self._fill(key, input_ids, positions, query_lens, seq_lens, tables, tree_masks)
+        if not self.capture:
+            return self._forward(key)[:len(input_ids)]
+        graph, out = self.graphs.get(key) or self._capture(key)
+        graph.replay()
+        return out[:len(input_ids)]
+
+    @torch.inference_mode()
+    def warm_up(self, keys: list[tuple[int, int, int]]) -> None:
+        """Capture these buckets now, over an all-padding step (no key written)."""
+        started = time.perf_counter()
+        for key in keys:
+            if key not in self.graphs and key[0] <= self.max_seqs and key[2] <= self.max_tokens:
+                self._fill(key, [], [], [], [], [], None)
+                self._capture(key)
+        logger.info("captured %d CUDA graphs in %.1f s", len(self.graphs), time.perf_counter() - started)
+
+    def _fill(self, key, input_ids, positions, query_lens, seq_lens, tables, tree_masks) -> None:
+        num_seqs, _, num_tokens = key
+        pad_tokens = num_tokens - len(input_ids)
+        words = tree_mask_words(query_lens, tree_masks)
+        slots = slot_list(query_lens, seq_lens, tables, self.kv_cache.block_size)
+        rows = torch.tensor([input_ids + [0] * pad_tokens, positions + [0] * pad_tokens,
+                             slots + [PAD_SLOT] * pad_tokens, words + [0] * pad_tokens], dtype=torch.int64)
+        self.token_rows[:, :num_tokens].copy_(rows)
+        cu = [0]
+        for q_len in query_lens:
+            cu.append(cu[-1] + q_len)
+        pad_seqs = num_seqs - len(query_lens)
+        self.seq_rows[:, :num_seqs + 1].copy_(torch.tensor(
+            [list(seq_lens) + [0] * (pad_seqs + 1), cu + [cu[-1]] * pad_seqs], dtype=torch.int32))
+        width = max(map(len, tables), default=0)
+        if width:  # past a sequence's own blocks nothing is read: stale entries there are harmless
+            self.block_tables[:len(tables), :width].copy_(torch.tensor(
+                [t + [PAD_SLOT] * (width - len(t)) for t in tables], dtype=torch.int32))
+
+    def _forward(self, key) -> torch.Tensor:
+        num_seqs, max_query_len, num_tokens = key
+        ids, positions, slots, words = self.token_rows[:, :num_tokens]
+        seq_lens, cu = self.seq_rows[0, :num_seqs], self.seq_rows[1, :num_seqs + 1]
+        metadata = AttentionMetadata(slot_mapping=slots, block_tables=self.block_tables[:num_seqs],
+                                     seq_lens=seq_lens, cu_seqlens_q=cu, num_prefills=0, tree_mask=words,
+                                     seq_lens_host=(), query_lens_host=())
+        attention = self.attention_cls(metadata, self.kv_cache, graph_bucket=(num_seqs, max_query_len))
+        return self.model.model(ids, positions, attention)
+
+    def _capture(self, key) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        started = time.perf_counter()
+        # one eager run first, on a side stream: Triton compiles and loads its kernels, which a capture cannot
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._forward(key)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the server's other threads (HTTP, tokenizer) may touch CUDA's runtime meanwhile
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = self._forward(key)
+        self.graphs[key] = (graph, out)
+        logger.debug("captured the step graph for %s in %.0f ms", key, (time.perf_counter() - started) * 1e3)
+        return graph, out

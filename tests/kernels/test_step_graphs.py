@@ -1,0 +1,66 @@
+"""Tree steps padded to a CUDA graph's bucket (server/step_graphs.py) against the unpadded step.
+
+On the CPU the padded static-buffer step runs eagerly in Triton's interpreter (capture=False):
+the same buffers, padding and launches a captured graph replays on a GPU.
+"""
+import random
+
+import pytest
+import torch
+
+from batches import random_tree_masks
+from kernels.backend import TritonAttention
+from models.attention import KVCache
+from models.config import ModelConfig
+from models.llama import LlamaForCausalLM
+from server.model_runner import ModelRunner
+from server.step_graphs import StepGraphs, bucket, warm_up_buckets
+
+BLOCK = 8
+CONFIG = ModelConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=6, num_key_value_heads=2, head_dim=8)
+
+
+def runner(model, graphs: bool) -> ModelRunner:
+    cache = KVCache(CONFIG.num_hidden_layers, 64, BLOCK, CONFIG.num_key_value_heads, CONFIG.head_dim, torch.float32)
+    step_graphs = StepGraphs(model, cache, TritonAttention, max_seqs=8, max_tokens=64, max_blocks_per_seq=16,
+                             capture=False) if graphs else None
+    return ModelRunner(model, None, cache, TritonAttention, (), step_graphs)
+
+
+def test_bucket_and_warm_up_buckets():
+    assert [bucket(n) for n in (1, 2, 3, 5, 64, 65)] == [1, 2, 4, 8, 64, 128]
+    assert warm_up_buckets(5, 4) == [(1, 1, 1), (2, 1, 2), (4, 1, 4), (8, 1, 8), (1, 2, 2), (1, 4, 4)]
+
+
+@pytest.mark.parametrize("steps", [[[1, 5, 3], [2], [1, 1, 1]], [[7, 1], [4, 4, 4]]])
+def test_padded_tree_steps_match_unpadded_ones(steps):
+    """Prompts prefilled eagerly, then tree steps of different buckets one after another (a
+    smaller step after a bigger one must read nothing stale); logits and caches agree."""
+    torch.manual_seed(0)
+    rng = random.Random(len(steps))
+    model = LlamaForCausalLM(CONFIG).eval()
+    eager, graphed = runner(model, False), runner(model, True)
+    graphed.kv_cache.k.copy_(eager.kv_cache.k)
+    graphed.kv_cache.v.copy_(eager.kv_cache.v)
+    prompt_lens = [rng.randint(3, 30) for _ in range(3)]
+    tables = [list(range(16 * b, 16 * b + 8)) for b in range(3)]
+    with torch.inference_mode():
+        for b, n in enumerate(prompt_lens):  # prefills take the eager path in both runners
+            ids = [rng.randrange(64) for _ in range(n)]
+            for r in (eager, graphed):
+                r.forward(ids, list(range(n)), [n], [n], [tables[b]], 1, None, [n - 1])
+        assert graphed.graphs.graphs == {}
+        for query_lens in steps:
+            seqs = range(len(query_lens))
+            masks = [random_tree_masks(q, rng) for q in query_lens]
+            ids = [rng.randrange(64) for _ in range(sum(query_lens))]
+            positions = [prompt_lens[b] + bin(m).count("1") - 1 for b in seqs for m in masks[b]]
+            seq_lens = [prompt_lens[b] + query_lens[b] for b in seqs]
+            step = (ids, positions, query_lens, seq_lens, [tables[b] for b in seqs], 0, masks, list(range(len(ids))))
+            expected_logits, expected_hidden = eager.forward(*step)
+            logits, hidden = graphed.forward(*step)
+            assert hidden.shape == expected_hidden.shape
+            torch.testing.assert_close(logits, expected_logits, atol=2e-5, rtol=2e-5)
+            torch.testing.assert_close(graphed.kv_cache.k, eager.kv_cache.k, atol=2e-5, rtol=2e-5)
+            torch.testing.assert_close(graphed.kv_cache.v, eager.kv_cache.v, atol=2e-5, rtol=2e-5)
