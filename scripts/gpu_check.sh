@@ -2,7 +2,8 @@
 # The project's checks that need a CUDA GPU, in two stages that each fit one short device call.
 #
 #   scripts/gpu_check.sh kernels   # kernel tests on CUDA, a tile sweep, kernels.bench fp16 (BF16=1: bf16 too)
-#   scripts/gpu_check.sh model     # greedy parity CUDA vs CPU, a server run on CUDA, speculation timings
+#   scripts/gpu_check.sh model     # greedy parity (CUDA graphs, eager, CPU), a server run on CUDA, speculation
+#                                  # timings with and without graphs (BF16=1: bf16 parity too)
 #
 # Logs go to $OUT (default ./gpu-check-out); each stage prints its tables last. The model stage
 # needs the default model in the model cache (`python -m models.fetch`, or its GGUF placed in
@@ -48,18 +49,20 @@ t.AutoConfig.from_pretrained(sys.argv[1])).save_pretrained(sys.argv[1])" "$RANDO
     ;;
 model)
     step fetch 90 $PY -m models.fetch
-    # fp32 (no TF32): the CUDA paths against each other and against the CPU path
-    step parity-fp32 150 $PY -m benchmarks.parity --save "$OUT/texts.json" --variants \
-        cuda/triton/plain,cuda/triton/adaptive,cuda/triton/8,cuda/torch/plain,cuda/torch/adaptive,cpu/torch/plain
-    step parity-bf16 90 $PY -m benchmarks.parity --dtype bfloat16 --variants \
+    # fp32 (no TF32): CUDA graphs against eager launches, Triton against PyTorch, CUDA against the CPU
+    step parity-fp32 240 $PY -m benchmarks.parity --save "$OUT/texts.json" --variants \
+        cuda/triton/plain,cuda/triton/adaptive,cuda/triton/plain/eager,cuda/triton/adaptive/eager,cuda/torch/plain,cpu/torch/plain
+    [ -n "${BF16:-}" ] && step parity-bf16 90 $PY -m benchmarks.parity --dtype bfloat16 --variants \
         cuda/triton/plain,cuda/triton/adaptive,cuda/torch/plain
-    $PY -m server --device cuda --port 8000 --log-level warning >"$OUT/server.log" 2>&1 &
+    $PY -m server --device cuda --port 8000 --log-level info >"$OUT/server.log" 2>&1 &
     server=$!
-    step server-check 240 $PY -m benchmarks.server_check --expected "$OUT/texts.json"
+    step server-check 150 $PY -m benchmarks.server_check --expected "$OUT/texts.json"
     kill -TERM $server; wait $server
-    step speculation 120 $PY -m benchmarks.speculation --sizes 1,4,16,64 --temperatures 0 --prompts 6
-    tail -n 12 "$OUT/parity-fp32.txt"; tail -n 8 "$OUT/parity-bf16.txt"; tail -n 7 "$OUT/server-check.txt"
-    tail -n 6 "$OUT/speculation.txt"
+    grep -E "CUDA graphs|step cost" "$OUT/server.log"
+    step speculation 150 $PY -m benchmarks.speculation --sizes 1,4,16,64 --temperatures 0 --prompts 6 \
+        --cuda-graphs on,off
+    tail -n 10 "$OUT/parity-fp32.txt"; [ -f "$OUT/parity-bf16.txt" ] && tail -n 6 "$OUT/parity-bf16.txt"
+    tail -n 7 "$OUT/server-check.txt"; tail -n 12 "$OUT/speculation.txt"
     ;;
 *)
     echo "usage: $0 kernels|model" >&2; exit 2 ;;

@@ -1,14 +1,15 @@
 """Tree steps padded to a CUDA graph's bucket (server/step_graphs.py) against the unpadded step.
 
 On the CPU the padded static-buffer step runs eagerly in Triton's interpreter (capture=False):
-the same buffers, padding and launches a captured graph replays on a GPU.
+the same buffers, padding and launches a captured graph replays on a GPU. On a GPU the graphs
+are captured and replayed.
 """
 import random
 
 import pytest
 import torch
 
-from batches import random_tree_masks
+from batches import DEVICE, random_tree_masks
 from kernels.backend import TritonAttention
 from models.attention import KVCache
 from models.config import ModelConfig
@@ -22,9 +23,10 @@ CONFIG = ModelConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hi
 
 
 def runner(model, graphs: bool) -> ModelRunner:
-    cache = KVCache(CONFIG.num_hidden_layers, 64, BLOCK, CONFIG.num_key_value_heads, CONFIG.head_dim, torch.float32)
+    cache = KVCache(CONFIG.num_hidden_layers, 64, BLOCK, CONFIG.num_key_value_heads, CONFIG.head_dim, torch.float32,
+                    DEVICE)
     step_graphs = StepGraphs(model, cache, TritonAttention, max_seqs=8, max_tokens=64, max_blocks_per_seq=16,
-                             capture=False) if graphs else None
+                             capture=DEVICE == "cuda") if graphs else None
     return ModelRunner(model, None, cache, TritonAttention, (), step_graphs)
 
 
@@ -39,7 +41,7 @@ def test_padded_tree_steps_match_unpadded_ones(steps):
     smaller step after a bigger one must read nothing stale); logits and caches agree."""
     torch.manual_seed(0)
     rng = random.Random(len(steps))
-    model = LlamaForCausalLM(CONFIG).eval()
+    model = LlamaForCausalLM(CONFIG).eval().to(DEVICE)
     eager, graphed = runner(model, False), runner(model, True)
     graphed.kv_cache.k.copy_(eager.kv_cache.k)
     graphed.kv_cache.v.copy_(eager.kv_cache.v)
@@ -50,7 +52,7 @@ def test_padded_tree_steps_match_unpadded_ones(steps):
             ids = [rng.randrange(64) for _ in range(n)]
             for r in (eager, graphed):
                 r.forward(ids, list(range(n)), [n], [n], [tables[b]], 1, None, [n - 1])
-        assert graphed.graphs.graphs == {}
+        assert graphed.graphs.graphs == {}   # prompt chunks never take a graph
         for query_lens in steps:
             seqs = range(len(query_lens))
             masks = [random_tree_masks(q, rng) for q in query_lens]
@@ -64,3 +66,5 @@ def test_padded_tree_steps_match_unpadded_ones(steps):
             torch.testing.assert_close(logits, expected_logits, atol=2e-5, rtol=2e-5)
             torch.testing.assert_close(graphed.kv_cache.k, eager.kv_cache.k, atol=2e-5, rtol=2e-5)
             torch.testing.assert_close(graphed.kv_cache.v, eager.kv_cache.v, atol=2e-5, rtol=2e-5)
+        if DEVICE == "cuda":
+            assert len(graphed.graphs.graphs) == len({(bucket(len(q)), bucket(max(q)), bucket(sum(q))) for q in steps})
