@@ -4,8 +4,8 @@
                                 [--dtype float32] [--prompts 16] [--max-tokens 96] [--save texts.json]
                                 [--model DIR]
 
-A variant is device/attention backend/speculation[/eager], speculation one of plain, adaptive
-or a fixed tree size in nodes; /eager launches every step from Python (no CUDA graphs).
+A variant is device/attention backend/speculation[/graphs], speculation one of plain, adaptive
+or a fixed tree size in nodes; /graphs replays decode and tree steps from CUDA graphs.
 Every evaluation prompt runs at once (one batch of different lengths) at temperature 0, after
 a short warm-up run of them all (kernel compiles and graph captures). For each variant the
 table gives how many outputs equal the first variant's token for token and, where one
@@ -33,7 +33,7 @@ def parse_variant(spec: str, dtype: str, model: str | None) -> EngineConfig:
     device, backend, tree, *launch = spec.split("/")
     return EngineConfig(model=model, device=device, attention_backend=backend, speculation=tree != "plain",
                         tree_budget=None if tree in ("plain", "adaptive") else int(tree), dtype=dtype,
-                        kv_cache_memory_gb=0.5, cuda_graphs=launch != ["eager"])
+                        kv_cache_memory_gb=0.5, cuda_graphs=launch == ["graphs"])
 
 
 def run_batch(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], list[str], float]:

@@ -2,7 +2,7 @@
 
     python -m benchmarks.speculation [--max-tokens 128] [--sizes 1,4,8,16,32,64] [--heads DIR ...]
                                      [--lookup-tokens 8[,0]] [--datastore default[,none]]
-                                     [--linear exact[,int8]] [--cuda-graphs on[,off]]
+                                     [--linear exact[,int8]] [--cuda-graphs off[,on]]
 
 Runs every evaluation prompt (chat and code, never training prompts) alone through one
 engine, at temperature 0 and 0.7, for each fixed tree size (1 = plain decoding, the same
@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     parser.add_argument("--linear", default="exact",
                         help="comma-separated linear layers to compare: exact (fp32 products) and/or int8 "
                              "(--int8-linear)")
-    parser.add_argument("--cuda-graphs", default="on",
+    parser.add_argument("--cuda-graphs", default="off",
                         help="comma-separated CUDA launch modes to compare: on (graphs) and/or off (eager)")
     args = parser.parse_args(argv)
     engines = {f"{heads or 'shipped'}, lookup {lookup}, datastore {store}, {linear}, graphs {graphs}": LLMEngine(

@@ -149,7 +149,7 @@ def bench_attention(case: Case, timed: bool, bandwidth: float | None):
 # Tile configurations tried by --sweep (after the launcher's current default), the likelier
 # first: (most rows a tile, key block, warps, stages). Tree tiles over 64 rows only matter
 # for groups of several query heads (a 64-node tree of a group of 1 is 64 rows).
-TREE_SWEEP = [(m, n, w, s) for s in (3, 2, 4) for w in (4, 8) for n in (32, 64) for m in (128, 256, 64)]
+TREE_SWEEP = [(m, n, w, s) for s in (4, 3, 2) for w in (4, 8) for n in (32, 64) for m in (128, 256, 64)]
 PREFILL_SWEEP = [(m, n, w, s) for s in (2, 3) for w in (4, 8) for m in (128, 64) for n in (64, 32, 128)]
 SWEEP_CASES = {"tree": (64, 8192, 64), "prefill": (1, 8192, 1024)}  # (batch, context, new tokens)
 

@@ -51,16 +51,16 @@ model)
     step fetch 90 $PY -m models.fetch
     # fp32 (no TF32): CUDA graphs against eager launches, Triton against PyTorch, CUDA against the CPU
     step parity-fp32 240 $PY -m benchmarks.parity --save "$OUT/texts.json" --variants \
-        cuda/triton/plain,cuda/triton/adaptive,cuda/triton/plain/eager,cuda/triton/adaptive/eager,cuda/torch/plain,cpu/torch/plain
+        cuda/triton/plain,cuda/triton/adaptive,cuda/triton/plain/graphs,cuda/triton/adaptive/graphs,cuda/torch/plain,cpu/torch/plain
     [ -n "${BF16:-}" ] && step parity-bf16 90 $PY -m benchmarks.parity --dtype bfloat16 --variants \
         cuda/triton/plain,cuda/triton/adaptive,cuda/torch/plain
-    $PY -m server --device cuda --port 8000 --log-level info >"$OUT/server.log" 2>&1 &
+    $PY -m server --device cuda --cuda-graphs --port 8000 --log-level info >"$OUT/server.log" 2>&1 &
     server=$!
     step server-check 150 $PY -m benchmarks.server_check --expected "$OUT/texts.json"
     kill -TERM $server; wait $server
     grep -E "CUDA graphs|step cost" "$OUT/server.log"
     step speculation 150 $PY -m benchmarks.speculation --sizes 1,4,16,64 --temperatures 0 --prompts 6 \
-        --cuda-graphs on,off
+        --cuda-graphs off,on
     tail -n 10 "$OUT/parity-fp32.txt"; [ -f "$OUT/parity-bf16.txt" ] && tail -n 6 "$OUT/parity-bf16.txt"
     tail -n 7 "$OUT/server-check.txt"; tail -n 12 "$OUT/speculation.txt"
     ;;

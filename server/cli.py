@@ -81,16 +81,17 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
                              "the exact fp32 product) [env GORGON_INT8_LINEAR]")
     parser.add_argument("--no-speculation", action="store_true", default=env_flag("no_speculation"),
                         help="plain one-token-per-step decoding with the same engine [env GORGON_NO_SPECULATION]")
-    parser.add_argument("--no-cuda-graphs", action="store_true", default=env_flag("no_cuda_graphs"),
-                        help="CUDA: launch every step's kernels from Python instead of replaying decode and tree "
-                             "steps from CUDA graphs [env GORGON_NO_CUDA_GRAPHS]")
+    parser.add_argument("--cuda-graphs", action="store_true", default=env_flag("cuda_graphs"),
+                        help="CUDA with the triton backend: replay decode and tree steps from CUDA graphs instead "
+                             "of launching every kernel from Python (experimental: not yet run on a GPU) "
+                             "[env GORGON_CUDA_GRAPHS]")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=args.model, heads=args.heads, speculation=not args.no_speculation,
                         tree_budget=args.tree_budget, lookup_tokens=args.lookup_tokens,
                         datastore=args.datastore, dtype=args.dtype, int8_linear=args.int8_linear,
-                        device=args.device, cuda_graphs=not args.no_cuda_graphs,
+                        device=args.device, cuda_graphs=args.cuda_graphs,
                         attention_backend=args.attention_backend, max_num_seqs=args.max_num_seqs,
                         max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
                         max_queue_size=args.max_queue_size, kv_cache_memory_gb=args.kv_cache_memory_gb)
