@@ -117,13 +117,18 @@ def tree_mask_words(query_lens, tree_masks: list[list[int]] | None) -> list[int]
 
 
 class KVCache:
-    """One preallocated pool of key/value blocks for all layers; layers use views."""
+    """One preallocated pool of key/value blocks for all layers; layers use views.
+
+    `dtype` is the model's (what attention computes in); the pools may store another,
+    `storage_dtype` (fp16 beside an fp32 model on the CPU: half the memory, read back exactly)."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 storage_dtype: torch.dtype | None = None):
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = torch.zeros(shape, dtype=storage_dtype or dtype, device=device)
+        self.v = torch.zeros(shape, dtype=storage_dtype or dtype, device=device)
+        self.dtype = dtype
         self.num_blocks = num_blocks
         self.block_size = block_size
 
@@ -177,7 +182,7 @@ class TorchAttention:
         trees = range(metadata.num_prefills, metadata.num_seqs)
         tree_offset = metadata.num_prefill_tokens
         for b in prefills:  # one group per prompt chunk: no padding waste on long prompts
-            self.groups.append(self._group([b], metadata, cu, tables, block_size, tree_offset, device, kv_cache.k.dtype))
+            self.groups.append(self._group([b], metadata, cu, tables, block_size, tree_offset, device, kv_cache.dtype))
         # tree sequences are padded to the longest query of their group: bucket them by query
         # length (1, 2, 3-4, 5-8, ...) so one big tree does not pad a whole batch of decodes
         buckets: dict[int, list[int]] = {}
@@ -185,7 +190,7 @@ class TorchAttention:
             buckets.setdefault((metadata.query_lens_host[b] - 1).bit_length(), []).append(b)
         for bucket in sorted(buckets):
             self.groups.append(self._group(buckets[bucket], metadata, cu, tables, block_size, tree_offset, device,
-                                           kv_cache.k.dtype))
+                                           kv_cache.dtype))
         self.num_tokens = cu[-1]
 
     @staticmethod
@@ -237,6 +242,7 @@ class TorchAttention:
         """The step's keys and values [T, Hkv, D] into their cache slots (padding rows skipped)."""
         k_cache = self.kv_cache.k[layer].view(-1, *k.shape[1:])
         v_cache = self.kv_cache.v[layer].view(-1, *v.shape[1:])
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)   # a no-op unless the cache stores another dtype
         # index_copy_ / index_select: a third of the time of indexing with a tensor on the CPU
         k_cache.index_copy_(0, self.write_slots, k if self.write_all else k.index_select(0, self.write_rows))
         v_cache.index_copy_(0, self.write_slots, v if self.write_all else v.index_select(0, self.write_rows))
@@ -255,8 +261,8 @@ class TorchAttention:
             else:
                 qg = q.index_select(0, group.rows.view(-1)).view(b, mq, *q.shape[1:]).transpose(1, 2)
             slots = group.key_slots.view(-1)
-            kg = k_cache.index_select(0, slots).view(b, -1, *k_cache.shape[1:]).transpose(1, 2)   # [b, Hkv, mk, D]
-            vg = v_cache.index_select(0, slots).view(b, -1, *v_cache.shape[1:]).transpose(1, 2)
+            kg = k_cache.index_select(0, slots).to(q.dtype).view(b, -1, *k_cache.shape[1:]).transpose(1, 2)
+            vg = v_cache.index_select(0, slots).to(q.dtype).view(b, -1, *v_cache.shape[1:]).transpose(1, 2)
             og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=group.bias, is_causal=group.bias is None,
                                                 scale=scale, enable_gqa=True)
             og = og.transpose(1, 2).reshape(-1, *q.shape[1:])              # [b * mq, Hq, D]

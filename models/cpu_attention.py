@@ -5,8 +5,9 @@ layer). Prompt chunks keep PyTorch's SDPA (long causal runs, where it is fast); 
 tree-verification queries go through `tree_attention` (models/csrc/tree_attention.cpp),
 which reads keys and values in place through the block tables instead of gathering a
 padded copy per layer and computes each query on its own, so a token verified in a tree
-gets the bits it gets decoded alone. Without the compiled kernels, for another dtype or a
-head size that is not a multiple of 8, it is exactly `TorchAttention`.
+gets the bits it gets decoded alone. It computes in fp32 over an fp32 or fp16 cache. Without
+the compiled kernels, for another dtype or a head size that is not a multiple of 8, it is
+exactly `TorchAttention`.
 `BatchInvariantCpuAttention` sends prompt chunks through the kernel too.
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ class CpuAttention(TorchAttention):
 
     def __init__(self, metadata: AttentionMetadata, kv_cache: KVCache):
         pool = kv_cache.k
-        runs = pool.dtype == torch.float32 and pool.device.type == "cpu" and pool.shape[-1] % 8 == 0
+        runs = (kv_cache.dtype == torch.float32 and pool.dtype in (torch.float32, torch.float16)
+                and pool.device.type == "cpu" and pool.shape[-1] % 8 == 0)
         self.kernels = cpu_kernels() if runs else None   # the kernel reads head dims in 8-float registers
         if self.kernels is not None and self.prompts_through_kernel and metadata.num_prefills:
             metadata = prompt_runs_as_trees(metadata)

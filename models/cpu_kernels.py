@@ -63,7 +63,7 @@ def cpu_kernels():
         # torch rebuilds when a source or a flag changes, not a header: the headers' hash is a flag
         headers = hashlib.sha256(b"".join(h.read_bytes() for h in _HEADERS)).hexdigest()[:16]
         return load("gorgon_cpu_kernels", [str(s) for s in _SOURCES],
-                    extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off",
+                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off",
                                   f"-DGORGON_HEADERS={headers}"])
     except Exception as e:  # no compiler, no ninja, a read-only cache...
         if choice == "on":

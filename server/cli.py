@@ -42,6 +42,8 @@ SERVE_OPTIONS = [
     ("--max-queue-size", int, ENGINE_DEFAULTS["max_queue_size"], "waiting requests beyond this get HTTP 503"),
     ("--kv-cache-memory-gb", float, ENGINE_DEFAULTS["kv_cache_memory_gb"], "memory for the paged KV cache"),
     ("--dtype", str, ENGINE_DEFAULTS["dtype"], "float32 | bfloat16 | float16"),
+    ("--kv-cache-dtype", str, ENGINE_DEFAULTS["kv_cache_dtype"],
+     "auto (the model's dtype) | float16 (beside a float32 model, on the CPU: twice the cached tokens)"),
     ("--device", str, ENGINE_DEFAULTS["device"], "auto | cpu | cuda[:N]"),
     ("--attention-backend", str, ENGINE_DEFAULTS["attention_backend"], "auto (Triton on CUDA, Gorgon's C++ kernel on the CPU) | torch | triton"),
     ("--shutdown-timeout", float, 20.0, "seconds in-flight requests may finish after SIGTERM"),
@@ -94,7 +96,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         device=args.device, cuda_graphs=args.cuda_graphs,
                         attention_backend=args.attention_backend, max_num_seqs=args.max_num_seqs,
                         max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
-                        max_queue_size=args.max_queue_size, kv_cache_memory_gb=args.kv_cache_memory_gb)
+                        max_queue_size=args.max_queue_size, kv_cache_memory_gb=args.kv_cache_memory_gb,
+                        kv_cache_dtype=args.kv_cache_dtype)
 
 
 def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -24,6 +24,7 @@ class EngineConfig:
     max_queue_size: int = 256         # waiting requests beyond this are refused (HTTP 503)
     block_size: int = 16
     kv_cache_memory_gb: float = 1.0
+    kv_cache_dtype: str = "auto"      # auto = the model's dtype; float16 beside a float32 model (CPU): half the memory
     seed: int = 0
 
     def __post_init__(self):
@@ -40,6 +41,10 @@ class EngineConfig:
             raise ValueError("kv_cache_memory_gb must be positive")
         if self.max_num_batched_tokens < self.max_tree_nodes:
             raise ValueError("max_num_batched_tokens must hold at least one full tree (max_tree_nodes)")
+        if self.kv_cache_dtype not in ("auto", self.dtype) and (
+                self.kv_cache_dtype not in ("float16", "fp16") or self.dtype not in ("float32", "fp32")):
+            raise ValueError(f"kv_cache_dtype must be auto or, beside a float32 model, float16; got "
+                             f"{self.kv_cache_dtype!r} with dtype {self.dtype!r}")
         if self.int8_linear and self.dtype not in ("float32", "fp32"):
             raise ValueError("int8_linear rounds fp32 activations: it needs dtype float32")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -10,6 +10,7 @@ import time
 
 from kernels.backend import TritonAttention
 from models.attention import KVCache
+from models.loader import parse_dtype
 from server import metrics
 from server.block_manager import BlockManager, blocks_for
 from server.config import EngineConfig
@@ -42,11 +43,15 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
                                  model_config.max_position_embeddings)
         dtype = self.model.lm_head.weight.dtype
+        storage = dtype if config.kv_cache_dtype == "auto" else parse_dtype(config.kv_cache_dtype)
+        if storage != dtype and self.device.type != "cpu":
+            raise ValueError(f"a {storage} KV cache beside a {dtype} model runs on the CPU only")
         per_block = KVCache.bytes_per_block(model_config.num_hidden_layers, config.block_size,
-                                            model_config.num_key_value_heads, model_config.head_dim, dtype)
+                                            model_config.num_key_value_heads, model_config.head_dim, storage)
         num_blocks = int(config.kv_cache_memory_gb * 2**30 // per_block)
         self.kv_cache = KVCache(model_config.num_hidden_layers, num_blocks, config.block_size,
-                                model_config.num_key_value_heads, model_config.head_dim, dtype, self.device)
+                                model_config.num_key_value_heads, model_config.head_dim, dtype, self.device,
+                                storage_dtype=storage)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         tree_paths = parts.tree_paths if config.speculation and self.heads is not None else ()
         graphs = None

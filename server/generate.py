@@ -20,8 +20,10 @@ BLOCK_SIZE = 16
 
 @torch.inference_mode()
 def generate_stream(model: LlamaForCausalLM, prompt_ids: list[int], params: SamplingParams,
-                    eos_token_ids: frozenset[int] = frozenset(), attention=TorchAttention) -> Iterator[int]:
-    """Yield generated token ids until EOS (unless ignored) or max_tokens."""
+                    eos_token_ids: frozenset[int] = frozenset(), attention=TorchAttention,
+                    kv_cache_dtype: torch.dtype | None = None) -> Iterator[int]:
+    """Yield generated token ids until EOS (unless ignored) or max_tokens (the KV cache in
+    kv_cache_dtype, default the model's)."""
     if not prompt_ids:
         raise ValueError("the prompt must hold at least one token")
     config = model.config
@@ -29,7 +31,7 @@ def generate_stream(model: LlamaForCausalLM, prompt_ids: list[int], params: Samp
     total = len(prompt_ids) + params.max_tokens
     num_blocks = (total + BLOCK_SIZE - 1) // BLOCK_SIZE
     cache = KVCache(config.num_hidden_layers, num_blocks, BLOCK_SIZE, config.num_key_value_heads,
-                    config.head_dim, model.lm_head.weight.dtype, device)
+                    config.head_dim, model.lm_head.weight.dtype, device, storage_dtype=kv_cache_dtype)
     table = list(range(num_blocks))
     generator = make_generator(params, device)
     stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
@@ -55,5 +57,6 @@ def generate_stream(model: LlamaForCausalLM, prompt_ids: list[int], params: Samp
 
 
 def generate(model: LlamaForCausalLM, prompt_ids: list[int], params: SamplingParams,
-             eos_token_ids: frozenset[int] = frozenset(), attention=TorchAttention) -> list[int]:
-    return list(generate_stream(model, prompt_ids, params, eos_token_ids, attention))
+             eos_token_ids: frozenset[int] = frozenset(), attention=TorchAttention,
+             kv_cache_dtype: torch.dtype | None = None) -> list[int]:
+    return list(generate_stream(model, prompt_ids, params, eos_token_ids, attention, kv_cache_dtype))

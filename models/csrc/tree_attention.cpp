@@ -1,4 +1,5 @@
-// Paged attention of decode and tree-verification queries on the CPU (fp32, AVX2).
+// Paged attention of decode and tree-verification queries on the CPU (fp32 arithmetic, AVX2;
+// the cache in fp32 or fp16, widened exactly on load).
 //
 // Sequence b's queries are packed rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1; it holds
 // seq_lens[b] keys, read through its block table: the cached history, then its n new tokens
@@ -25,17 +26,24 @@
 
 namespace {
 
+// Eight cache elements as fp32 lanes (fp16 widens exactly: the arithmetic after is the same).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
 // out[r * ldo] = scale * (q_r . k) for the rows r < count of q (row stride ldq), four rows at
 // a time sharing each load of k; each row's sum runs over d in the same order whatever its
 // neighbours.
-void dots(const float* k, const float* q, int64_t ldq, int64_t count, int64_t D, float scale, float* out,
+template <typename T>
+void dots(const T* k, const float* q, int64_t ldq, int64_t count, int64_t D, float scale, float* out,
           int64_t ldo) {
   int64_t r = 0;
   for (; r + 4 <= count; r += 4) {
     const float *q0 = q + r * ldq, *q1 = q0 + ldq, *q2 = q1 + ldq, *q3 = q2 + ldq;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t d = 0; d < D; d += 8) {
-      const __m256 kd = _mm256_loadu_ps(k + d);
+      const __m256 kd = load8(k + d);
       a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + d), kd, a0);
       a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + d), kd, a1);
       a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + d), kd, a2);
@@ -49,7 +57,7 @@ void dots(const float* k, const float* q, int64_t ldq, int64_t count, int64_t D,
   for (; r < count; ++r) {
     const float* qr = q + r * ldq;
     __m256 a = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(k + d), a);
+    for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), load8(k + d), a);
     out[r * ldo] = hsum(a) * scale;
   }
 }
@@ -57,12 +65,13 @@ void dots(const float* k, const float* q, int64_t ldq, int64_t count, int64_t D,
 // out[j] = scale * (q . k_j) for eight keys j (k[j] their rows): eight accumulators, reduced
 // together by horizontal adds in the order hsum takes, so a key's score has the same bits
 // as dots gives it (one query of four or one alone), at a fraction of eight hsums' cost.
-void dots8(const float* const* k, const float* q, int64_t D, float scale, float* out) {
+template <typename T>
+void dots8(const T* const* k, const float* q, int64_t D, float scale, float* out) {
   __m256 a[8];
   for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
   for (int64_t d = 0; d < D; d += 8) {
     const __m256 qd = _mm256_loadu_ps(q + d);
-    for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k[j] + d), a[j]);
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qd, load8(k[j] + d), a[j]);
   }
   // lane i of hadd(hadd(a0, a1), hadd(a2, a3)) is key i's (l0 + l1) + (l2 + l3) in the low
   // half and its (l4 + l5) + (l6 + l7) in the high half (keys 4..7 likewise)
@@ -74,10 +83,11 @@ void dots8(const float* const* k, const float* q, int64_t D, float scale, float*
 }
 
 // acc[d] += p * v[d] for d < D (a multiple of 8).
-inline void axpy(float p, const float* v, float* acc, int64_t D) {
+template <typename T>
+inline void axpy(float p, const T* v, float* acc, int64_t D) {
   const __m256 pv = _mm256_set1_ps(p);
   for (int64_t d = 0; d < D; d += 8)
-    _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + d), _mm256_loadu_ps(acc + d)));
+    _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pv, load8(v + d), _mm256_loadu_ps(acc + d)));
 }
 
 // e^x for 8 lanes, x <= 0 (a score minus the maximum): 2^n * e^r with n = round(x log2 e),
@@ -124,44 +134,24 @@ float exponentials(float* p, int64_t count, float top) {
   return hsum(sum8);
 }
 
-}  // namespace
-
-// out, q [T, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, W]
-// int32; seq_lens [B] int32; cu_seqlens_q [B + 1] int32; tree_mask [T - first_tree_row] int64.
-// Writes the rows of sequences first_seq .. B - 1 (zeros for padding sequences, seq_len 0).
-void tree_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache,
-                    const torch::Tensor& v_cache, const torch::Tensor& block_tables,
-                    const torch::Tensor& seq_lens, const torch::Tensor& cu_seqlens_q,
-                    const torch::Tensor& tree_mask, int64_t first_seq, int64_t first_tree_row, double scale) {
-  for (const torch::Tensor* t : {static_cast<const torch::Tensor*>(&out), &q, &k_cache, &v_cache})
-    TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous() && t->device().is_cpu(),
-                "out, q and the caches must be contiguous fp32 CPU tensors");
-  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes() && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
-              "expected q, out [T, Hq, D] and caches [blocks, block_size, Hkv, D]");
-  TORCH_CHECK(block_tables.scalar_type() == torch::kInt && seq_lens.scalar_type() == torch::kInt &&
-              cu_seqlens_q.scalar_type() == torch::kInt && tree_mask.scalar_type() == torch::kLong &&
-              block_tables.is_contiguous() && seq_lens.is_contiguous() && cu_seqlens_q.is_contiguous() &&
-              tree_mask.is_contiguous(), "metadata must be contiguous int32 (tree_mask int64)");
-  const int64_t Hq = q.size(1), D = q.size(2), block_size = k_cache.size(1), Hkv = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == D && D % 8 == 0 && Hq % Hkv == 0, "head sizes do not match");
-  const int64_t B = seq_lens.size(0), W = block_tables.size(1), group = Hq / Hkv;
-  TORCH_CHECK(block_tables.size(0) == B && cu_seqlens_q.size(0) == B + 1 && first_seq >= 0 && first_seq <= B,
-              "metadata sizes do not match");
-  const int32_t* cu = cu_seqlens_q.data_ptr<int32_t>();
-  const int32_t* lens = seq_lens.data_ptr<int32_t>();
-  const int32_t* tables = block_tables.data_ptr<int32_t>();
-  const int64_t* masks = tree_mask.data_ptr<int64_t>();
-  const float* qd = q.data_ptr<float>();
-  const float* kd = k_cache.data_ptr<float>();
-  const float* vd = v_cache.data_ptr<float>();
-  float* od = out.data_ptr<float>();
-  const int64_t first_row = cu[first_seq];
-  TORCH_CHECK(first_row >= first_tree_row && cu[B] <= q.size(0) && cu[B] - first_tree_row <= tree_mask.size(0),
-              "cu_seqlens_q does not match q or tree_mask");
+// The rows of sequences first_seq .. B - 1, the cache's elements of type T (see tree_attention).
+template <typename T>
+void attend(float* od, const float* qd, const T* kd, const T* vd, const int32_t* cu, const int32_t* lens,
+            const int32_t* tables, const int64_t* masks, int64_t B, int64_t W, int64_t first_seq,
+            int64_t first_tree_row, int64_t Hq, int64_t Hkv, int64_t D, int64_t block_size, double scale) {
+  const int64_t group = Hq / Hkv;
+  // each key's row in the cache for KV head 0 (slot * Hkv), sequence after sequence: once for
+  // all heads, block by block (no division per key)
+  std::vector<int64_t> key_start(B + 1, 0);
+  for (int64_t b = first_seq; b < B; ++b) key_start[b + 1] = key_start[b] + lens[b];
+  std::vector<int64_t> key_rows(key_start[B]);
   for (int64_t b = first_seq; b < B; ++b) {
-    const int64_t n = cu[b + 1] - cu[b];
-    TORCH_CHECK(n >= 0 && n <= 64 && (lens[b] == 0 || (lens[b] >= n && (lens[b] + block_size - 1) / block_size <= W)),
-                "sequence ", b, ": ", n, " queries and ", lens[b], " keys do not fit its block table");
+    int64_t* rows = key_rows.data() + key_start[b];
+    for (int64_t t0 = 0, j = 0; t0 < lens[b]; t0 += block_size, ++j) {
+      const int64_t base = static_cast<int64_t>(tables[b * W + j]) * block_size * Hkv;
+      const int64_t count = std::min<int64_t>(block_size, lens[b] - t0);
+      for (int64_t o = 0; o < count; ++o) rows[t0 + o] = base + o * Hkv;
+    }
   }
   // one task per (sequence, query head): all of the sequence's queries for that head, so
   // every key and value is read once per task, not once per query
@@ -181,17 +171,16 @@ void tree_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Ten
         for (int64_t r = 0; r < n; ++r) std::fill(o0 + r * q_stride, o0 + r * q_stride + D, 0.0f);
         continue;
       }
-      const int32_t* table = tables + b * W;
+      const int64_t* rows = key_rows.data() + key_start[b];
       slots.resize(len);
-      for (int64_t t = 0; t < len; ++t)
-        slots[t] = (static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size) * Hkv + h;
+      for (int64_t t = 0; t < len; ++t) slots[t] = rows[t] + h;
       const uint64_t* row_masks = reinterpret_cast<const uint64_t*>(masks) + (row0 - first_tree_row);
       auto sees = [&](int64_t r, int64_t t) { return t < history || ((row_masks[r] >> (t - history)) & 1); };
       const float scale_f = static_cast<float>(scale);
       scores.resize(n * len);
       int64_t key = 0;
       for (; key + 8 <= history; key += 8) {  // the history: eight keys at a time for every query
-        const float* keys[8];
+        const T* keys[8];
         for (int j = 0; j < 8; ++j) keys[j] = kd + slots[key + j] * D;
         for (int64_t r = 0; r < n; ++r) dots8(keys, q0 + r * q_stride, D, scale_f, scores.data() + r * len + key);
       }
@@ -226,8 +215,8 @@ void tree_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Ten
           __m256 lo[4], hi[4];
           for (int64_t r = 0; r < 4; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
           for (int64_t t = 0; t < history; ++t) {
-            const float* v = vd + slots[t] * D + d0;
-            const __m256 v_lo = _mm256_loadu_ps(v), v_hi = pair ? _mm256_loadu_ps(v + 8) : v_lo;
+            const T* v = vd + slots[t] * D + d0;
+            const __m256 v_lo = load8(v), v_hi = pair ? load8(v + 8) : v_lo;
             for (int64_t r = 0; r < rs; ++r) {
               const __m256 p = _mm256_set1_ps(scores[(r0 + r) * len + t]);
               lo[r] = _mm256_fmadd_ps(p, v_lo, lo[r]);
@@ -241,7 +230,7 @@ void tree_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Ten
         }
       }
       for (int64_t t = history; t < len; ++t) {
-        const float* v = vd + slots[t] * D;
+        const T* v = vd + slots[t] * D;
         for (int64_t r = 0; r < n; ++r)
           if (sees(r, t)) axpy(scores[r * len + t], v, acc.data() + r * D, D);
       }
@@ -252,4 +241,51 @@ void tree_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Ten
       }
     }
   });
+}
+
+}  // namespace
+
+// out, q [T, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, W]
+// int32; seq_lens [B] int32; cu_seqlens_q [B + 1] int32; tree_mask [T - first_tree_row] int64.
+// Writes the rows of sequences first_seq .. B - 1 (zeros for padding sequences, seq_len 0).
+void tree_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache,
+                    const torch::Tensor& v_cache, const torch::Tensor& block_tables,
+                    const torch::Tensor& seq_lens, const torch::Tensor& cu_seqlens_q,
+                    const torch::Tensor& tree_mask, int64_t first_seq, int64_t first_tree_row, double scale) {
+  for (const torch::Tensor* t : {static_cast<const torch::Tensor*>(&out), &q, &k_cache, &v_cache})
+    TORCH_CHECK(t->is_contiguous() && t->device().is_cpu(), "out, q and the caches must be contiguous CPU tensors");
+  TORCH_CHECK(out.scalar_type() == torch::kFloat && q.scalar_type() == torch::kFloat &&
+              (k_cache.scalar_type() == torch::kFloat || k_cache.scalar_type() == torch::kHalf) &&
+              v_cache.scalar_type() == k_cache.scalar_type(), "q and out must be fp32, the caches fp32 or fp16");
+  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes() && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "expected q, out [T, Hq, D] and caches [blocks, block_size, Hkv, D]");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt && seq_lens.scalar_type() == torch::kInt &&
+              cu_seqlens_q.scalar_type() == torch::kInt && tree_mask.scalar_type() == torch::kLong &&
+              block_tables.is_contiguous() && seq_lens.is_contiguous() && cu_seqlens_q.is_contiguous() &&
+              tree_mask.is_contiguous(), "metadata must be contiguous int32 (tree_mask int64)");
+  const int64_t Hq = q.size(1), D = q.size(2), block_size = k_cache.size(1), Hkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && D % 8 == 0 && Hq % Hkv == 0, "head sizes do not match");
+  const int64_t B = seq_lens.size(0), W = block_tables.size(1);
+  TORCH_CHECK(block_tables.size(0) == B && cu_seqlens_q.size(0) == B + 1 && first_seq >= 0 && first_seq <= B,
+              "metadata sizes do not match");
+  const int32_t* cu = cu_seqlens_q.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int64_t* masks = tree_mask.data_ptr<int64_t>();
+  const float* qd = q.data_ptr<float>();
+  float* od = out.data_ptr<float>();
+  const int64_t first_row = cu[first_seq];
+  TORCH_CHECK(first_row >= first_tree_row && cu[B] <= q.size(0) && cu[B] - first_tree_row <= tree_mask.size(0),
+              "cu_seqlens_q does not match q or tree_mask");
+  for (int64_t b = first_seq; b < B; ++b) {
+    const int64_t n = cu[b + 1] - cu[b];
+    TORCH_CHECK(n >= 0 && n <= 64 && (lens[b] == 0 || (lens[b] >= n && (lens[b] + block_size - 1) / block_size <= W)),
+                "sequence ", b, ": ", n, " queries and ", lens[b], " keys do not fit its block table");
+  }
+  if (k_cache.scalar_type() == torch::kHalf)
+    attend(od, qd, k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>(), cu, lens, tables, masks, B, W,
+           first_seq, first_tree_row, Hq, Hkv, D, block_size, scale);
+  else
+    attend(od, qd, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), cu, lens, tables, masks, B, W,
+           first_seq, first_tree_row, Hq, Hkv, D, block_size, scale);
 }

@@ -47,6 +47,9 @@ def test_bad_values_are_refused(monkeypatch):
         parse([], monkeypatch, GORGON_PORT="eighty")
     with pytest.raises(ValueError, match="max_num_seqs"):
         engine_config(parse(["--max-num-seqs", "0"], monkeypatch))
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        engine_config(parse(["--kv-cache-dtype", "float16", "--dtype", "bfloat16"], monkeypatch))
+    assert engine_config(parse(["--kv-cache-dtype", "float16"], monkeypatch)).kv_cache_dtype == "float16"
     with pytest.raises(ValueError, match="int8_linear .* float32"):
         engine_config(parse(["--int8-linear", "--dtype", "bfloat16"], monkeypatch))
 

@@ -35,6 +35,35 @@ def test_matches_torch_attention_on_random_batches(heads, head_dim, seed):
     assert_close(attention(0, batch.q, batch.k, batch.v), expected, torch.float32)
 
 
+def fp16_copy(cache: KVCache) -> KVCache:
+    """The cache's contents, stored in fp16 beside an fp32 model (--kv-cache-dtype float16)."""
+    layers, blocks, block, kv_heads, head_dim = cache.k.shape
+    half = KVCache(layers, blocks, block, kv_heads, head_dim, torch.float32, storage_dtype=torch.float16)
+    half.k.copy_(cache.k)
+    half.v.copy_(cache.v)
+    return half
+
+
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("seed", range(2))
+def test_fp16_cache_matches_torch_attention_over_it(heads, seed):
+    """An fp16 cache is read back exactly and computed on in fp32: the kernel, SDPA over the
+    same cache and the fp32 cache's result (within fp16's rounding of keys and values) agree."""
+    rng = random.Random(seed)
+    query_lens, seq_lens = [7, 1, 12, 3, 40], [20, 90, 12 + 250, 0, 40 + 17]
+    batch = Batch(query_lens, seq_lens, 1, *heads, 64, torch.float32, rng)
+    half = fp16_copy(batch.cache)
+    expected = TorchAttention(batch.metadata, fp16_copy(batch.cache))(0, batch.q, batch.k, batch.v)
+    attention = CpuAttention(batch.metadata, half)
+    assert attention.has_trees
+    out = attention(0, batch.q, batch.k, batch.v)
+    assert_close(out, expected, torch.float32)
+    assert half.k.dtype == torch.float16 and torch.equal(half.k[0].view(-1, *half.k.shape[3:])[
+        batch.metadata.slot_mapping[batch.metadata.slot_mapping >= 0]], batch.k[~batch.padding_rows].half())
+    torch.testing.assert_close(out, TorchAttention(batch.metadata, batch.cache)(0, batch.q, batch.k, batch.v),
+                               atol=1e-2, rtol=1e-2)
+
+
 @pytest.mark.parametrize("heads", HEADS)
 def test_kernel_writes_every_tree_row_and_nothing_else(heads):
     rng = random.Random(7)
@@ -49,10 +78,11 @@ def test_kernel_writes_every_tree_row_and_nothing_else(heads):
     assert (out[6:15] == 0).all()                      # the padding sequence's rows are zero
 
 
-def test_a_tree_token_gets_the_bits_it_gets_decoded_alone():
+@pytest.mark.parametrize("storage", [torch.float32, torch.float16])
+def test_a_tree_token_gets_the_bits_it_gets_decoded_alone(storage):
     """What makes speculative greedy decoding equal plain greedy decoding bit for bit: node i
     of a tree sees the history and its ancestors, in order, as the same token decoded alone
-    after its ancestors does."""
+    after its ancestors does (over an fp32 or an fp16 cache)."""
     rng = random.Random(3)
     torch.manual_seed(3)
     hq, hkv, d, block, history, n = 6, 2, 64, 8, 37, 24
@@ -61,11 +91,11 @@ def test_a_tree_token_gets_the_bits_it_gets_decoded_alone():
     hist_k, hist_v = torch.randn(history, hkv, d), torch.randn(history, hkv, d)
 
     def run(new_q, new_k, new_v, cached_k, cached_v, tree_masks):
-        cache = KVCache(1, 16, block, hkv, d, torch.float32)
+        cache = KVCache(1, 16, block, hkv, d, torch.float32, storage_dtype=storage)
         table = list(range(15, 15 - 1 - (len(cached_k) + len(new_q)) // block, -1))   # scattered blocks
         slots = [table[i // block] * block + i % block for i in range(len(cached_k))]
-        cache.k[0].view(-1, hkv, d)[slots] = cached_k
-        cache.v[0].view(-1, hkv, d)[slots] = cached_v
+        cache.k[0].view(-1, hkv, d)[slots] = cached_k.to(storage)
+        cache.v[0].view(-1, hkv, d)[slots] = cached_v.to(storage)
         md = build_metadata([len(new_q)], [len(cached_k) + len(new_q)], [table], block, 0, [tree_masks])
         return CpuAttention(md, cache)(0, new_q, new_k, new_v)
 

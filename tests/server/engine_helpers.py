@@ -47,7 +47,8 @@ def run_to_completion(engine, requests, max_steps=10_000):
 
 def reference(engine, ids, params, same_attention=False):
     """Plain greedy decoding (server/generate.py) with the engine's model: through PyTorch's
-    attention, or with same_attention through the engine's own backend (where the bits must
-    match: on 8-bit integer products a last-bit difference can flip an activation's rounding)."""
-    attention = {"attention": engine.runner.attention_cls} if same_attention else {}
-    return generate(engine.model, ids, params, engine.tokenizer.eos_token_ids, **attention)
+    attention, or with same_attention through the engine's own backend and KV-cache dtype
+    (where the bits must match: on 8-bit integer products a last-bit difference can flip an
+    activation's rounding; an fp16 cache rounds keys and values)."""
+    same = {"attention": engine.runner.attention_cls, "kv_cache_dtype": engine.kv_cache.k.dtype} if same_attention else {}
+    return generate(engine.model, ids, params, engine.tokenizer.eos_token_ids, **same)

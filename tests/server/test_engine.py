@@ -222,3 +222,17 @@ def test_int8_linear_speculation_equals_its_own_plain_greedy(int8_engine, int8_r
 @pytest.mark.slow
 def test_int8_linear_exact_on_22_prompts_batch_1_and_8(int8_engine, int8_references):
     check_exact_alone_and_in_batches(int8_engine, int8_references)
+
+
+def test_fp16_kv_cache_holds_twice_the_tokens_and_speculation_stays_exact(engine):
+    """--kv-cache-dtype float16 beside the fp32 model: twice the blocks for the same memory;
+    its rounding of keys and values may part its text from the fp32 cache's, but speculation
+    over it equals plain greedy decoding over it, alone and in a batch of different lengths."""
+    fp16 = LLMEngine(EngineConfig(max_num_batched_tokens=256, kv_cache_memory_gb=0.25, kv_cache_dtype="float16"))
+    assert fp16.kv_cache.k.dtype == torch.float16 and fp16.kv_cache.dtype == torch.float32
+    assert fp16.kv_cache.num_blocks == 2 * engine.kv_cache.num_blocks
+
+    def references(prompt, params):
+        return reference(fp16, chat_ids(fp16.tokenizer, prompt), params, same_attention=True)
+    check_exact(fp16, references, PROMPTS[15:16])
+    check_exact(fp16, references, PROMPTS[3:11])
