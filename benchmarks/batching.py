@@ -1,7 +1,8 @@
 """Throughput and inter-token latency under concurrency: plain vs fixed tree vs adaptive.
 
     python -m benchmarks.batching [--concurrency 1,4,16,32] [--max-tokens 64] [--fixed-tree 16]
-                                  [--rounds 1] [--without-datastore]
+                                  [--rounds 1] [--without-datastore] [--int8-linear]
+                                  [--kv-cache-dtype auto[,float16]]
 
 For each concurrency c, c requests (evaluation prompts, greedy, lengths spread around
 --max-tokens) are in flight at once in one engine, each finished one replaced by the next
@@ -11,7 +12,8 @@ flight: once the queue runs dry the batch drains, and a draining batch (where re
 speculation finished early are no longer replaced) says nothing about concurrency c. The
 same engine runs (a) plain decoding (tree of 1), (b) a fixed tree and (c) the load-adaptive
 policy, side by side in one run (with --without-datastore also (d) the adaptive policy
-without datastore chains, server/datastore.py). With --rounds R each mode runs R times at
+without datastore chains, server/datastore.py); with several --kv-cache-dtype values, one engine
+each, every mode on every engine. With --rounds R each mode runs R times at
 each concurrency, the modes interleaved and their order rotated every round (so that a slow
 spell of a shared machine hits every mode alike), each round on the next prompts. Prints
 generated tokens/s over all rounds and p50/p99 inter-token latency (a step that yields k
@@ -94,39 +96,45 @@ def main(argv=None) -> None:
     parser.add_argument("--without-datastore", action="store_true",
                         help="also run the adaptive policy without the datastore's chains")
     parser.add_argument("--int8-linear", action="store_true", help="the engine's --int8-linear")
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        help="comma-separated KV-cache dtypes to compare (auto: the model's; float16), one engine each")
     args = parser.parse_args(argv)
-    engine = LLMEngine(EngineConfig(heads=args.heads, max_num_seqs=64, max_num_batched_tokens=1024,
-                                    kv_cache_memory_gb=2.0, int8_linear=args.int8_linear))
-    prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in MIXED]
-    datastore = engine.datastore
-    modes = [("plain", 1, datastore), (f"tree {args.fixed_tree}", args.fixed_tree, datastore),
-             ("adaptive", None, datastore)]
-    if args.without_datastore:
-        modes.append(("adaptive, no datastore", None, None))
+    engines = {kv: LLMEngine(EngineConfig(heads=args.heads, max_num_seqs=64, max_num_batched_tokens=1024,
+                                          kv_cache_memory_gb=2.0, int8_linear=args.int8_linear, kv_cache_dtype=kv))
+               for kv in args.kv_cache_dtype.split(",")}
+    first = next(iter(engines.values()))
+    prompts = [first.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in MIXED]
+    modes = []   # (engine, mode, tree size, datastore)
+    for kv, engine in engines.items():
+        modes += [(kv, "plain", 1, engine.datastore), (kv, f"tree {args.fixed_tree}", args.fixed_tree, engine.datastore),
+                  (kv, "adaptive", None, engine.datastore)]
+        if args.without_datastore:
+            modes.append((kv, "adaptive, no datastore", None, None))
     linear = ", int8 linear layers" if args.int8_linear else ""
     print(f"# {date.today()} {platform.node()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"float32{linear}, greedy, {args.max_tokens} +- {args.spread:.0%} new tokens per request, "
           f"{args.rounds} round(s), "
           f"max({args.requests_per_slot} x c, {args.min_requests}) requests per run, timed while c are in flight")
-    print("| concurrency | mode | tokens/s | p50 ITL ms | p99 ITL ms | vs best fixed |")
-    print("|---|---|---|---|---|---|")
+    print("| concurrency | KV cache | mode | tokens/s | p50 ITL ms | p99 ITL ms | vs best fixed |")
+    print("|---|---|---|---|---|---|---|")
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
-        totals = {label: [0, 0.0, []] for label, _, _ in modes}
+        totals = {(kv, label): [0, 0.0, []] for kv, label, _, _ in modes}
         for r in range(args.rounds):
-            for label, size, store in modes[r % len(modes):] + modes[:r % len(modes)]:
+            for kv, label, size, store in modes[r % len(modes):] + modes[:r % len(modes)]:
+                engine = engines[kv]
                 engine.datastore = store
                 engine.set_tree_budget(size)
                 requests = max(args.requests_per_slot * concurrency, args.min_requests)
                 tokens, seconds, gaps = run(engine, prompts, concurrency, args.max_tokens, r * requests, requests,
                                             args.spread)
-                totals[label][0] += tokens
-                totals[label][1] += seconds
-                totals[label][2] += gaps
-        rows = [(label, n / t, percentile(g, 0.5) * 1e3, percentile(g, 0.99) * 1e3)
-                for label, (n, t, g) in totals.items()]
-        best_fixed = max(r[1] for r in rows[:2])
-        for label, rate, p50, p99 in rows:
-            print(f"| {concurrency} | {label} | {rate:.1f} | {p50:.0f} | {p99:.0f} | {rate / best_fixed:.2f}x |",
+                totals[kv, label][0] += tokens
+                totals[kv, label][1] += seconds
+                totals[kv, label][2] += gaps
+        rows = [(kv, label, n / t, percentile(g, 0.5) * 1e3, percentile(g, 0.99) * 1e3)
+                for (kv, label), (n, t, g) in totals.items()]
+        for kv, label, rate, p50, p99 in rows:
+            best_fixed = max(r[2] for r in rows if r[0] == kv and (r[1] == "plain" or r[1].startswith("tree")))
+            print(f"| {concurrency} | {kv} | {label} | {rate:.1f} | {p50:.0f} | {p99:.0f} | {rate / best_fixed:.2f}x |",
                   flush=True)
 
 
