@@ -61,13 +61,16 @@ class StepGraphs:
         self.seq_rows = torch.zeros(2, self.max_seqs + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.full((self.max_seqs, max_blocks_per_seq), PAD_SLOT, dtype=torch.int32,
                                        device=device)
-        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.device = device
+        # bucket -> (graph, its output), or None where a capture failed (that bucket runs eagerly)
+        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor] | None] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
 
     def fits(self, query_lens: list[int], tables: list[list[int]]) -> bool:
         return (len(query_lens) <= self.max_seqs and sum(query_lens) <= self.max_tokens
                 and max(map(len, tables), default=0) <= self.max_blocks_per_seq)
 
+    @torch.inference_mode()
     def run(self, input_ids: list[int], positions: list[int], query_lens: list[int], seq_lens: list[int],
             tables: list[list[int]], tree_masks: list[list[int]] | None) -> torch.Tensor:
         """One tree-only step (every sequence a tree or a one-token decode): hidden [T, hidden]
@@ -76,19 +79,24 @@ class StepGraphs:
         self._fill(key, input_ids, positions, query_lens, seq_lens, tables, tree_masks)
         if not self.capture:
             return self._forward(key)[:len(input_ids)]
-        graph, out = self.graphs.get(key) or self._capture(key)
+        entry = self.graphs[key] if key in self.graphs else self._capture(key)
+        if entry is None:   # its capture failed: this bucket runs eagerly
+            return self._forward(key)[:len(input_ids)]
+        graph, out = entry
         graph.replay()
         return out[:len(input_ids)]
 
     @torch.inference_mode()
     def warm_up(self, keys: list[tuple[int, int, int]]) -> None:
-        """Capture these buckets now, over an all-padding step (no key written)."""
+        """Capture these buckets now, over an all-padding step (no key written); the biggest
+        first, so that the smaller ones reuse the shared pool's scratch memory."""
         started = time.perf_counter()
-        for key in keys:
+        for key in sorted(keys, key=lambda k: (k[2], k[0]), reverse=True):
             if key not in self.graphs and key[0] <= self.max_seqs and key[2] <= self.max_tokens:
                 self._fill(key, [], [], [], [], [], None)
                 self._capture(key)
-        logger.info("captured %d CUDA graphs in %.1f s", len(self.graphs), time.perf_counter() - started)
+        logger.info("captured %d CUDA graphs in %.1f s", sum(g is not None for g in self.graphs.values()),
+                    time.perf_counter() - started)
 
     def _fill(self, key, input_ids, positions, query_lens, seq_lens, tables, tree_masks) -> None:
         num_seqs, _, num_tokens = key
@@ -119,18 +127,26 @@ class StepGraphs:
         attention = self.attention_cls(metadata, self.kv_cache, graph_bucket=(num_seqs, max_query_len))
         return self.model.model(ids, positions, attention)
 
-    def _capture(self, key) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, key) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+        """Capture a bucket's graph (None, and that bucket eager from then on, if it fails)."""
         started = time.perf_counter()
-        # one eager run first, on a side stream: Triton compiles and loads its kernels, which a capture cannot
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._forward(key)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the server's other threads (HTTP, tokenizer) may touch CUDA's runtime meanwhile
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            out = self._forward(key)
+        try:
+            with torch.cuda.device(self.device):
+                # one eager run first, on a side stream: Triton compiles and loads its kernels,
+                # which a capture cannot
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    self._forward(key)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: the server's other threads may touch CUDA's runtime meanwhile
+                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                    out = self._forward(key)
+        except RuntimeError as e:
+            logger.warning("CUDA graph capture failed for bucket %s (%s); that bucket runs eagerly", key, e)
+            self.graphs[key] = None
+            return None
         self.graphs[key] = (graph, out)
         logger.debug("captured the step graph for %s in %.0f ms", key, (time.perf_counter() - started) * 1e3)
         return graph, out
