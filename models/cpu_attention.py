@@ -35,6 +35,14 @@ class CpuAttention(TorchAttention):
         # prompt chunks of no keys (padding) leave rows no group writes: those start at zero
         self.zero_first = any(n == 0 for n in metadata.seq_lens_host[:metadata.num_prefills])
 
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The step's keys and values into their cache slots: one kernel call (rounding to an
+        fp16 cache on the way) where the kernels run, else TorchAttention's indexing."""
+        heads_contiguous = all(t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (k, v))
+        if self.kernels is None or not heads_contiguous:
+            return super().write(layer, k, v)
+        self.kernels.write_kv(k, v, self.kv_cache.k[layer], self.kv_cache.v[layer], self.metadata.slot_mapping)
+
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k and v [T, Hkv, D] -> output [T, Hq, D]; writes k and v to the cache."""
         if not self.has_trees:

@@ -25,11 +25,24 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one call (our kernel on the CPU, else a fused op); the arithmetic below
-            kernels = cpu_kernels() if x.device.type == "cpu" and x.shape[-1] % 8 == 0 else None
-            if kernels is not None:
-                return kernels.rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.eps).view(x.shape)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with `residual`, (norm(residual + x), residual + x), the sum in place in
+        `residual` where our CPU kernel runs (one call adds and normalizes)."""
+        kernels = None
+        if x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[-1] % 8 == 0 and x.is_contiguous():
+            kernels = cpu_kernels()
+        if kernels is not None and (residual is None or residual.is_contiguous()):
+            if residual is None:
+                return kernels.rms_norm(x.view(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
+            return kernels.rms_norm(residual.view(-1, x.shape[-1]), self.weight, self.eps,
+                                    x.view(-1, x.shape[-1])).view(x.shape), residual
+        if residual is not None:
+            residual = residual + x
+            return self._norm(residual), residual
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op; the arithmetic below
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
@@ -123,7 +136,11 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        kernels = cpu_kernels() if gate_up.dtype == torch.float32 and gate_up.device.type == "cpu" else None
+        if kernels is not None and gate_up.dim() == 2 and gate_up.shape[-1] % 16 == 0 and gate_up.is_contiguous():
+            return self.down_proj(kernels.silu_mul(gate_up))   # one pass instead of three operators
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -135,9 +152,15 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn: Attention) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the previous layer's output, the residual stream before it) -> this layer's (the
+        first layer gets (embeddings, None)); the residual additions fused with the norms."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, attn), residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -151,9 +174,10 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids, positions, attn: Attention) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions)
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin, attn)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, attn)
+        return self.norm(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

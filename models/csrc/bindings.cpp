@@ -12,7 +12,11 @@ torch::Tensor q4_int8_linear(const torch::Tensor& x, const torch::Tensor& codes,
                              const std::optional<torch::Tensor>& bias, int64_t N);
 torch::Tensor q8_int8_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
                              const torch::Tensor& sums, const std::optional<torch::Tensor>& bias, int64_t N);
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+torch::Tensor rms_norm(torch::Tensor& x, const torch::Tensor& weight, double eps,
+                       const std::optional<torch::Tensor>& add);
+torch::Tensor silu_mul(const torch::Tensor& gate_up);
+void write_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_cache, torch::Tensor& v_cache,
+              const torch::Tensor& slots);
 void rotary_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads);
 void tree_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache,
                     const torch::Tensor& v_cache, const torch::Tensor& block_tables,
@@ -26,7 +30,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear_supported", &int8_linear_supported, "whether this CPU runs the 8-bit integer kernels");
   m.def("q4_int8_linear", &q4_int8_linear, "x rounded to 8 bits times 4-bit weights, integer dot products");
   m.def("q8_int8_linear", &q8_int8_linear, "x rounded to 8 bits times 8-bit weights, integer dot products");
-  m.def("rms_norm", &rms_norm, "RMSNorm of each row of x [T, H]");
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row of x [T, H] (after x += add, in place, if given)",
+        py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("add") = py::none());
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of gate_up [T, 2I]");
+  m.def("write_kv", &write_kv, "new keys and values into their cache slots (fp32 or fp16 caches)");
   m.def("rotary_", &rotary_, "rotate-half rotary embedding of x's first heads, in place");
   m.def("tree_attention", &tree_attention, "paged decode/tree attention, written into out's tree rows");
 }

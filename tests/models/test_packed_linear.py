@@ -223,3 +223,32 @@ def test_layer_kernels_match_pytorch(rows):
     expected, untouched = apply_rotary(qkv[:, :12], cos, sin), qkv[:, 12:].clone()
     assert torch.equal(rotate_heads(qkv, 12, cos, sin), expected)
     assert torch.equal(qkv[:, 12:], untouched)
+    # the residual addition fused into the norm: the sum in place, then the same bits as apart
+    residual, delta = torch.randn(rows, 576), torch.randn(rows, 576)
+    expected_sum = residual + delta
+    fused = kernels.rms_norm(residual, weight, 1e-5, delta)
+    assert torch.equal(residual, expected_sum) and torch.equal(fused, kernels.rms_norm(expected_sum, weight, 1e-5))
+    # SwiGLU's silu(gate) * up, within a few ulps of PyTorch's, over the whole range of gates
+    gate_up = torch.randn(rows, 2 * 1536) * 6
+    gate_up[0, :4] = torch.tensor([-200.0, -0.0, 0.0, 200.0])
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, atol=1e-6, rtol=1e-6)
+    assert torch.equal(torch.cat([kernels.silu_mul(gate_up[i:i + 1]) for i in range(rows)]), kernels.silu_mul(gate_up))
+
+
+@needs_panels
+@pytest.mark.parametrize("storage", [torch.float32, torch.float16])
+def test_write_kv_kernel_matches_indexing(storage):
+    """New keys and values (views of the stacked projection, as the model passes them) land in
+    their slots with the bits indexing gives (fp16: rounded to nearest); slot -1 writes nothing."""
+    torch.manual_seed(0)
+    qkv = torch.randn(7, 9 + 2 * 3, 64)
+    k, v = qkv[:, 9:12], qkv[:, 12:]
+    slots = torch.tensor([5, -1, 0, 31, 17, -1, 8])
+    caches = [torch.randn(4, 8, 3, 64).to(storage) for _ in range(4)]
+    expected_k, expected_v, ours_k, ours_v = caches[0], caches[1], caches[0].clone(), caches[1].clone()
+    cpu_kernels().write_kv(k, v, ours_k, ours_v, slots)
+    keep = slots >= 0
+    expected_k.view(-1, 3, 64)[slots[keep]] = k[keep].to(storage)
+    expected_v.view(-1, 3, 64)[slots[keep]] = v[keep].to(storage)
+    assert torch.equal(ours_k, expected_k) and torch.equal(ours_v, expected_v)
