@@ -257,7 +257,8 @@ class PackedLinear(nn.Module):
         self.weight = linear.weight if keep_weight else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
+        flat = x.dim() == 2   # the model's calls: [T, in] rows, no reshaping (a few us a call at batch 1)
+        rows = x if flat else x.reshape(-1, self.in_features)
         if not rows.is_contiguous():
             rows = rows.contiguous()
         if self.int8 is not None:
@@ -270,7 +271,7 @@ class PackedLinear(nn.Module):
             out = self.kernels.panel_linear(rows, self.packed, self.bias, self.out_features)
         else:
             out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
-        return out.view(*x.shape[:-1], self.out_features)
+        return out if flat else out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.layout}"
