@@ -3,6 +3,11 @@
 RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU MLP. Attention goes
 through a per-step callable (`attn(layer, q, k, v) -> out`, see models/attention.py) that
 owns the KV cache and the mask, so trees and paged caches plug in without touching this file.
+
+Inside the decoder layers, submodules are called through `.forward`: nn.Module's `__call__`
+(its hook machinery) costs a few us a call, 12 calls a layer: 2.5-3.5% of a batch-1 forward
+of 1-4 tokens on a 2-core CPU (docs/benchmarks.md, twelfth session). Gorgon registers no
+hooks on them.
 """
 from __future__ import annotations
 
@@ -120,11 +125,11 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, cos, sin, attn: Attention) -> torch.Tensor:
         tokens = x.shape[0]
-        qkv = self.qkv_proj(x).view(tokens, -1, self.head_dim)
+        qkv = self.qkv_proj.forward(x).view(tokens, -1, self.head_dim)
         rotated = self.num_heads + self.num_kv_heads
         q, k = rotate_heads(qkv, rotated, cos, sin).split((self.num_heads, self.num_kv_heads), dim=1)
         out = attn(self.layer, q, k, qkv[:, rotated:])        # [T, num_heads, head_dim]
-        return self.o_proj(out.reshape(tokens, -1))
+        return self.o_proj.forward(out.reshape(tokens, -1))
 
 
 class LlamaMLP(nn.Module):
@@ -136,12 +141,12 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+        gate_up = self.gate_up_proj.forward(x)
         kernels = cpu_kernels() if gate_up.dtype == torch.float32 and gate_up.device.type == "cpu" else None
         if kernels is not None and gate_up.dim() == 2 and gate_up.shape[-1] % 16 == 0 and gate_up.is_contiguous():
-            return self.down_proj(kernels.silu_mul(gate_up))   # one pass instead of three operators
+            return self.down_proj.forward(kernels.silu_mul(gate_up))   # one pass instead of three operators
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj.forward(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -156,11 +161,11 @@ class LlamaDecoderLayer(nn.Module):
         """(the previous layer's output, the residual stream before it) -> this layer's (the
         first layer gets (embeddings, None)); the residual additions fused with the norms."""
         if residual is None:
-            residual, h = x, self.input_layernorm(x)
+            residual, h = x, self.input_layernorm.forward(x)
         else:
-            h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, attn), residual)
-        return self.mlp(h), residual
+            h, residual = self.input_layernorm.forward(x, residual)
+        h, residual = self.post_attention_layernorm.forward(self.self_attn.forward(h, cos, sin, attn), residual)
+        return self.mlp.forward(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -176,7 +181,7 @@ class LlamaModel(nn.Module):
         cos, sin = self.rotary_emb(positions)
         residual = None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, attn)
+            x, residual = layer.forward(x, residual, cos, sin, attn)
         return self.norm(x, residual)[0]
 
 
