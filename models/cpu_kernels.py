@@ -26,6 +26,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -35,6 +36,20 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / name for name in ("panel_linear.cpp", "int8_linear.cpp", "layer_ops.cpp", "tree_attention.cpp",
                                      "bindings.cpp")]
 _HEADERS = [_CSRC / "panels.h", _CSRC / "simd.h"]
+_NAME = "gorgon_cpu_kernels"
+# A build takes a minute or two; a lock this old was left by a build that was killed (a server
+# stopped during its first start), and torch's builder would wait on it forever.
+STALE_LOCK_SECONDS = 600
+
+
+def _drop_stale_lock(lock: Path) -> None:
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        logger.warning("removing %s, left %.0f minutes ago by a build that did not finish", lock, age / 60)
+        lock.unlink(missing_ok=True)
 
 
 @functools.cache
@@ -54,15 +69,16 @@ def cpu_kernels():
     if shutil.which("ninja") is None and os.path.exists(os.path.join(bin_dir, "ninja")):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
         logger.info("loading Gorgon's CPU kernels (compiled on first use, about a minute)")
+        _drop_stale_lock(Path(_get_build_directory(_NAME, verbose=False)) / "lock")
         # -fopenmp compiles ATen's parallel_for into OpenMP regions without linking an
         # OpenMP runtime of our own: they run on the one torch has loaded (its thread pool);
         # -ffp-contract=off: a product then a sum stays two roundings where the code says so
         # (the 4-bit panels' dequantization must match GGUF's to the bit)
         # torch rebuilds when a source or a flag changes, not a header: the headers' hash is a flag
         headers = hashlib.sha256(b"".join(h.read_bytes() for h in _HEADERS)).hexdigest()[:16]
-        return load("gorgon_cpu_kernels", [str(s) for s in _SOURCES],
+        return load(_NAME, [str(s) for s in _SOURCES],
                     extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off",
                                   f"-DGORGON_HEADERS={headers}"])
     except Exception as e:  # no compiler, no ninja, a read-only cache...
