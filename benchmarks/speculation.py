@@ -3,6 +3,7 @@
     python -m benchmarks.speculation [--max-tokens 128] [--sizes 1,4,8,16,32,64] [--heads DIR ...]
                                      [--lookup-tokens 8[,0]] [--datastore default[,none]]
                                      [--linear exact[,int8]] [--cuda-graphs off[,on]]
+                                     [--cpu-decoder on[,off]]
 
 Runs every evaluation prompt (chat and code, never training prompts) alone through one
 engine, at temperature 0 and 0.7, for each fixed tree size (1 = plain decoding, the same
@@ -16,6 +17,7 @@ its own plain rate.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from datetime import date
@@ -43,6 +45,20 @@ def run_one(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams) ->
     return tokens, time.perf_counter() - started, seq.spec.steps, seq.spec.accepted
 
 
+def make_engine(config: EngineConfig, cpu_decoder: bool) -> LLMEngine:
+    """An engine; with cpu_decoder False its layers run in Python (GORGON_CPU_DECODER=off
+    while it loads and measures its step costs)."""
+    saved = os.environ.get("GORGON_CPU_DECODER")
+    os.environ["GORGON_CPU_DECODER"] = "auto" if cpu_decoder else "off"
+    try:
+        return LLMEngine(config)
+    finally:
+        if saved is None:
+            del os.environ["GORGON_CPU_DECODER"]
+        else:
+            os.environ["GORGON_CPU_DECODER"] = saved
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -60,14 +76,18 @@ def main(argv=None) -> None:
                              "(--int8-linear)")
     parser.add_argument("--cuda-graphs", default="off",
                         help="comma-separated CUDA launch modes to compare: on (graphs) and/or off (eager)")
+    parser.add_argument("--cpu-decoder", default="on",
+                        help="comma-separated CPU layer paths to compare: on (the C++ decoder, "
+                             "models/cpu_decoder.py) and/or off (the Python layers)")
     args = parser.parse_args(argv)
-    engines = {f"{heads or 'shipped'}, lookup {lookup}, datastore {store}, {linear}, graphs {graphs}": LLMEngine(
-        EngineConfig(heads=heads, dtype=args.dtype, max_num_seqs=1, kv_cache_memory_gb=0.25, lookup_tokens=lookup,
-                     datastore=None if store == "default" else store, int8_linear=linear == "int8",
-                     cuda_graphs=graphs == "on"))
-        for heads in args.heads for lookup in [int(n) for n in args.lookup_tokens.split(",")]
-        for store in args.datastore.split(",") for linear in args.linear.split(",")
-        for graphs in args.cuda_graphs.split(",")}
+    engines = {f"{heads or 'shipped'}, lookup {lookup}, datastore {store}, {linear}, graphs {graphs}, "
+               f"decoder {decoder}": make_engine(
+                   EngineConfig(heads=heads, dtype=args.dtype, max_num_seqs=1, kv_cache_memory_gb=0.25,
+                                lookup_tokens=lookup, datastore=None if store == "default" else store,
+                                int8_linear=linear == "int8", cuda_graphs=graphs == "on"), decoder == "on")
+               for heads in args.heads for lookup in [int(n) for n in args.lookup_tokens.split(",")]
+               for store in args.datastore.split(",") for linear in args.linear.split(",")
+               for graphs in args.cuda_graphs.split(",") for decoder in args.cpu_decoder.split(",")}
     tokenizer = next(iter(engines.values())).tokenizer
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in MIXED[: args.prompts]]
     sizes: list[int | None] = [int(s) for s in args.sizes.split(",")] + [None]

@@ -43,6 +43,15 @@ class CpuAttention(TorchAttention):
             return super().write(layer, k, v)
         self.kernels.write_kv(k, v, self.kv_cache.k[layer], self.kv_cache.v[layer], self.metadata.slot_mapping)
 
+    def decoder_arguments(self) -> tuple | None:
+        """The caches and metadata the C++ decoder (models/cpu_decoder.py) takes, when every
+        query of the step goes through the kernel (no prompt chunk for SDPA); else None."""
+        md = self.metadata
+        if not self.has_trees or self.groups or md.num_prefills or self.zero_first:
+            return None
+        return (self.kv_cache.k, self.kv_cache.v, md.slot_mapping, md.block_tables, md.seq_lens, md.cu_seqlens_q,
+                md.tree_mask)
+
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k and v [T, Hkv, D] -> output [T, Hq, D]; writes k and v to the cache."""
         if not self.has_trees:

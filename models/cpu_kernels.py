@@ -7,7 +7,9 @@
 - `tree_attention`: paged attention of decode and tree-verification queries, read in place
   from the KV cache (models/cpu_attention.py);
 - `rms_norm`, `rotary_`: a layer's RMSNorm and rotary embedding in one call each
-  (models/llama.py).
+  (models/llama.py);
+- `CpuDecoder`: all decoder layers of a decode or tree step in one call, chaining the
+  kernels above from C++ (models/cpu_decoder.py).
 
 All compute each row (each query) on its own, in an order that does not depend on the
 other rows of the step, so a token verified in a speculative tree gets the bits it gets when
@@ -34,8 +36,8 @@ import torch
 logger = logging.getLogger("gorgon.cpu_kernels")
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / name for name in ("panel_linear.cpp", "int8_linear.cpp", "layer_ops.cpp", "tree_attention.cpp",
-                                     "bindings.cpp")]
-_HEADERS = [_CSRC / "panels.h", _CSRC / "simd.h"]
+                                     "cpu_decoder.cpp", "bindings.cpp")]
+_HEADERS = [_CSRC / "panels.h", _CSRC / "simd.h", _CSRC / "kernels.h"]
 _NAME = "gorgon_cpu_kernels"
 # A build takes a minute or two; a lock this old was left by a build that was killed (a server
 # stopped during its first start), and torch's builder would wait on it forever.

@@ -175,10 +175,21 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
+        self.cpu_decoder = None   # the layers in one C++ call (models/cpu_decoder.py); refresh_cpu_decoder()
+
+    def refresh_cpu_decoder(self) -> None:
+        """Build the C++ decoder over the layers' current (packed) weights; None where it cannot run."""
+        from models.cpu_decoder import build_cpu_decoder
+        self.cpu_decoder = build_cpu_decoder(self)
 
     def forward(self, input_ids, positions, attn: Attention) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions)
+        step = self.cpu_decoder is not None and getattr(attn, "decoder_arguments", None)
+        step = step() if step else None
+        if step is not None:   # decode and tree steps on the CPU kernels: the same calls, from C++
+            x, residual = self.cpu_decoder.forward(x, cos, sin, *step)
+            return self.norm(x, residual)[0]
         residual = None
         for layer in self.layers:
             x, residual = layer.forward(x, residual, cos, sin, attn)

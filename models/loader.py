@@ -101,6 +101,7 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32",
     model = model.to(device).eval().requires_grad_(False)
     if pack and can_pack(device, dtype):
         pack_linears(model, keep_weights=("lm_head",), panels=panels, quantized=quantized, int8=int8)
+        model.model.refresh_cpu_decoder()   # decode and tree steps' layers in one C++ call where they can
     elif int8:
         raise ValueError("8-bit integer linear layers run on the CPU in fp32 only (--dtype float32)")
     return model

@@ -235,6 +235,7 @@ class PackedLinear(nn.Module):
         if int8 and not (self.kernels is not None and self.kernels.int8_linear_supported()):
             raise ValueError("8-bit integer linear layers need Gorgon's CPU kernels on a CPU with AVX-512 VNNI")
         self.layout = "panels" if self.kernels is not None else "oneDNN"
+        self.kernel_name = "panel_linear" if self.kernels is not None else None
         self.quantized = self.int8 = None   # (kernel, its weight tensors...)
         for fmt in QUANTIZED_FORMATS if self.kernels is not None and (quantized or int8) else ():
             values = fmt.values(weight)
@@ -246,6 +247,7 @@ class PackedLinear(nn.Module):
             else:
                 self.layout, self.quantized = f"{fmt.name} panels", (getattr(self.kernels, fmt.exact_kernel),
                                                                      *fmt.exact(*values))
+            self.kernel_name = fmt.int8_kernel if int8 else fmt.exact_kernel
             break
         if self.int8 is not None:
             self.packed = None   # every call runs on the integer kernel
@@ -272,6 +274,15 @@ class PackedLinear(nn.Module):
         else:
             out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
         return out if flat else out.view(*x.shape[:-1], self.out_features)
+
+    def kernel_spec(self) -> tuple | None:
+        """(kernel name, its weight tensors, the fp32 panels or None, bias, out_features): what
+        the C++ decoder (models/cpu_decoder.py) calls as forward() would; None for oneDNN."""
+        if self.kernel_name is None:
+            return None
+        weights = (self.int8 or self.quantized or (None,))[1:]
+        bias = None if self.bias is None else self.bias.detach()
+        return self.kernel_name, list(weights), self.packed, bias, self.out_features
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.layout}"

@@ -145,33 +145,37 @@ def measure_step_costs(runner: ModelRunner, max_tokens: int) -> StepCostModel:
     block_size = kv_cache.block_size
 
     def forward_time(query_lens: list[int], context: int, repeats: int) -> float:
-        """One prefill of query_lens[0] tokens, or trees (chains) over `context` tokens each."""
+        """Chains of query_lens tokens (trees whose nodes each see the ones before) over
+        `context` cached tokens each: a step of n tokens is timed on the path decode and tree
+        steps take (the C++ decoder on the CPU, a graphed step with CUDA graphs)."""
         per_seq = -(-(context + max(query_lens)) // block_size)
         tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(query_lens))]
         seq_lens = [context + q for q in query_lens]
-        # with CUDA graphs, a lone chain that fits a tree is timed as the graphed tree step it stands for
-        prefill = len(query_lens) == 1 and context == 0 and (runner.graphs is None or query_lens[0] > MAX_TREE_TOKENS)
-        masks = None if prefill else [[(1 << (i + 1)) - 1 for i in range(q)] for q in query_lens]
+        masks = [[(1 << (i + 1)) - 1 for i in range(q)] for q in query_lens]
         n = sum(query_lens)
         positions = [context + i for q in query_lens for i in range(q)]
-        if runner.graphs is not None and not prefill:
+        if runner.graphs is not None:
             step = ([0] * n, positions, query_lens, seq_lens, tables, 0, masks, list(range(n)))
             return _best_time(lambda: runner.forward(*step), device, repeats)
-        metadata = build_metadata(query_lens, seq_lens, tables, block_size, int(prefill), masks, device=device)
+        metadata = build_metadata(query_lens, seq_lens, tables, block_size, 0, masks, device=device)
         ids = torch.zeros(n, dtype=torch.long, device=device)
         positions = torch.tensor(positions, device=device)
         return _best_time(lambda: model(ids, positions, runner.attention_cls(metadata, kv_cache)), device, repeats)
 
+    def chains(n: int) -> list[int]:
+        """n tokens as chains of at most MAX_TREE_TOKENS (a tree's most)."""
+        return [MAX_TREE_TOKENS] * (n // MAX_TREE_TOKENS) + ([n % MAX_TREE_TOKENS] if n % MAX_TREE_TOKENS else [])
+
     capacity = kv_cache.num_blocks * block_size
     sizes = [n for n in MEASURED_SIZES if n <= min(max_tokens, capacity)]
-    forward_time([sizes[0]], 0, 1)  # warm-up
+    forward_time(chains(sizes[0]), 0, 1)  # warm-up
     # the small sizes round by round, median of DENSE_ROUNDS: a slow spell of a shared
     # machine then slows one round of every size, not every timing of one size (which bent
     # the curve: 2 tokens read 1.2x one, and the policy took 8-node trees for 4-node prices)
     small = [n for n in sizes if n <= 64]
-    rounds = [[forward_time([n], 0, 1) for n in small] for _ in range(DENSE_ROUNDS)]
+    rounds = [[forward_time(chains(n), 0, 1) for n in small] for _ in range(DENSE_ROUNDS)]
     dense = {n: statistics.median(times) for n, times in zip(small, zip(*rounds))}
-    dense.update({n: forward_time([n], 0, 1) for n in sizes if n > 64})
+    dense.update({n: forward_time(chains(n), 0, 1) for n in sizes if n > 64})
     # reading the context: 16 one-token steps over a long context against the same over none
     seqs, context = 16, min(512, capacity // 16 - block_size)
     per_key = per_tree = 0.0

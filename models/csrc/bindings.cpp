@@ -1,27 +1,9 @@
 // The CPU kernels' Python module (models/cpu_kernels.py builds it).
 #include <torch/extension.h>
 
-torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels,
-                           const std::optional<torch::Tensor>& bias, int64_t N);
-torch::Tensor q4_panel_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
-                              const std::optional<torch::Tensor>& bias, int64_t N);
-torch::Tensor q8_panel_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
-                              const std::optional<torch::Tensor>& bias, int64_t N);
-bool int8_linear_supported();
-torch::Tensor q4_int8_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
-                             const std::optional<torch::Tensor>& bias, int64_t N);
-torch::Tensor q8_int8_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
-                             const torch::Tensor& sums, const std::optional<torch::Tensor>& bias, int64_t N);
-torch::Tensor rms_norm(torch::Tensor& x, const torch::Tensor& weight, double eps,
-                       const std::optional<torch::Tensor>& add);
-torch::Tensor silu_mul(const torch::Tensor& gate_up);
-void write_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_cache, torch::Tensor& v_cache,
-              const torch::Tensor& slots);
-void rotary_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads);
-void tree_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache,
-                    const torch::Tensor& v_cache, const torch::Tensor& block_tables,
-                    const torch::Tensor& seq_lens, const torch::Tensor& cu_seqlens_q,
-                    const torch::Tensor& tree_mask, int64_t first_seq, int64_t first_tree_row, double scale);
+#include "kernels.h"
+
+void register_cpu_decoder(py::module& m);  // cpu_decoder.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("panel_linear", &panel_linear, "y = x W^T + b over weights packed in 16-column panels");
@@ -36,4 +18,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("write_kv", &write_kv, "new keys and values into their cache slots (fp32 or fp16 caches)");
   m.def("rotary_", &rotary_, "rotate-half rotary embedding of x's first heads, in place");
   m.def("tree_attention", &tree_attention, "paged decode/tree attention, written into out's tree rows");
+  register_cpu_decoder(m);
 }

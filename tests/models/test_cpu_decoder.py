@@ -1,0 +1,118 @@
+"""The C++ decoder stack (models/cpu_decoder.py) gives the bits the Python layers give."""
+import random
+
+import pytest
+import torch
+
+from models.attention import KVCache, build_metadata
+from models.cpu_attention import BatchInvariantCpuAttention, CpuAttention
+from models.cpu_kernels import cpu_kernels
+from models.loader import load_model
+from models.packed_linear import int8_supported
+
+pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="the C++ decoder needs Gorgon's CPU kernels")
+
+BLOCK = 16
+
+
+def random_tree(nodes: int, rng: random.Random) -> tuple[list[int], list[int]]:
+    """(ancestor masks, depths) of a random tree in topological order."""
+    masks, depths = [], []
+    for i in range(nodes):
+        parent = rng.randrange(i) if i else None
+        masks.append((masks[parent] if i else 0) | (1 << i))
+        depths.append(depths[parent] + 1 if i else 0)
+    return masks, depths
+
+
+def step(model, cache: KVCache, histories: list[int], trees: list[int], attention_cls, rng: random.Random):
+    """One step of tree sequences over random cached histories -> (logits, hidden, the step's attention)."""
+    ids, positions, masks, tables, seq_lens = [], [], [], [], []
+    next_block = 0
+    for history, nodes in zip(histories, trees):
+        tree_masks, depths = random_tree(nodes, rng)
+        blocks = -(-(history + nodes) // BLOCK)
+        tables.append(list(range(next_block, next_block + blocks)))
+        next_block += blocks
+        ids += [rng.randrange(model.config.vocab_size) for _ in range(nodes)]
+        positions += [history + d for d in depths]
+        masks.append(tree_masks)
+        seq_lens.append(history + nodes)
+    metadata = build_metadata(trees, seq_lens, tables, BLOCK, 0, masks)
+    attn = attention_cls(metadata, cache)
+    logits, hidden = model(torch.tensor(ids), torch.tensor(positions), attn)
+    return logits, hidden, attn
+
+
+def filled_cache(model, storage_dtype=None) -> KVCache:
+    config = model.config
+    cache = KVCache(config.num_hidden_layers, 24, BLOCK, config.num_key_value_heads, config.head_dim,
+                    torch.float32, storage_dtype=storage_dtype)
+    gen = torch.Generator().manual_seed(0)
+    for pool in (cache.k, cache.v):
+        pool.copy_(torch.randn(pool.shape, generator=gen) * 2)
+    return cache
+
+
+def assert_decoder_matches_python_layers(model, trees, attention_cls=CpuAttention, storage_dtype=None):
+    decoder = model.model.cpu_decoder
+    assert decoder is not None
+    histories = [37, 120, 5][: len(trees)]
+    results = []
+    for fused in (True, False):
+        model.model.cpu_decoder = decoder if fused else None
+        try:
+            cache = filled_cache(model, storage_dtype)
+            with torch.inference_mode():
+                logits, hidden, attn = step(model, cache, histories, trees, attention_cls, random.Random(5))
+            assert attn.decoder_arguments() is not None
+            results.append((logits, hidden, cache))
+        finally:
+            model.model.cpu_decoder = decoder
+    (logits, hidden, cache), (logits_py, hidden_py, cache_py) = results
+    assert torch.equal(hidden, hidden_py)
+    assert torch.equal(logits, logits_py)
+    assert torch.equal(cache.k, cache_py.k) and torch.equal(cache.v, cache_py.v)   # the same keys written
+
+
+@pytest.mark.parametrize("trees", [[1], [5], [1, 6, 12], [64]])
+def test_exact_panels(model, trees):
+    """The default load (exact 4/8-bit panels; past 8 rows the fp32 panels): a decode step, a
+    small tree, a batch of trees beyond the quantized kernels' rows, a 64-node tree."""
+    assert_decoder_matches_python_layers(model, trees)
+
+
+def test_fp16_cache(model):
+    assert_decoder_matches_python_layers(model, [1, 9], storage_dtype=torch.float16)
+
+
+@pytest.fixture(scope="module")
+def int8_model(model_dir):
+    if not int8_supported():
+        pytest.skip("8-bit integer linear layers need AVX-512 VNNI")
+    return load_model(model_dir, "float32", int8=True)
+
+
+@pytest.mark.parametrize("trees", [[1], [1, 6, 12]])
+def test_int8_linear_layers(int8_model, trees):
+    assert_decoder_matches_python_layers(int8_model, trees, BatchInvariantCpuAttention)
+
+
+def test_steps_with_prompt_chunks_stay_in_python(model):
+    """A prompt chunk goes through SDPA, which the C++ decoder does not run: no arguments for it."""
+    config = model.config
+    cache = KVCache(config.num_hidden_layers, 8, BLOCK, config.num_key_value_heads, config.head_dim, torch.float32)
+    metadata = build_metadata([7, 1], [7, 20], [[0], [1, 2]], BLOCK, 1, [[1]])
+    assert CpuAttention(metadata, cache).decoder_arguments() is None
+    # the same prompt laid out as a tree run (--int8-linear's batch-invariant attention) does go through it
+    assert BatchInvariantCpuAttention(metadata, cache).decoder_arguments() is not None
+
+
+def test_off_switch_and_unpacked_models(model_dir, monkeypatch):
+    monkeypatch.setenv("GORGON_CPU_DECODER", "off")
+    assert load_model(model_dir, "float32").model.cpu_decoder is None
+    monkeypatch.setenv("GORGON_CPU_DECODER", "auto")
+    assert load_model(model_dir, "float32", pack=False).model.cpu_decoder is None   # plain nn.Linear layers
+    monkeypatch.setenv("GORGON_CPU_DECODER", "sometimes")
+    with pytest.raises(ValueError, match="GORGON_CPU_DECODER"):
+        load_model(model_dir, "float32")
