@@ -2,7 +2,7 @@
 
     python -m benchmarks.batching [--concurrency 1,4,16,32] [--max-tokens 64] [--fixed-tree 16]
                                   [--rounds 1] [--without-datastore] [--int8-linear]
-                                  [--kv-cache-dtype auto[,float16]]
+                                  [--kv-cache-dtype auto[,float16]] [--cpu-decoder on[,off]]
 
 For each concurrency c, c requests (evaluation prompts, greedy, lengths spread around
 --max-tokens) are in flight at once in one engine, each finished one replaced by the next
@@ -28,6 +28,7 @@ from datetime import date
 
 import torch
 
+from benchmarks.engines import make_engine
 from benchmarks.eval_prompts import MIXED
 from server.config import EngineConfig
 from server.engine import LLMEngine
@@ -98,10 +99,14 @@ def main(argv=None) -> None:
     parser.add_argument("--int8-linear", action="store_true", help="the engine's --int8-linear")
     parser.add_argument("--kv-cache-dtype", default="auto",
                         help="comma-separated KV-cache dtypes to compare (auto: the model's; float16), one engine each")
+    parser.add_argument("--cpu-decoder", default="on",
+                        help="comma-separated CPU layer paths to compare: on (the C++ decoder, "
+                             "models/cpu_decoder.py) and/or off (the Python layers), one engine each")
     args = parser.parse_args(argv)
-    engines = {kv: LLMEngine(EngineConfig(heads=args.heads, max_num_seqs=64, max_num_batched_tokens=1024,
-                                          kv_cache_memory_gb=2.0, int8_linear=args.int8_linear, kv_cache_dtype=kv))
-               for kv in args.kv_cache_dtype.split(",")}
+    engines = {kv if decoder == "on" else f"{kv}, decoder off": make_engine(
+        EngineConfig(heads=args.heads, max_num_seqs=64, max_num_batched_tokens=1024, kv_cache_memory_gb=2.0,
+                     int8_linear=args.int8_linear, kv_cache_dtype=kv), decoder == "on")
+               for kv in args.kv_cache_dtype.split(",") for decoder in args.cpu_decoder.split(",")}
     first = next(iter(engines.values()))
     prompts = [first.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in MIXED]
     modes = []   # (engine, mode, tree size, datastore)

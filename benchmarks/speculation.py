@@ -17,13 +17,13 @@ its own plain rate.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import time
 from datetime import date
 
 import torch
 
+from benchmarks.engines import make_engine
 from benchmarks.eval_prompts import MIXED
 from server.config import EngineConfig
 from server.engine import LLMEngine
@@ -43,20 +43,6 @@ def run_one(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams) ->
             else:
                 tokens += len(out.token_ids)
     return tokens, time.perf_counter() - started, seq.spec.steps, seq.spec.accepted
-
-
-def make_engine(config: EngineConfig, cpu_decoder: bool) -> LLMEngine:
-    """An engine; with cpu_decoder False its layers run in Python (GORGON_CPU_DECODER=off
-    while it loads and measures its step costs)."""
-    saved = os.environ.get("GORGON_CPU_DECODER")
-    os.environ["GORGON_CPU_DECODER"] = "auto" if cpu_decoder else "off"
-    try:
-        return LLMEngine(config)
-    finally:
-        if saved is None:
-            del os.environ["GORGON_CPU_DECODER"]
-        else:
-            os.environ["GORGON_CPU_DECODER"] = saved
 
 
 def main(argv=None) -> None:
