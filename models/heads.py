@@ -65,7 +65,7 @@ class ResidualBlock(nn.Module):
         nn.init.zeros_(self.linear.weight)  # a fresh head starts as the identity: it guesses like the base model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + F.silu(self.linear(x))
+        return x + F.silu(self.linear.forward(x))
 
 
 class MedusaHeads(nn.Module):
@@ -105,12 +105,12 @@ class MedusaHeads(nn.Module):
         x_{t+2} .. x_{t+num_heads} (teacher forcing while training). detach_chain: head k's
         loss does not reach the heads before it (each head learns its own guess only)."""
         if self.token_proj is None:
-            return torch.stack([block(hidden) for block in self.blocks], dim=1)
+            return torch.stack([self._blocks(k, hidden) for k in range(self.config.num_heads)], dim=1)
         if next_embeds is None:
             raise ValueError("these heads read the next token's embedding: pass next_embeds")
         if not self.config.chained:
-            return torch.stack([block(hidden + proj(next_embeds))
-                                for block, proj in zip(self.blocks, self.token_proj)], dim=1)
+            return torch.stack([self._blocks(k, hidden + proj.forward(next_embeds))
+                                for k, proj in enumerate(self.token_proj)], dim=1)
         if path_embeds is None or path_embeds.shape[1] < self.config.num_heads - 1:
             raise ValueError("chained heads read the path: pass path_embeds [N, num_heads - 1, H]")
         outputs, state = [], hidden
@@ -124,7 +124,14 @@ class MedusaHeads(nn.Module):
         """Chained heads: head k's output from its input state ([M, H]: the base model's
         hidden state for k = 0, head k - 1's output otherwise) and the embeddings [M, H] of
         the tokens at depth k of the path (the node being extended)."""
-        return self.blocks[k](state + self.token_proj[k](token_embeds))
+        return self._blocks(k, state + self.token_proj[k].forward(token_embeds))
+
+    def _blocks(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Head k's residual blocks, called through .forward (nn.Module's hook machinery costs
+        a few us a call, ~20 calls a draft; no hooks are registered on the heads)."""
+        for block in self.blocks[k]:
+            x = block.forward(x)
+        return x
 
     def logits(self, head_hidden: torch.Tensor, base_lm_head: nn.Linear) -> torch.Tensor:
         """head_hidden [N, num_heads, H] -> logits [N, num_heads, vocab].

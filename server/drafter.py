@@ -50,14 +50,11 @@ class Drafter:
         self.device = model.lm_head.weight.device
         self.top_k = 1 + max((rank for path in tree_paths for rank in path), default=0)
         self.chained = heads.config.chained
-        # per path and depth, the rank guessed there (top_k past the path's end: a column of
-        # log-probability 0), to multiply the chances of all paths in one gather
-        depth = heads.config.num_heads
-        self._ranks = torch.tensor([list(path) + [self.top_k] * (depth - len(path)) for path in tree_paths],
-                                   dtype=torch.long, device=self.device).reshape(len(tree_paths), depth)
+        # per path: its parent's index (-1: the root), the head (depth - 1) and the rank that
+        # guess its token; visited shallowest first (a parent before its children)
         index = {path: j for j, path in enumerate(tree_paths)}
-        self._parents = torch.tensor([index[path[:-1]] + 1 if len(path) > 1 else 0 for path in tree_paths],
-                                     dtype=torch.long, device=self.device)   # 0: the root (chance 1)
+        self._steps = [(j, index[path[:-1]] if len(path) > 1 else -1, len(path) - 1, path[-1])
+                       for j, path in sorted(enumerate(tree_paths), key=lambda item: len(item[1]))]
 
     def draft(self, hidden: torch.Tensor, next_ids: list[int], sizes: list[int]) -> list[Draft]:
         """hidden [N, H]: the state of each sequence's last kept token; next_ids: the token the
@@ -71,17 +68,18 @@ class Drafter:
         return self._draft_chained(hidden, next_embeds, sizes)
 
     def _lay_out(self, probs: torch.Tensor, ids: torch.Tensor) -> list[Draft]:
-        """Independent heads' top-k [N, heads, k] -> each row's guess and chance per path."""
-        n, depth, _ = probs.shape
-        logp = torch.nn.functional.pad(probs.clamp_min(1e-30).log(), (0, 1))   # [N, D, k + 1]
-        per_depth = torch.arange(depth, device=probs.device)
-        chances = logp[:, per_depth[None, :], self._ranks].sum(-1).exp()          # [N, P]
-        last = torch.tensor([len(path) - 1 for path in self.tree_paths], device=probs.device)
-        tokens = ids[:, last, torch.tensor([path[-1] for path in self.tree_paths], device=probs.device)]
-        # a child is never likelier than its parent (kept exactly, not just up to rounding)
-        for _ in range(depth - 1):
-            chances = torch.minimum(chances, torch.cat([chances.new_ones(n, 1), chances], 1)[:, self._parents])
-        return [Draft(t, c) for t, c in zip(tokens.tolist(), chances.tolist())]
+        """Independent heads' top-k [N, heads, k] -> each row's guess and chance per path: its
+        parent's chance times its own guess's probability (so never above its parent's). Plain
+        Python over the 63 paths: a few dozen tensor operations cost more at these sizes."""
+        drafts = []
+        for row_probs, row_ids in zip(probs.tolist(), ids.tolist()):
+            chances, tokens = [0.0] * len(self._steps), [0] * len(self._steps)
+            for j, parent, head, rank in self._steps:
+                p = row_probs[head][rank]
+                chances[j] = p if parent < 0 else chances[parent] * p
+                tokens[j] = row_ids[head][rank]
+            drafts.append(Draft(tokens, chances))
+        return drafts
 
     def _embed(self, token_ids: list[int], dtype: torch.dtype) -> torch.Tensor:
         return self.model.model.embed_tokens(torch.tensor(token_ids, device=self.device)).to(dtype)
