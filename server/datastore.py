@@ -19,6 +19,7 @@ sequence's calibration of such chains; verification decides, so the output never
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
@@ -97,11 +98,14 @@ class Datastore:
         for n in range(min(self.max_match, len(token_ids)), MIN_MATCH - 1, -1):
             if n not in self.keys:
                 continue
-            gram = np.array(token_ids[-n:], dtype=np.int64)
-            if gram.max() >= 1 << self.bits or gram.min() < 0:
+            gram = token_ids[-n:]
+            if max(gram) >= 1 << self.bits or min(gram) < 0:
                 continue  # a token the store never saw
             keys, after = self.keys[n]
-            key = self._pack(gram[None, :])[0]
+            key = 0
+            for token in gram:   # _pack's key, in Python integers (a step's one lookup: no arrays)
+                key = (key << self.bits) | token
+            key = np.uint64(key)
             lo, hi = np.searchsorted(keys, key, "left"), np.searchsorted(keys, key, "right")
             if hi > lo:  # a common gram: an even sample of its occurrences across the store
                 return self._vote(after[lo:hi:-(-(hi - lo) // MAX_OCCURRENCES)], max_tokens)
@@ -112,17 +116,19 @@ class Datastore:
         confidences: list[float] = []
         confidence = 1.0
         for depth in range(max_tokens):
-            votes = self.stream[starts + depth]
-            values, counts = np.unique(votes[votes != SEPARATOR], return_counts=True)
-            if not len(values):
+            votes = self.stream[starts + depth].tolist()   # a few to MAX_OCCURRENCES: Python's counting is faster
+            counts = Counter(votes)
+            counts.pop(SEPARATOR, None)
+            if not counts:
                 break
-            best = int(counts.argmax())
+            most = max(counts.values())
+            best = min(token for token, count in counts.items() if count == most)   # ties: the lowest id
             # an answer that ended here votes against, and so does one more, unseen
             # occurrence: a lone occurrence is a guess, not a certainty
-            confidence *= counts[best] / (len(votes) + 1)
+            confidence *= most / (len(votes) + 1)
             if confidence < MIN_CONFIDENCE:
                 break
-            chain.append(int(values[best]))
+            chain.append(best)
             confidences.append(float(confidence))
-            starts = starts[votes == values[best]]
+            starts = starts[[i for i, vote in enumerate(votes) if vote == best]]
         return chain, confidences
