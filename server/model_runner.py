@@ -18,7 +18,7 @@ from models.heads import MedusaHeads
 from models.llama import LlamaForCausalLM
 from server.acceptance import accept_greedy, accept_rejection, accept_typical
 from server.drafter import Draft, Drafter
-from server.sampler import pick
+from server.sampler import greedy_tokens, pick
 from server.scheduler import SchedulerOutput, ScheduledSequence
 from server.step_graphs import StepGraphs
 from server.tree import LOOKUP_RANK, Path, kept_by_tree
@@ -72,7 +72,7 @@ class ModelRunner:
             tables.append(seq.block_table)
         logits, hidden = self.forward(input_ids, positions, query_lens, seq_lens, tables, len(batch.prefills),
                                       tree_masks, logits_rows)
-        argmax = logits.argmax(-1).tolist()
+        argmax = greedy_tokens(logits)
 
         results, moves, head_rows, head_items = [], ([], []), [], []
         offset = 0

@@ -22,6 +22,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of each row of x [T, H] (after x += add, in place, if given)",
         py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("add") = py::none());
   m.def("silu_mul", &silu_mul, "silu(gate) * up of gate_up [T, 2I]");
+  m.def("argmax_rows", &argmax_rows, "each row's argmax (torch.argmax's: the first largest, NaN first)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("write_kv", &write_kv, "new keys and values into their cache slots (fp32 or fp16 caches)");
   m.def("rotary_", &rotary_, "rotate-half rotary embedding of x's first heads, in place");
   m.def("tree_attention", &tree_attention, "paged decode/tree attention, written into out's tree rows",

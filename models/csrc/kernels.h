@@ -20,6 +20,7 @@ torch::Tensor q8_int8_linear(const torch::Tensor& x, const torch::Tensor& codes,
 torch::Tensor rms_norm(torch::Tensor& x, const torch::Tensor& weight, double eps,
                        const std::optional<torch::Tensor>& add);
 torch::Tensor silu_mul(const torch::Tensor& gate_up);
+torch::Tensor argmax_rows(const torch::Tensor& logits);
 void write_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_cache, torch::Tensor& v_cache,
               const torch::Tensor& slots);
 void rotary_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads);

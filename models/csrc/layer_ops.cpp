@@ -164,3 +164,53 @@ void write_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_c
     }
   }
 }
+
+// logits [T, V] fp32 -> each row's argmax [T] int64, as torch.argmax gives it: the first
+// index of the largest value, or of the first NaN where a row has one. PyTorch's CPU argmax
+// is scalar (~90 us a row of SmolLM2's 49,152 logits on the development VM); this is two
+// vector passes (the max, then its first index).
+torch::Tensor argmax_rows(const torch::Tensor& logits) {
+  check_rows(logits, "logits");
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0, "logits must be [T, V] with V > 0");
+  const int64_t T = logits.size(0), V = logits.size(1);
+  auto out = torch::empty({T}, logits.options().dtype(torch::kLong));
+  const float* ld = logits.data_ptr<float>();
+  int64_t* od = out.data_ptr<int64_t>();
+  at::parallel_for(0, T, 1, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) {
+      const float* row = ld + t * V;
+      __m256 top8 = _mm256_set1_ps(-INFINITY);
+      __m256 nan8 = _mm256_setzero_ps();
+      int64_t i = 0;
+      for (; i + 8 <= V; i += 8) {
+        const __m256 x = _mm256_loadu_ps(row + i);
+        top8 = _mm256_max_ps(top8, x);
+        nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+      }
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, top8);
+      float top = lanes[0];
+      for (int j = 1; j < 8; ++j) top = std::max(top, lanes[j]);
+      bool nan = _mm256_movemask_ps(nan8) != 0;
+      for (int64_t j = i; j < V; ++j) {
+        nan = nan || std::isnan(row[j]);
+        top = std::max(top, row[j]);
+      }
+      int64_t index = 0;
+      if (nan) {  // NaN counts as the largest: the first one
+        while (!std::isnan(row[index])) ++index;
+      } else {
+        const __m256 want = _mm256_set1_ps(top);
+        int64_t j = 0;
+        for (; j + 8 <= V; j += 8) {
+          const int hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + j), want, _CMP_EQ_OQ));
+          if (hits) break;
+        }
+        while (row[j] != top) ++j;
+        index = j;
+      }
+      od[t] = index;
+    }
+  });
+  return out;
+}

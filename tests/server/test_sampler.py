@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from server.sampler import make_generator, pick, probabilities
+from server.sampler import greedy_tokens, make_generator, pick, probabilities
 from server.sampling_params import SamplingParams
 
 LOGITS = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.10]]))
@@ -63,3 +63,21 @@ def test_draws_follow_the_distribution_and_skip_zero_probabilities():
     counts = torch.bincount(draws[:, 0], minlength=6).float() / len(draws)
     assert counts[[0, 2, 5]].sum() == 0
     assert torch.allclose(counts[[1, 3, 4]], torch.tensor([0.5, 0.3, 0.2]), atol=0.015)
+
+
+@pytest.mark.parametrize("vocab", [1, 5, 8, 13, 49152, 49157])
+def test_greedy_tokens_are_torch_argmax(vocab):
+    """The CPU kernel's argmax is torch's: the first of tied maxima (in the vector part and in
+    the tail), the first NaN of a row that has one, a row of -inf, signed zeros."""
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(9, vocab, generator=gen)
+    logits[1] = 0.5                                     # every entry tied
+    logits[2, vocab // 3] = logits[2, -1] = 40.0        # a tie across the row, the last entry in the tail
+    logits[3, vocab // 2] = float("nan")
+    logits[3, -1] = float("nan")
+    logits[4] = float("-inf")
+    logits[5] = -0.0
+    logits[5, vocab - 1] = 0.0
+    logits[6, -1] = 99.0                                # the maximum alone in the tail
+    assert greedy_tokens(logits) == logits.argmax(-1).tolist()
+    assert greedy_tokens(logits[:, : max(1, vocab // 2)]) == logits[:, : max(1, vocab // 2)].argmax(-1).tolist()
