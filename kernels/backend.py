@@ -45,13 +45,6 @@ class TritonAttention:
         self.max_tree_query_len = max(metadata.query_lens_host[num_prefills:], default=0)
         self.max_tree_seq_len = max(metadata.seq_lens_host[num_prefills:], default=0)
 
-    @staticmethod
-    def move_slots(kv_cache: KVCache, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Accepted tree rows from slots `src` to `dst` in every layer: one launch
-        (kernels/kv_cache.py) instead of PyTorch's gather and scatter per pool."""
-        from kernels.kv_cache import move_slots
-        move_slots(kv_cache.k, kv_cache.v, src, dst)
-
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k and v [T, Hkv, D] -> output [T, Hq, D]; writes k and v to the cache."""
         md = self.metadata

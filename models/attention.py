@@ -238,12 +238,6 @@ class TorchAttention:
         self.write(layer, k, v)
         return self.attend_groups(layer, q)
 
-    @staticmethod
-    def move_slots(kv_cache: KVCache, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """After a step: accepted tree rows from slots `src` to `dst` in every layer (the backend
-        that writes the cache moves its rows too; here PyTorch's indexing, KVCache.move_slots)."""
-        kv_cache.move_slots(src, dst)
-
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """The step's keys and values [T, Hkv, D] into their cache slots (padding rows skipped)."""
         k_cache = self.kv_cache.k[layer].view(-1, *k.shape[1:])

@@ -111,8 +111,8 @@ class ModelRunner:
                     head_items.append((len(results) - 1, item.draft))
             offset += n
         if moves[0]:
-            self.attention_cls.move_slots(self.kv_cache, torch.tensor(moves[0], device=self.device),
-                                          torch.tensor(moves[1], device=self.device))
+            self.kv_cache.move_slots(torch.tensor(moves[0], device=self.device),
+                                     torch.tensor(moves[1], device=self.device))
         if self.drafter is not None and head_rows:
             drafted = [results[i] for i, _ in head_items]
             drafts = self.drafter.draft(hidden[torch.tensor(head_rows, device=self.device)],

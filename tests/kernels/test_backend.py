@@ -46,18 +46,3 @@ def test_backend_choice(monkeypatch):
         attention_backend("triton", "cpu")
     with pytest.raises(ValueError, match="unknown attention backend"):
         attention_backend("flash", "cpu")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_backends_move_accepted_rows_alike(rng, dtype):
-    """The runner's commit goes through the backend's move_slots: Triton's one launch moves
-    what PyTorch's gather and scatter move, with a row both a source and a destination."""
-    batch = Batch([1], [40], 0, 6, 2, 32, dtype, rng, num_layers=3)
-    expected = KVCache(3, *batch.cache.k.shape[1:4], 32, dtype, batch.q.device)
-    expected.k.copy_(batch.cache.k)
-    expected.v.copy_(batch.cache.v)
-    src = torch.tensor([7, 9, 12], device=batch.q.device)   # tree nodes 2, 4 and 7 kept at depths 1-3
-    dst = torch.tensor([6, 7, 8], device=batch.q.device)
-    TritonAttention.move_slots(batch.cache, src, dst)
-    TorchAttention.move_slots(expected, src, dst)
-    assert torch.equal(batch.cache.k, expected.k) and torch.equal(batch.cache.v, expected.v)
