@@ -6,9 +6,11 @@ import torch
 
 from models.attention import KVCache, build_metadata
 from models.cpu_attention import BatchInvariantCpuAttention, CpuAttention
+from models.config import ModelConfig
 from models.cpu_kernels import cpu_kernels
+from models.llama import LlamaForCausalLM
 from models.loader import load_model
-from models.packed_linear import int8_supported
+from models.packed_linear import PackedLinear, int8_supported, pack_linears
 
 pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="the C++ decoder needs Gorgon's CPU kernels")
 
@@ -25,10 +27,21 @@ def random_tree(nodes: int, rng: random.Random) -> tuple[list[int], list[int]]:
     return masks, depths
 
 
-def step(model, cache: KVCache, histories: list[int], trees: list[int], attention_cls, rng: random.Random):
-    """One step of tree sequences over random cached histories -> (logits, hidden, the step's attention)."""
-    ids, positions, masks, tables, seq_lens = [], [], [], [], []
+def step(model, cache: KVCache, histories: list[int], trees: list[int], attention_cls, rng: random.Random,
+         prompt: tuple[int, int] | None = None):
+    """One step of tree sequences over random cached histories (after a prompt chunk of
+    prompt = (cached prefix, new tokens), if given) -> (logits, hidden, the step's attention)."""
+    ids, positions, masks, tables, seq_lens, query_lens = [], [], [], [], [], []
     next_block = 0
+    if prompt is not None:
+        prefix, length = prompt
+        blocks = -(-(prefix + length) // BLOCK)
+        tables.append(list(range(blocks)))
+        next_block = blocks
+        ids += [rng.randrange(model.config.vocab_size) for _ in range(length)]
+        positions += range(prefix, prefix + length)
+        seq_lens.append(prefix + length)
+        query_lens.append(length)
     for history, nodes in zip(histories, trees):
         tree_masks, depths = random_tree(nodes, rng)
         blocks = -(-(history + nodes) // BLOCK)
@@ -38,7 +51,8 @@ def step(model, cache: KVCache, histories: list[int], trees: list[int], attentio
         positions += [history + d for d in depths]
         masks.append(tree_masks)
         seq_lens.append(history + nodes)
-    metadata = build_metadata(trees, seq_lens, tables, BLOCK, 0, masks)
+        query_lens.append(nodes)
+    metadata = build_metadata(query_lens, seq_lens, tables, BLOCK, int(prompt is not None), masks)
     attn = attention_cls(metadata, cache)
     logits, hidden = model(torch.tensor(ids), torch.tensor(positions), attn)
     return logits, hidden, attn
@@ -46,7 +60,7 @@ def step(model, cache: KVCache, histories: list[int], trees: list[int], attentio
 
 def filled_cache(model, storage_dtype=None) -> KVCache:
     config = model.config
-    cache = KVCache(config.num_hidden_layers, 24, BLOCK, config.num_key_value_heads, config.head_dim,
+    cache = KVCache(config.num_hidden_layers, 40, BLOCK, config.num_key_value_heads, config.head_dim,
                     torch.float32, storage_dtype=storage_dtype)
     gen = torch.Generator().manual_seed(0)
     for pool in (cache.k, cache.v):
@@ -54,7 +68,7 @@ def filled_cache(model, storage_dtype=None) -> KVCache:
     return cache
 
 
-def assert_decoder_matches_python_layers(model, trees, attention_cls=CpuAttention, storage_dtype=None):
+def assert_decoder_matches_python_layers(model, trees, attention_cls=CpuAttention, storage_dtype=None, prompt=None):
     decoder = model.model.cpu_decoder
     assert decoder is not None
     histories = [37, 120, 5][: len(trees)]
@@ -64,7 +78,7 @@ def assert_decoder_matches_python_layers(model, trees, attention_cls=CpuAttentio
         try:
             cache = filled_cache(model, storage_dtype)
             with torch.inference_mode():
-                logits, hidden, attn = step(model, cache, histories, trees, attention_cls, random.Random(5))
+                logits, hidden, attn = step(model, cache, histories, trees, attention_cls, random.Random(5), prompt)
             assert attn.decoder_arguments() is not None
             results.append((logits, hidden, cache))
         finally:
@@ -96,6 +110,31 @@ def int8_model(model_dir):
 @pytest.mark.parametrize("trees", [[1], [1, 6, 12]])
 def test_int8_linear_layers(int8_model, trees):
     assert_decoder_matches_python_layers(int8_model, trees, BatchInvariantCpuAttention)
+
+
+@pytest.mark.parametrize("prompt", [(0, 150), (40, 64), (17, 3)])
+def test_int8_prompt_runs(int8_model, prompt):
+    """--int8-linear's batch-invariant attention lays a prompt chunk (with or without a cached
+    prefix, over several 64-row runs or in one) out as trees: the decoder runs it, to the bit."""
+    assert_decoder_matches_python_layers(int8_model, [1, 6], BatchInvariantCpuAttention, prompt=prompt)
+
+
+def test_biases_and_fp32_panels():
+    """A model with q/k/v and output biases (Qwen2's and Llama's attention_bias) whose
+    weights are no 4/8-bit values: fp32 panels, every bias through the C++ linear layers."""
+    config = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_bias=True,
+                         attention_out_bias=True)
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    pack_linears(model, keep_weights=("lm_head",))
+    model.model.refresh_cpu_decoder()
+    assert {m.kernel_name for m in model.modules() if isinstance(m, PackedLinear)} == {"panel_linear"}
+    assert all(layer.self_attn.qkv_proj.bias is not None and layer.self_attn.o_proj.bias is not None
+               for layer in model.model.layers)
+    assert_decoder_matches_python_layers(model, [1, 12])
 
 
 def test_steps_with_prompt_chunks_stay_in_python(model):
