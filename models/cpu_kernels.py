@@ -6,8 +6,9 @@
   rounded to 8 bits, in integer arithmetic (--int8-linear);
 - `tree_attention`: paged attention of decode and tree-verification queries, read in place
   from the KV cache (models/cpu_attention.py);
-- `rms_norm`, `rotary_`: a layer's RMSNorm and rotary embedding in one call each
-  (models/llama.py);
+- `rms_norm`, `rotary_`, `silu_mul`, `write_kv`: a layer's small operations in one call
+  each (models/llama.py, models/cpu_attention.py); `argmax_rows`: greedy tokens
+  (server/sampler.py);
 - `CpuDecoder`: all decoder layers of a decode or tree step in one call, chaining the
   kernels above from C++ (models/cpu_decoder.py).
 
