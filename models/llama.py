@@ -185,10 +185,11 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids, positions, attn: Attention) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions)
-        step = self.cpu_decoder is not None and getattr(attn, "decoder_arguments", None)
-        step = step() if step else None
-        if step is not None:   # decode and tree steps on the CPU kernels: the same calls, from C++
-            x, residual = self.cpu_decoder.forward(x, cos, sin, *step)
+        arguments = None   # decode and tree steps on the CPU kernels: the same calls, from C++
+        if self.cpu_decoder is not None and hasattr(attn, "decoder_arguments"):
+            arguments = attn.decoder_arguments()
+        if arguments is not None:
+            x, residual = self.cpu_decoder.forward(x, cos, sin, *arguments)
             return self.norm(x, residual)[0]
         residual = None
         for layer in self.layers:
