@@ -231,7 +231,12 @@ class SpeculationPolicy:
         if self.paused:   # trees gained less than planning costs: plain steps, no drafts
             self.paused -= 1
             self.speculating = False   # (nor do prompts that complete meanwhile)
-            return TreePlan([step_tree(seq.token_ids[-1], (), (), (), 0.0) for seq in seqs], [0] * len(seqs))
+            return self._plain(seqs)
+        # nothing to plan: no heads and no lookups (--no-speculation), or plain decoding fixed
+        # by the budget (seeded sampling too: its pinned size is the fixed one, and no chains)
+        if (not self.tree_paths and not self.lookup_tokens) or self.fixed_size == 1:
+            self.speculating = False
+            return self._plain(seqs)
         started = time.perf_counter()
         reach = [self._reach(seq) for seq in seqs]
         chains = [self._chain(seq) for seq in seqs]
@@ -265,6 +270,11 @@ class SpeculationPolicy:
                 if self.steps % EXPLORE_EVERY:   # no tree will use them; explorers' drafts get scored
                     drafts = [0] * len(seqs)
         return TreePlan(trees, drafts)
+
+    @staticmethod
+    def _plain(seqs: list[Sequence]) -> TreePlan:
+        """Every sequence decodes one token (its tree is the root) and drafts nothing."""
+        return TreePlan([step_tree(seq.token_ids[-1], (), (), (), 0.0) for seq in seqs], [0] * len(seqs))
 
     def _step_estimate(self, seqs: list[Sequence], other_tokens: int, other_keys: int) -> float:
         """The model's time for a plain step of these sequences."""

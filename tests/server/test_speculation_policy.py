@@ -94,6 +94,19 @@ def test_seeded_sampling_keeps_one_tree_size_whatever_the_load():
     assert alone.drafts[0] and crowded.drafts[0] and p.draft_after_prefill(seeded) == p.pinned_size
 
 
+def test_plain_decoding_plans_nothing():
+    """A budget of 1 node, or no heads and no lookups (--no-speculation): every tree the
+    root, no drafts and no chains, whatever the costs, seeded sampling requests included."""
+    seeded = seqs(1)[0]
+    seeded.params = SamplingParams(max_tokens=100, temperature=0.7, seed=3)
+    flat = StepCostModel({1: 0.05, 64: 0.05})
+    for p in (SpeculationPolicy(PATHS, ACCURACIES, flat, max_nodes=64, fixed_size=1, lookup_tokens=8),
+              SpeculationPolicy((), ACCURACIES, flat, max_nodes=64)):
+        plan = p.choose([seeded] + seqs(2), 0, 1024)
+        assert plan.sizes == [1, 1, 1] and plan.drafts == [0, 0, 0] and plan.lookups == [[], [], []]
+        assert not p.speculating
+
+
 def test_cost_model_interpolates_and_adds_attention_and_drafting():
     model = StepCostModel({1: 0.05, 64: 0.1}, per_key=1e-6, per_tree=0.003, draft_fixed=0.002, draft_per_seq=0.001)
     assert model(32) == pytest.approx(0.05 + 0.05 * 31 / 63)
