@@ -116,7 +116,8 @@ class Datastore:
         confidences: list[float] = []
         confidence = 1.0
         for depth in range(max_tokens):
-            votes = self.stream[starts + depth].tolist()   # a few to MAX_OCCURRENCES: Python's counting is faster
+            column = self.stream[starts + depth]
+            votes = column.tolist()   # a few to MAX_OCCURRENCES: Python's counting is faster than np.unique
             counts = Counter(votes)
             counts.pop(SEPARATOR, None)
             if not counts:
@@ -130,5 +131,5 @@ class Datastore:
                 break
             chain.append(best)
             confidences.append(float(confidence))
-            starts = starts[[i for i, vote in enumerate(votes) if vote == best]]
+            starts = starts[column == best]
         return chain, confidences
