@@ -2,7 +2,7 @@
 
     python -m benchmarks.speculation [--max-tokens 128] [--sizes 1,4,8,16,32,64] [--heads DIR ...]
                                      [--lookup-tokens 8[,0]] [--datastore default[,none]]
-                                     [--linear exact[,int8]] [--cuda-graphs off[,on]]
+                                     [--linear exact[,int8]] [--cuda-graphs on[,off]]
                                      [--cpu-decoder on[,off]]
 
 Runs every evaluation prompt (chat and code, never training prompts) alone through one
@@ -60,7 +60,7 @@ def main(argv=None) -> None:
     parser.add_argument("--linear", default="exact",
                         help="comma-separated linear layers to compare: exact (fp32 products) and/or int8 "
                              "(--int8-linear)")
-    parser.add_argument("--cuda-graphs", default="off",
+    parser.add_argument("--cuda-graphs", default="on",
                         help="comma-separated CUDA launch modes to compare: on (graphs) and/or off (eager)")
     parser.add_argument("--cpu-decoder", default="on",
                         help="comma-separated CPU layer paths to compare: on (the C++ decoder, "

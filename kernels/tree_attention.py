@@ -125,10 +125,10 @@ def _merge_splits_kernel(
 
 
 # Most rows a tile, key-block size, warps and pipeline stages by head dim (<= 64, larger), set
-# from `python -m kernels.bench --sweep` on an H200 (docs/benchmarks.md). A 64-node tree of a
-# group of 3 is 192 rows: tiles of 64 rows read every key block 4 times over, and the sweep
-# also tries 128 and 256 (not yet timed on a GPU).
-TILES = {64: (64, 32, 4, 4), 128: (64, 32, 4, 3)}
+# from `python -m kernels.bench --sweep` on an H200 (2026-11-28, docs/benchmarks.md: 64-key
+# blocks 1.24-1.36x faster than 32 at batch 64 and 8k keys). A 64-node tree of a group of 3
+# is 192 rows, but tiles of 128 or 256 rows (fewer re-reads of each key block) were slower.
+TILES = {64: (64, 64, 4, 4), 128: (64, 64, 4, 2)}
 
 
 @functools.lru_cache

@@ -88,7 +88,8 @@ class MedusaHeads(nn.Module):
             for proj in self.token_proj:
                 nn.init.zeros_(proj.weight)
         self.draft_vocab: torch.Tensor | None = None   # sorted token ids [V_d] (int64), shared unembedding only
-        self._draft_unembedding: tuple[torch.Tensor, nn.Module] | None = None  # (source weight, its rows)
+        # (source weight, its draft-vocabulary rows, the vocabulary on its device)
+        self._draft_unembedding: tuple[torch.Tensor, nn.Module, torch.Tensor] | None = None
 
     def set_draft_vocab(self, token_ids: torch.Tensor | None) -> None:
         if token_ids is not None:
@@ -171,8 +172,8 @@ class MedusaHeads(nn.Module):
             rows.weight.copy_(weight.detach()[self.draft_vocab.to(weight.device)])
             int8 = getattr(base_lm_head, "int8", None) is not None   # as the base model's unembedding runs
             self._draft_unembedding = (weight, PackedLinear(rows, int8=int8) if can_pack(weight.device, weight.dtype)
-                                       else rows)
-        vocab = self.draft_vocab.to(head_hidden.device)
-        logits = self._draft_unembedding[1](head_hidden).float()
+                                       else rows, self.draft_vocab.to(weight.device))
+        _, unembedding, vocab = self._draft_unembedding   # no host copy a call: a CUDA graph replays this
+        logits = unembedding(head_hidden).float()
         top = logits.softmax(-1).topk(min(k, len(vocab)), dim=-1)
         return top.values, vocab[top.indices]

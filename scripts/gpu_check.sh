@@ -4,6 +4,8 @@
 #   scripts/gpu_check.sh kernels   # kernel tests on CUDA, a tile sweep, kernels.bench fp16 (BF16=1: bf16 too)
 #   scripts/gpu_check.sh model     # greedy parity (CUDA graphs, eager, CPU), a server run on CUDA, speculation
 #                                  # timings with and without graphs (BF16=1: bf16 parity too)
+#   scripts/gpu_check.sh engine    # a shorter model stage: parity of graphs with eager launches, speculation
+#                                  # and batching timings with the server's defaults (~3 minutes)
 #
 # Logs go to $OUT (default ./gpu-check-out); each stage prints its tables last. The model stage
 # needs the default model in the model cache (`python -m models.fetch`, or its GGUF placed in
@@ -51,10 +53,10 @@ model)
     step fetch 90 $PY -m models.fetch
     # fp32 (no TF32): CUDA graphs against eager launches, Triton against PyTorch, CUDA against the CPU
     step parity-fp32 240 $PY -m benchmarks.parity --save "$OUT/texts.json" --variants \
-        cuda/triton/plain,cuda/triton/adaptive,cuda/triton/plain/graphs,cuda/triton/adaptive/graphs,cuda/torch/plain,cpu/torch/plain
+        cuda/triton/plain/eager,cuda/triton/adaptive/eager,cuda/triton/plain,cuda/triton/adaptive,cuda/torch/plain,cpu/torch/plain
     [ -n "${BF16:-}" ] && step parity-bf16 90 $PY -m benchmarks.parity --dtype bfloat16 --variants \
         cuda/triton/plain,cuda/triton/adaptive,cuda/torch/plain
-    $PY -m server --device cuda --cuda-graphs --port 8000 --log-level info >"$OUT/server.log" 2>&1 &
+    $PY -m server --device cuda --port 8000 --log-level info >"$OUT/server.log" 2>&1 &
     server=$!
     step server-check 150 $PY -m benchmarks.server_check --expected "$OUT/texts.json"
     kill -TERM $server; wait $server
@@ -64,7 +66,15 @@ model)
     tail -n 10 "$OUT/parity-fp32.txt"; [ -f "$OUT/parity-bf16.txt" ] && tail -n 6 "$OUT/parity-bf16.txt"
     tail -n 7 "$OUT/server-check.txt"; tail -n 12 "$OUT/speculation.txt"
     ;;
+engine)
+    step fetch 90 $PY -m models.fetch
+    step parity-fp32 120 $PY -m benchmarks.parity --variants \
+        cuda/triton/plain/eager,cuda/triton/plain,cuda/triton/adaptive,cuda/triton/adaptive/eager
+    step speculation 90 $PY -m benchmarks.speculation --sizes 1,4,16 --temperatures 0 --prompts 6
+    step batching 120 $PY -m benchmarks.batching --concurrency 1,4,16,32 --max-tokens 64 --fixed-tree 16
+    tail -n 6 "$OUT/parity-fp32.txt"; tail -n 6 "$OUT/speculation.txt"; tail -n 14 "$OUT/batching.txt"
+    ;;
 *)
-    echo "usage: $0 kernels|model" >&2; exit 2 ;;
+    echo "usage: $0 kernels|model|engine" >&2; exit 2 ;;
 esac
 exit $status

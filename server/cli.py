@@ -64,8 +64,9 @@ def env_value(dest: str) -> str | None:
     return None
 
 
-def env_flag(dest: str) -> bool:
-    value = (env_value(dest) or "").strip().lower()
+def env_flag(dest: str, default: bool = False) -> bool:
+    """A switch from the environment: 1/true/yes/on or 0/false/no/off; unset (or empty): default."""
+    value = (env_value(dest) or ("on" if default else "")).strip().lower()
     if value not in TRUE + FALSE:
         raise SystemExit(f"{env_name(dest)} must be one of {TRUE + FALSE[:-1]}, got {value!r}")
     return value in TRUE
@@ -83,10 +84,11 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
                              "the exact fp32 product) [env GORGON_INT8_LINEAR]")
     parser.add_argument("--no-speculation", action="store_true", default=env_flag("no_speculation"),
                         help="plain one-token-per-step decoding with the same engine [env GORGON_NO_SPECULATION]")
-    parser.add_argument("--cuda-graphs", action="store_true", default=env_flag("cuda_graphs"),
-                        help="CUDA with the triton backend: replay decode and tree steps from CUDA graphs instead "
-                             "of launching every kernel from Python (experimental: not yet run on a GPU) "
-                             "[env GORGON_CUDA_GRAPHS]")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
+                        default=env_flag("cuda_graphs", ENGINE_DEFAULTS["cuda_graphs"]),
+                        help="CUDA with the triton backend: replay decode and tree steps and the heads' drafts "
+                             "from CUDA graphs instead of launching every kernel from Python; --no-cuda-graphs "
+                             "launches them eagerly [env GORGON_CUDA_GRAPHS; default on]")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

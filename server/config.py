@@ -17,7 +17,7 @@ class EngineConfig:
     int8_linear: bool = False         # CPU: 4/8-bit weights times activations rounded to 8 bits (not exact fp32)
     device: str = "auto"              # auto = cuda when available, else cpu
     attention_backend: str = "auto"   # auto | torch | triton
-    cuda_graphs: bool = False         # CUDA + triton: decode and tree steps replayed from CUDA graphs
+    cuda_graphs: bool = True          # CUDA + triton: decode and tree steps (and drafts) replayed from CUDA graphs
     max_num_seqs: int = 64
     max_model_len: int | None = None  # None = the model's own limit
     max_num_batched_tokens: int = 512

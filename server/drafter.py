@@ -22,6 +22,7 @@ import torch
 
 from models.heads import MedusaHeads
 from models.llama import LlamaForCausalLM
+from server.step_graphs import DraftGraphs
 from server.tree import Path, tree_of
 
 
@@ -43,7 +44,10 @@ class Draft:
 
 
 class Drafter:
-    def __init__(self, heads: MedusaHeads, model: LlamaForCausalLM, tree_paths: tuple[Path, ...]):
+    def __init__(self, heads: MedusaHeads, model: LlamaForCausalLM, tree_paths: tuple[Path, ...],
+                 graph_rows: int = 0, capture: bool = True):
+        """graph_rows > 0 (CUDA graphs): independent heads' guesses for up to that many rows
+        are replayed from CUDA graphs (server/step_graphs.py; capture=False: padded, eagerly)."""
         self.heads = heads
         self.model = model
         self.tree_paths = tree_paths
@@ -55,17 +59,28 @@ class Drafter:
         index = {path: j for j, path in enumerate(tree_paths)}
         self._steps = [(j, index[path[:-1]] if len(path) > 1 else -1, len(path) - 1, path[-1])
                        for j, path in sorted(enumerate(tree_paths), key=lambda item: len(item[1]))]
+        self.graphs = None
+        if graph_rows and not self.chained:
+            self.graphs = DraftGraphs(self._guesses, model.config.hidden_size, model.lm_head.weight.dtype,
+                                      graph_rows, self.device, capture)
+            self.graphs.warm_up()
 
     def draft(self, hidden: torch.Tensor, next_ids: list[int], sizes: list[int]) -> list[Draft]:
         """hidden [N, H]: the state of each sequence's last kept token; next_ids: the token the
         base model picked from it (the next tree's root); sizes: tree nodes to fill per row."""
+        if not self.chained:
+            if self.graphs is not None and self.graphs.fits(len(next_ids)):
+                return self._lay_out(*self.graphs.run(hidden, next_ids))
+            return self._lay_out(*self._guesses(hidden, torch.tensor(next_ids, device=self.device)))
+        next_embeds = self._embed(next_ids, hidden.dtype) if self.heads.config.token_input else None
+        return self._draft_chained(hidden, next_embeds, sizes)
+
+    def _guesses(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Independent heads: (probabilities, token ids) of each head's top-k [N, heads, k]."""
         next_embeds = None
         if self.heads.config.token_input:
-            next_embeds = self._embed(next_ids, hidden.dtype)
-        if not self.chained:
-            probs, ids = self.heads.top_guesses(self.heads(hidden, next_embeds), self.model.lm_head, self.top_k)
-            return self._lay_out(probs, ids)
-        return self._draft_chained(hidden, next_embeds, sizes)
+            next_embeds = self.model.model.embed_tokens(next_ids).to(hidden.dtype)
+        return self.heads.top_guesses(self.heads(hidden, next_embeds), self.model.lm_head, self.top_k)
 
     def _lay_out(self, probs: torch.Tensor, ids: torch.Tensor) -> list[Draft]:
         """Independent heads' top-k [N, heads, k] -> each row's guess and chance per path: its

@@ -59,7 +59,8 @@ class LLMEngine:
             graphs = StepGraphs(self.model, self.kv_cache, parts.attention_cls, config.max_num_seqs,
                                 config.max_num_batched_tokens,
                                 blocks_for(self.max_model_len + config.max_tree_nodes, config.block_size))
-            graphs.warm_up(warm_up_buckets(config.max_num_seqs, config.max_tree_nodes if tree_paths else 1))
+            graphs.warm_up(warm_up_buckets(config.max_num_seqs, config.max_tree_nodes if config.speculation else 1,
+                                           config.max_num_batched_tokens))
         self.runner = ModelRunner(self.model, self.heads if tree_paths else None, self.kv_cache,
                                   parts.attention_cls, tree_paths, graphs)
         self.cost_model = measure_step_costs(self.runner, max(config.max_num_batched_tokens, 64))

@@ -168,14 +168,15 @@ def measure_step_costs(runner: ModelRunner, max_tokens: int) -> StepCostModel:
 
     capacity = kv_cache.num_blocks * block_size
     sizes = [n for n in MEASURED_SIZES if n <= min(max_tokens, capacity)]
-    forward_time(chains(sizes[0]), 0, 1)  # warm-up
+    for n in sizes:  # warm-up: a first run compiles kernels (on CUDA, captures the step's graph)
+        forward_time(chains(n), 0, 1)
     # the small sizes round by round, median of DENSE_ROUNDS: a slow spell of a shared
     # machine then slows one round of every size, not every timing of one size (which bent
     # the curve: 2 tokens read 1.2x one, and the policy took 8-node trees for 4-node prices)
     small = [n for n in sizes if n <= 64]
     rounds = [[forward_time(chains(n), 0, 1) for n in small] for _ in range(DENSE_ROUNDS)]
     dense = {n: statistics.median(times) for n, times in zip(small, zip(*rounds))}
-    dense.update({n: forward_time(chains(n), 0, 1) for n in sizes if n > 64})
+    dense.update({n: forward_time(chains(n), 0, 2) for n in sizes if n > 64})
     # reading the context: 16 one-token steps over a long context against the same over none
     seqs, context = 16, min(512, capacity // 16 - block_size)
     per_key = per_tree = 0.0

@@ -43,7 +43,10 @@ class ModelRunner:
         self.attention_cls = attention_cls
         self.tree_paths = tree_paths
         self.device = model.lm_head.weight.device
-        self.drafter = Drafter(heads, model, tree_paths) if heads is not None else None
+        self.drafter = None
+        if heads is not None:
+            self.drafter = Drafter(heads, model, tree_paths, graph_rows=graphs.max_seqs if graphs else 0,
+                                   capture=graphs.capture if graphs else False)
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> list[tuple[ScheduledSequence, StepResult]]:

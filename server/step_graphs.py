@@ -31,12 +31,22 @@ def bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def warm_up_buckets(max_seqs: int, max_tree_nodes: int) -> list[tuple[int, int, int]]:
-    """The buckets worth capturing at start-up: plain decoding at every batch bucket, and a
-    lone sequence's trees at every size (others are captured when first met)."""
-    batches = [1 << i for i in range(bucket(max_seqs).bit_length())]
-    trees = [1 << i for i in range(1, bucket(max_tree_nodes).bit_length())]
-    return [(b, 1, b) for b in batches] + [(1, q, q) for q in trees]
+def warm_up_buckets(max_seqs: int, max_tree_nodes: int, max_tokens: int) -> list[tuple[int, int, int]]:
+    """Every bucket a step can fall in, to capture at start-up: capturing one mid-serve
+    stalls every running request (a new kernel variant's first capture compiles it: on an
+    H200, adaptive trees at 16 requests paused for 1.1 s). A bucket (S, M, T) holds n
+    sequences, S/2 < n <= S, whose longest tree has m nodes, M/2 < m <= M: n - 1 + m to
+    n * m tokens (at most max_tokens), T the power of two at or above that count."""
+    buckets = []
+    for seqs in (1 << i for i in range(bucket(max_seqs).bit_length())):
+        for tree in (1 << i for i in range(bucket(max_tree_nodes).bit_length())):
+            fewest = seqs // 2 + tree // 2 + 1
+            most = min(min(seqs, max_seqs) * min(tree, max_tree_nodes), max_tokens)
+            tokens = bucket(fewest)
+            while tokens < 2 * most and fewest <= most:
+                buckets.append((seqs, tree, tokens))
+                tokens *= 2
+    return buckets
 
 
 class StepGraphs:
@@ -129,24 +139,86 @@ class StepGraphs:
 
     def _capture(self, key) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
         """Capture a bucket's graph (None, and that bucket eager from then on, if it fails)."""
-        started = time.perf_counter()
-        try:
-            with torch.cuda.device(self.device):
-                # one eager run first, on a side stream: Triton compiles and loads its kernels,
-                # which a capture cannot
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    self._forward(key)
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                # thread_local: the server's other threads may touch CUDA's runtime meanwhile
-                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                    out = self._forward(key)
-        except RuntimeError as e:
-            logger.warning("CUDA graph capture failed for bucket %s (%s); that bucket runs eagerly", key, e)
-            self.graphs[key] = None
-            return None
-        self.graphs[key] = (graph, out)
-        logger.debug("captured the step graph for %s in %.0f ms", key, (time.perf_counter() - started) * 1e3)
-        return graph, out
+        self.graphs[key] = capture(lambda: self._forward(key), self.device, self.pool, f"step bucket {key}")
+        return self.graphs[key]
+
+
+class DraftGraphs:
+    """The heads' guesses for up to max_rows rows, replayed from one CUDA graph per row
+    bucket (powers of two).
+
+    A draft is ~40 small kernels (each head's blocks and token projection, the shared
+    unembedding, softmax, top-k); launched from Python they took 1.3 ms a step on the H200,
+    more than the graphed forward itself. `guesses(hidden [R, H], next_ids [R])` -> (probs,
+    ids) [R, heads, k] is the drafter's eager computation; it is replayed on static inputs
+    whose first rows are the step's (padding rows hold stale states, their guesses unread).
+    capture=False runs the same padded computation eagerly (tests on the CPU).
+    """
+
+    def __init__(self, guesses, hidden_size: int, dtype: torch.dtype, max_rows: int, device: torch.device,
+                 capture: bool = True, pool=None):
+        self.guesses = guesses
+        self.capture = capture
+        self.device = device
+        self.pool = pool
+        self.hidden = torch.zeros(bucket(max_rows), hidden_size, dtype=dtype, device=device)
+        self.next_ids = torch.zeros(bucket(max_rows), dtype=torch.int64, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]] | None] = {}
+
+    def fits(self, rows: int) -> bool:
+        return rows <= len(self.next_ids)
+
+    @torch.inference_mode()
+    def run(self, hidden: torch.Tensor, next_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = len(next_ids)
+        size = bucket(rows)
+        self.hidden[:rows].copy_(hidden)
+        self.next_ids[:rows].copy_(torch.tensor(next_ids, dtype=torch.int64))
+        entry = self.graphs[size] if size in self.graphs else self._capture(size) if self.capture else None
+        if entry is None:
+            probs, ids = self.guesses(self.hidden[:size], self.next_ids[:size])
+        else:
+            graph, (probs, ids) = entry
+            graph.replay()
+        return probs[:rows], ids[:rows]
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Capture every bucket now, the biggest first (the smaller ones reuse its memory)."""
+        started, size = time.perf_counter(), len(self.next_ids)
+        while size and self.capture:
+            if size not in self.graphs:
+                self._capture(size)
+            size //= 2
+        if self.capture:
+            logger.info("captured %d draft graphs in %.1f s", sum(g is not None for g in self.graphs.values()),
+                        time.perf_counter() - started)
+
+    def _capture(self, size: int):
+        self.graphs[size] = capture(lambda: self.guesses(self.hidden[:size], self.next_ids[:size]), self.device,
+                                    self.pool, f"draft bucket {size}")
+        return self.graphs[size]
+
+
+def capture(fn, device: torch.device, pool, name: str):
+    """fn's launches captured in a CUDA graph -> (graph, fn's output, which each replay
+    rewrites), or None, logged, where the capture fails (the caller then runs fn eagerly)."""
+    started = time.perf_counter()
+    try:
+        with torch.cuda.device(device):
+            # one eager run first, on a side stream: Triton compiles and loads its kernels,
+            # and lazily built weights get built, which a capture cannot do
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the server's other threads may touch CUDA's runtime meanwhile
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                out = fn()
+    except RuntimeError as e:
+        logger.warning("CUDA graph capture failed for the %s (%s); it runs eagerly", name, e)
+        return None
+    logger.debug("captured the %s in %.0f ms", name, (time.perf_counter() - started) * 1e3)
+    return graph, out

@@ -31,7 +31,8 @@ def test_environment_mirrors_every_flag(monkeypatch):
     assert config.max_num_seqs == 3 and not config.speculation and config.kv_cache_memory_gb == 0.5
     assert config.model is None and config.tree_budget == 8
     assert not config.int8_linear and engine_config(parse([], monkeypatch, GORGON_INT8_LINEAR="1")).int8_linear
-    assert not config.cuda_graphs and engine_config(parse([], monkeypatch, GORGON_CUDA_GRAPHS="1")).cuda_graphs
+    assert config.cuda_graphs and not engine_config(parse([], monkeypatch, GORGON_CUDA_GRAPHS="0")).cuda_graphs
+    assert not engine_config(parse(["--no-cuda-graphs"], monkeypatch)).cuda_graphs
     assert {env_name(flag[2:].replace("-", "_")) for flag, *_ in SERVE_OPTIONS} >= {
         "GORGON_HOST", "GORGON_PORT", "GORGON_MODEL", "GORGON_HEADS", "GORGON_API_KEY", "GORGON_MAX_NUM_SEQS",
         "GORGON_MAX_MODEL_LEN", "GORGON_MAX_QUEUE_SIZE", "GORGON_DTYPE", "GORGON_DEVICE", "GORGON_LOG_LEVEL"}

@@ -1,4 +1,5 @@
-"""Compile every kernel for an H100 (sm_90) with Triton's bundled ptxas, no GPU needed.
+"""Compile every kernel for an H100 (sm_90) with Triton's bundled ptxas, no GPU needed, and
+check that its tiles fit the multiprocessor's shared memory (in fp32 too).
 
 The interpreter accepts code that the compiler rejects (non-constexpr globals, dtype
 mismatches in tl.dot, ...). The compile runs in a subprocess because TRITON_INTERPRET=1,
@@ -19,8 +20,10 @@ from kernels import kv_cache, prefill_attention, tree_attention
 
 def compile_for_h100(fn, types, constexprs, num_warps=4, num_stages=3):
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
-    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                   options=dict(num_warps=num_warps, num_stages=num_stages))
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    # an H100's most shared memory a block (227 KiB): more compiles, then fails at launch
+    assert kernel.metadata.shared <= 232448, (fn.__name__, signature, constexprs, kernel.metadata.shared)
 
 for dtype in ("fp16", "bf16", "fp32"):
     ptr = "*" + dtype

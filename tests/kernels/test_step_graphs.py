@@ -30,9 +30,18 @@ def runner(model, graphs: bool) -> ModelRunner:
     return ModelRunner(model, None, cache, TritonAttention, (), step_graphs)
 
 
-def test_bucket_and_warm_up_buckets():
+def test_bucket():
     assert [bucket(n) for n in (1, 2, 3, 5, 64, 65)] == [1, 2, 4, 8, 64, 128]
-    assert warm_up_buckets(5, 4) == [(1, 1, 1), (2, 1, 2), (4, 1, 4), (8, 1, 8), (1, 2, 2), (1, 4, 4)]
+
+
+@pytest.mark.parametrize("max_seqs, max_tree, max_tokens", [(5, 4, 12), (8, 64, 64), (64, 64, 512), (3, 1, 2)])
+def test_warm_up_buckets_are_exactly_the_reachable_ones(max_seqs, max_tree, max_tokens):
+    """Brute force: n sequences, the longest tree m nodes, the rest any size from 1 to m."""
+    reachable = {(bucket(n), bucket(m), bucket(tokens))
+                 for n in range(1, max_seqs + 1) for m in range(1, max_tree + 1)
+                 for tokens in range(n - 1 + m, min(n * m, max_tokens) + 1)}
+    buckets = warm_up_buckets(max_seqs, max_tree, max_tokens)
+    assert len(buckets) == len(set(buckets)) and set(buckets) == reachable
 
 
 @pytest.mark.parametrize("steps", [[[1, 5, 3], [2], [1, 1, 1]], [[7, 1], [4, 4, 4]]])

@@ -67,6 +67,29 @@ def test_independent_drafts_fill_the_whole_tree_from_one_call(model):
                 assert drafts[row].chances[j] <= drafts[row].chances[PATHS.index(path[:-1])]
 
 
+@torch.inference_mode()
+def test_drafts_padded_to_a_graph_bucket_equal_unpadded_ones(model):
+    """Rows padded to a power of two on static buffers (what a CUDA graph replays; eagerly
+    here, capture=False): the same drafts as the unpadded call, after a bigger batch has left
+    stale rows in the buffers."""
+    heads = make_heads(model, chained=False)
+    plain = Drafter(heads, model, PATHS)
+    padded = Drafter(heads, model, PATHS, graph_rows=8, capture=False)
+    assert padded.graphs is not None and padded.graphs.graphs == {}
+    torch.manual_seed(3)
+    for rows in (7, 3, 1, 8):
+        hidden = torch.randn(rows, model.config.hidden_size)
+        roots = list(range(100, 100 + rows))
+        expected, got = plain.draft(hidden, roots, [8] * rows), padded.draft(hidden, roots, [8] * rows)
+        assert [d.tokens for d in got] == [d.tokens for d in expected]
+        for d, e in zip(got, expected):
+            assert d.chances == pytest.approx(e.chances, rel=1e-4)   # a padded batch rounds differently
+    # more rows than the biggest bucket: the eager call
+    assert len(padded.draft(torch.randn(9, model.config.hidden_size), [1] * 9, [8] * 9)) == 9
+    # chained heads draft depth by depth on the host: no graphs
+    assert Drafter(make_heads(model, chained=True), model, PATHS, graph_rows=8, capture=False).graphs is None
+
+
 def test_chained_heads_need_token_input_and_the_shared_unembedding():
     with pytest.raises(ValueError):
         HeadsConfig(token_input=False, chained=True)
