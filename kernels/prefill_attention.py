@@ -74,9 +74,11 @@ def _prefill_attention_kernel(
 
 
 # Row tile (most rows), key-block size, warps and pipeline stages by head dim (<= 64, larger),
-# set from `python -m kernels.bench --sweep` on an H200 (2026-11-28, docs/benchmarks.md). For
-# head dim 128 the sweep's winner, 128 x 128 tiles with 8 warps (0.387 ms), was 4% ahead of
-# 64 x 64 with 4 (0.405 ms); the smaller tile is kept, as it also fits fp32 inputs' shared memory.
+# set from `python -m kernels.bench --sweep` on an H200 (2026-11-28, docs/benchmarks.md): the
+# fastest of 16 for 1k queries after 8k keys (head dim 64: 2 stages, 0.118 against 0.121 ms
+# with 3). For head dim 128 the winner, 128 x 128 tiles with 8 warps (0.387 ms), needs more
+# shared memory than a block has with fp32 inputs; the runner-up, 64 x 64 with 4 warps (0.405
+# ms, ~5% slower), fits every dtype.
 TILES = {64: (64, 128, 4, 2), 128: (64, 64, 4, 2)}
 
 

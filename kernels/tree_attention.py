@@ -125,9 +125,10 @@ def _merge_splits_kernel(
 
 
 # Most rows a tile, key-block size, warps and pipeline stages by head dim (<= 64, larger), set
-# from `python -m kernels.bench --sweep` on an H200 (2026-11-28, docs/benchmarks.md: 64-key
-# blocks 1.24-1.36x faster than 32 at batch 64 and 8k keys). A 64-node tree of a group of 3
-# is 192 rows, but tiles of 128 or 256 rows (fewer re-reads of each key block) were slower.
+# from `python -m kernels.bench --sweep` on an H200 (2026-11-28, docs/benchmarks.md: the
+# fastest of 18 at batch 64 and 8k keys; 64-key blocks 1.24-1.36x faster than the 32-key
+# ones before, 2 stages best for head dim 128). A 64-node tree of a group of 3 is 192 rows,
+# but tiles of 128 or 256 rows (fewer re-reads of each key block) were slower.
 TILES = {64: (64, 64, 4, 4), 128: (64, 64, 4, 2)}
 
 

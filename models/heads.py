@@ -157,14 +157,10 @@ class MedusaHeads(nn.Module):
         draft vocabulary when there is one)."""
         return self.top_guesses(head_hidden, base_lm_head, k)[1]
 
-    def top_guesses(self, head_hidden: torch.Tensor, base_lm_head: nn.Linear, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Head outputs [..., H] -> (probabilities, token ids) of their k most likely tokens
-        [..., k], best first: the head's own softmax, over the draft vocabulary when there is
-        one (the drafter's estimate of how likely each guess is right)."""
-        if self.draft_vocab is None:
-            logits = base_lm_head(head_hidden) if self.lm_heads is None else self.logits(head_hidden, base_lm_head)
-            top = logits.float().softmax(-1).topk(k, dim=-1)
-            return top.values, top.indices
+    def draft_unembedding(self, base_lm_head: nn.Linear) -> tuple[nn.Module, torch.Tensor]:
+        """(the base unembedding's rows of the draft vocabulary, the vocabulary on their
+        device), built once per weight and vocabulary: no host copy a call (a CUDA graph
+        replays the drafts)."""
         weight = base_lm_head.weight
         if self._draft_unembedding is None or self._draft_unembedding[0] is not weight:
             rows = nn.Linear(weight.shape[1], len(self.draft_vocab), bias=False, device=weight.device,
@@ -173,7 +169,17 @@ class MedusaHeads(nn.Module):
             int8 = getattr(base_lm_head, "int8", None) is not None   # as the base model's unembedding runs
             self._draft_unembedding = (weight, PackedLinear(rows, int8=int8) if can_pack(weight.device, weight.dtype)
                                        else rows, self.draft_vocab.to(weight.device))
-        _, unembedding, vocab = self._draft_unembedding   # no host copy a call: a CUDA graph replays this
+        return self._draft_unembedding[1:]
+
+    def top_guesses(self, head_hidden: torch.Tensor, base_lm_head: nn.Linear, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head outputs [..., H] -> (probabilities, token ids) of their k most likely tokens
+        [..., k], best first: the head's own softmax, over the draft vocabulary when there is
+        one (the drafter's estimate of how likely each guess is right)."""
+        if self.draft_vocab is None:
+            logits = base_lm_head(head_hidden) if self.lm_heads is None else self.logits(head_hidden, base_lm_head)
+            top = logits.float().softmax(-1).topk(k, dim=-1)
+            return top.values, top.indices
+        unembedding, vocab = self.draft_unembedding(base_lm_head)
         logits = unembedding(head_hidden).float()
         top = logits.softmax(-1).topk(min(k, len(vocab)), dim=-1)
         return top.values, vocab[top.indices]

@@ -45,9 +45,10 @@ class Draft:
 
 class Drafter:
     def __init__(self, heads: MedusaHeads, model: LlamaForCausalLM, tree_paths: tuple[Path, ...],
-                 graph_rows: int = 0, capture: bool = True):
-        """graph_rows > 0 (CUDA graphs): independent heads' guesses for up to that many rows
-        are replayed from CUDA graphs (server/step_graphs.py; capture=False: padded, eagerly)."""
+                 graph_rows: int = 0, capture: bool | None = None):
+        """graph_rows > 0: independent heads' guesses for up to that many rows are replayed
+        from CUDA graphs (server/step_graphs.py); capture (default: on CUDA) False pads
+        them the same way but runs them eagerly (tests)."""
         self.heads = heads
         self.model = model
         self.tree_paths = tree_paths
@@ -61,8 +62,9 @@ class Drafter:
                        for j, path in sorted(enumerate(tree_paths), key=lambda item: len(item[1]))]
         self.graphs = None
         if graph_rows and not self.chained:
-            self.graphs = DraftGraphs(self._guesses, model.config.hidden_size, model.lm_head.weight.dtype,
-                                      graph_rows, self.device, capture)
+            self.graphs = DraftGraphs(self._guesses, self._weights, model.config.hidden_size,
+                                      model.lm_head.weight.dtype, graph_rows, self.device,
+                                      self.device.type == "cuda" if capture is None else capture)
             self.graphs.warm_up()
 
     def draft(self, hidden: torch.Tensor, next_ids: list[int], sizes: list[int]) -> list[Draft]:
@@ -81,6 +83,14 @@ class Drafter:
         if self.heads.config.token_input:
             next_embeds = self.model.model.embed_tokens(next_ids).to(hidden.dtype)
         return self.heads.top_guesses(self.heads(hidden, next_embeds), self.model.lm_head, self.top_k)
+
+    def _weights(self) -> list[torch.Tensor]:
+        """Every tensor `_guesses` reads besides its inputs."""
+        tensors = [*self.heads.parameters(), self.model.lm_head.weight, self.model.model.embed_tokens.weight]
+        if self.heads.draft_vocab is not None:
+            unembedding, vocab = self.heads.draft_unembedding(self.model.lm_head)
+            tensors += [*unembedding.parameters(), *unembedding.buffers(), vocab]
+        return tensors
 
     def _lay_out(self, probs: torch.Tensor, ids: torch.Tensor) -> list[Draft]:
         """Independent heads' top-k [N, heads, k] -> each row's guess and chance per path: its

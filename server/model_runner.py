@@ -46,7 +46,7 @@ class ModelRunner:
         self.drafter = None
         if heads is not None:
             self.drafter = Drafter(heads, model, tree_paths, graph_rows=graphs.max_seqs if graphs else 0,
-                                   capture=graphs.capture if graphs else False)
+                                   capture=graphs.capture if graphs else None)
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> list[tuple[ScheduledSequence, StepResult]]:

@@ -139,7 +139,7 @@ class StepGraphs:
 
     def _capture(self, key) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
         """Capture a bucket's graph (None, and that bucket eager from then on, if it fails)."""
-        self.graphs[key] = capture(lambda: self._forward(key), self.device, self.pool, f"step bucket {key}")
+        self.graphs[key] = capture_graph(lambda: self._forward(key), self.device, self.pool, f"step bucket {key}")
         return self.graphs[key]
 
 
@@ -152,18 +152,23 @@ class DraftGraphs:
     more than the graphed forward itself. `guesses(hidden [R, H], next_ids [R])` -> (probs,
     ids) [R, heads, k] is the drafter's eager computation; it is replayed on static inputs
     whose first rows are the step's (padding rows hold stale states, their guesses unread).
-    capture=False runs the same padded computation eagerly (tests on the CPU).
+    `reads()` lists the other tensors it reads (weights): a graph holds their addresses, so
+    when one is replaced (new heads' weights, another draft vocabulary) the graphs are
+    dropped and captured again. capture=False runs the same padded computation eagerly
+    (tests on the CPU).
     """
 
-    def __init__(self, guesses, hidden_size: int, dtype: torch.dtype, max_rows: int, device: torch.device,
-                 capture: bool = True, pool=None):
+    def __init__(self, guesses, reads, hidden_size: int, dtype: torch.dtype, max_rows: int, device: torch.device,
+                 capture: bool = True):
         self.guesses = guesses
+        self.reads = reads
         self.capture = capture
         self.device = device
-        self.pool = pool
+        self.pool = torch.cuda.graph_pool_handle() if capture else None   # replays run one at a time
         self.hidden = torch.zeros(bucket(max_rows), hidden_size, dtype=dtype, device=device)
         self.next_ids = torch.zeros(bucket(max_rows), dtype=torch.int64, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]] | None] = {}
+        self._read: list[tuple[torch.Tensor, int]] = []   # what the graphs read (kept alive), their addresses
 
     def fits(self, rows: int) -> bool:
         return rows <= len(self.next_ids)
@@ -174,7 +179,11 @@ class DraftGraphs:
         size = bucket(rows)
         self.hidden[:rows].copy_(hidden)
         self.next_ids[:rows].copy_(torch.tensor(next_ids, dtype=torch.int64))
-        entry = self.graphs[size] if size in self.graphs else self._capture(size) if self.capture else None
+        if self.graphs and self._stale():
+            logger.info("the heads' weights changed: draft graphs captured again")
+            self.graphs.clear()
+            self.warm_up()
+        entry = self.graphs.get(size) if self.capture else None
         if entry is None:
             probs, ids = self.guesses(self.hidden[:size], self.next_ids[:size])
         else:
@@ -184,30 +193,35 @@ class DraftGraphs:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Capture every bucket now, the biggest first (the smaller ones reuse its memory)."""
+        """Capture every bucket, the biggest first (the smaller ones reuse its memory), after
+        one eager run on this stream (weights built lazily are built here, not on the side
+        stream of a capture's trial run)."""
+        if not self.capture:
+            return
         started, size = time.perf_counter(), len(self.next_ids)
-        while size and self.capture:
-            if size not in self.graphs:
-                self._capture(size)
+        self.guesses(self.hidden[:1], self.next_ids[:1])
+        self._read = [(t.detach(), t.data_ptr()) for t in self.reads()]
+        while size:
+            self.graphs[size] = capture_graph(lambda: self.guesses(self.hidden[:size], self.next_ids[:size]),
+                                              self.device, self.pool, f"draft bucket {size}")
             size //= 2
-        if self.capture:
-            logger.info("captured %d draft graphs in %.1f s", sum(g is not None for g in self.graphs.values()),
-                        time.perf_counter() - started)
+        logger.info("captured %d draft graphs in %.1f s", sum(g is not None for g in self.graphs.values()),
+                    time.perf_counter() - started)
 
-    def _capture(self, size: int):
-        self.graphs[size] = capture(lambda: self.guesses(self.hidden[:size], self.next_ids[:size]), self.device,
-                                    self.pool, f"draft bucket {size}")
-        return self.graphs[size]
+    def _stale(self) -> bool:
+        now = self.reads()
+        return len(now) != len(self._read) or any(t.data_ptr() != ptr for t, (_, ptr) in zip(now, self._read))
 
 
-def capture(fn, device: torch.device, pool, name: str):
+def capture_graph(fn, device: torch.device, pool, name: str):
     """fn's launches captured in a CUDA graph -> (graph, fn's output, which each replay
-    rewrites), or None, logged, where the capture fails (the caller then runs fn eagerly)."""
+    rewrites), or None, logged, where the capture fails (the caller then runs fn eagerly,
+    which raises if the failure was the computation's own)."""
     started = time.perf_counter()
     try:
         with torch.cuda.device(device):
             # one eager run first, on a side stream: Triton compiles and loads its kernels,
-            # and lazily built weights get built, which a capture cannot do
+            # which a capture cannot do
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -217,8 +231,8 @@ def capture(fn, device: torch.device, pool, name: str):
             # thread_local: the server's other threads may touch CUDA's runtime meanwhile
             with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 out = fn()
-    except RuntimeError as e:
-        logger.warning("CUDA graph capture failed for the %s (%s); it runs eagerly", name, e)
+    except Exception as e:   # Triton's compile and resource errors are not RuntimeErrors
+        logger.warning("CUDA graph capture failed for the %s (%s: %s); it runs eagerly", name, type(e).__name__, e)
         return None
     logger.debug("captured the %s in %.0f ms", name, (time.perf_counter() - started) * 1e3)
     return graph, out

@@ -77,3 +77,40 @@ def test_padded_tree_steps_match_unpadded_ones(steps):
             torch.testing.assert_close(graphed.kv_cache.v, eager.kv_cache.v, atol=2e-5, rtol=2e-5)
         if DEVICE == "cuda":
             assert len(graphed.graphs.graphs) == len({(bucket(len(q)), bucket(max(q)), bucket(sum(q))) for q in steps})
+
+
+@torch.inference_mode()
+def test_draft_graphs_give_the_eager_drafts_and_follow_new_weights():
+    """The heads' guesses from draft graphs (captured on a GPU; padded and eager on the CPU)
+    equal the eager drafter's for every row count; a new draft vocabulary (new tensors the
+    graphs would read at stale addresses) gets graphs captured again."""
+    from models.heads import HeadsConfig, MedusaHeads
+    from server.drafter import Drafter
+    from server.tree import expand_tree
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(CONFIG).eval().to(DEVICE)
+    heads = MedusaHeads(HeadsConfig(hidden_size=CONFIG.hidden_size, vocab_size=CONFIG.vocab_size, num_heads=3,
+                                    num_layers=1, token_input=True)).eval().to(DEVICE)
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    heads.set_draft_vocab(torch.arange(0, CONFIG.vocab_size, 2))
+    paths = tuple(expand_tree([[0.6, 0.2, 0.1], [0.4, 0.1], [0.3]], 16))
+    eager, graphed = Drafter(heads, model, paths), Drafter(heads, model, paths, graph_rows=8)
+    assert graphed.graphs is not None
+    if DEVICE == "cuda":
+        assert sorted(graphed.graphs.graphs) == [1, 2, 4, 8] and None not in graphed.graphs.graphs.values()
+
+    def check(rows):
+        hidden = torch.randn(rows, CONFIG.hidden_size, device=DEVICE)
+        roots = [int(t) for t in torch.randint(0, CONFIG.vocab_size, (rows,))]
+        for got, expected in zip(graphed.draft(hidden, roots, [16] * rows), eager.draft(hidden, roots, [16] * rows)):
+            assert got.tokens == expected.tokens
+            assert got.chances == pytest.approx(expected.chances, rel=1e-4, abs=1e-7)
+
+    for rows in (8, 3, 1, 5):
+        check(rows)
+    heads.set_draft_vocab(torch.arange(1, CONFIG.vocab_size, 3))
+    check(4)
+    if DEVICE == "cuda":
+        assert None not in graphed.graphs.graphs.values()
