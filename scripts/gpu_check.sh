@@ -6,7 +6,7 @@
 #                                  # timings with and without graphs (BF16=1: bf16 parity too)
 #   scripts/gpu_check.sh engine    # a shorter model stage: parity of graphs with eager launches, a server
 #                                  # run (its start-up captures logged), speculation and batching timings
-#                                  # with the server's defaults (~3.5 minutes with
+#                                  # with the server's defaults, where a step's time goes (~4.5 minutes with
 #                                  # first-use captures, 2026-11-28; every bucket at start-up is untimed)
 #
 # Logs go to $OUT (default ./gpu-check-out); each stage prints its tables last. The model stage
@@ -81,9 +81,12 @@ engine)
     kill -TERM $server; wait $server
     grep -E "graphs|step cost" "$OUT/server.log"
     step speculation 120 $PY -m benchmarks.speculation --sizes 1,4,16 --temperatures 0 --prompts 6
+    # where a step's time goes (graphed forward, drafting, host work), alone and 16 at a time
+    step step-parts 90 $PY -m benchmarks.step_parts --sizes 1,4,16
+    step step-parts-16 90 $PY -m benchmarks.step_parts --sizes 1,4 --concurrency 16 --prompts 32
     step batching 150 $PY -m benchmarks.batching --concurrency 1,4,16,32 --max-tokens 64 --fixed-tree 16
     tail -n 6 "$OUT/parity-fp32.txt"; tail -n 7 "$OUT/server-check.txt"; tail -n 6 "$OUT/speculation.txt"
-    tail -n 14 "$OUT/batching.txt"
+    tail -n 6 "$OUT/step-parts.txt"; tail -n 5 "$OUT/step-parts-16.txt"; tail -n 14 "$OUT/batching.txt"
     ;;
 *)
     echo "usage: $0 kernels|model|engine" >&2; exit 2 ;;
