@@ -20,10 +20,12 @@ BACKEND_NAMES = ("auto", "torch", "triton")
 class TritonAttention:
     """Paged attention with the kernels in this package (same interface as `TorchAttention`)."""
 
-    def __init__(self, metadata: AttentionMetadata, kv_cache: KVCache, graph_bucket: tuple[int, int] | None = None):
-        """graph_bucket (sequences, longest tree): a tree-only step padded to a CUDA graph's
-        bucket, whose launches the bucket fixes, fit for any context length (server/step_graphs.py);
-        the metadata's host copies are then not read."""
+    def __init__(self, metadata: AttentionMetadata, kv_cache: KVCache,
+                 graph_bucket: tuple[int, int, int] | None = None):
+        """graph_bucket (sequences, longest tree, tokens): a step padded to a CUDA graph's
+        bucket, whose launches the bucket fixes, fit for any context length
+        (server/step_graphs.py); longest tree 0 marks a bucket of prompt chunks (of up to
+        `tokens` each). The metadata's host copies are then not read."""
         from kernels import kv_cache as kv_kernels, prefill_attention, tree_attention
 
         self._write_kv = kv_kernels.write_kv
@@ -32,9 +34,11 @@ class TritonAttention:
         self.metadata = metadata
         self.kv_cache = kv_cache
         if graph_bucket is not None:
-            self.num_prefills, self.first_tree_row, self.max_prefill_query_len = 0, 0, 0
-            self.num_trees, self.max_tree_query_len = graph_bucket
-            self.max_tree_seq_len = None
+            num_seqs, longest_tree, num_tokens = graph_bucket
+            prefill = longest_tree == 0
+            self.num_prefills, self.max_prefill_query_len = (num_seqs, num_tokens) if prefill else (0, 0)
+            self.num_trees, self.max_tree_query_len = (0, 0) if prefill else (num_seqs, longest_tree)
+            self.first_tree_row, self.max_tree_seq_len = 0, None
             return
         # The plan, from host copies only: no device sync per step.
         num_prefills = metadata.num_prefills

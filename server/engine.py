@@ -22,7 +22,7 @@ from server.sampling_params import SamplingParams
 from server.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from server.sequence import Sequence, SequenceStatus
 from server.speculation_policy import SpeculationPolicy
-from server.step_graphs import StepGraphs, warm_up_buckets
+from server.step_graphs import StepGraphs, prefill_buckets, warm_up_buckets
 from server.loading import load_components, measure_step_costs
 
 logger = logging.getLogger("gorgon.engine")
@@ -60,7 +60,8 @@ class LLMEngine:
                                 config.max_num_batched_tokens,
                                 blocks_for(self.max_model_len + config.max_tree_nodes, config.block_size))
             graphs.warm_up(warm_up_buckets(config.max_num_seqs, config.max_tree_nodes if config.speculation else 1,
-                                           config.max_num_batched_tokens))
+                                           config.max_num_batched_tokens)
+                           + prefill_buckets(config.max_num_seqs, config.max_num_batched_tokens))
         self.runner = ModelRunner(self.model, self.heads if tree_paths else None, self.kv_cache,
                                   parts.attention_cls, tree_paths, graphs)
         self.cost_model = measure_step_costs(self.runner, max(config.max_num_batched_tokens, 64))

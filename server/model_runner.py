@@ -128,10 +128,21 @@ class ModelRunner:
     def forward(self, input_ids: list[int], positions: list[int], query_lens: list[int], seq_lens: list[int],
                 tables: list[list[int]], num_prefills: int, tree_masks: list[list[int]] | None,
                 logits_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One packed step -> (logits [len(logits_rows), vocab], hidden [T, hidden]); from a CUDA
-        graph when the step has no prompt chunk and fits one (hidden then valid until the next step)."""
-        if self.graphs is not None and num_prefills == 0 and self.graphs.fits(query_lens, tables):
-            hidden = self.graphs.run(input_ids, positions, query_lens, seq_lens, tables, tree_masks)
+        """One packed step -> (logits [len(logits_rows), vocab], hidden [T, hidden]); from CUDA
+        graphs when the step fits them (hidden then valid until the next step): its prompt
+        chunks' graph, then its trees' and decodes'."""
+        if self.graphs is not None and self.graphs.fits(query_lens, tables):
+            split = sum(query_lens[:num_prefills])   # prompt chunks' tokens come first
+            parts = []
+            if num_prefills:
+                parts.append(self.graphs.run(input_ids[:split], positions[:split], query_lens[:num_prefills],
+                                             seq_lens[:num_prefills], tables[:num_prefills], None, prefill=True))
+            if num_prefills < len(query_lens):
+                if parts:   # the next replay may reuse the first graph's output memory
+                    parts[0] = parts[0].clone()
+                parts.append(self.graphs.run(input_ids[split:], positions[split:], query_lens[num_prefills:],
+                                             seq_lens[num_prefills:], tables[num_prefills:], tree_masks))
+            hidden = parts[0] if len(parts) == 1 else torch.cat(parts)
             every_row = len(logits_rows) == len(input_ids)   # a tree step: logits for all its rows
             rows = hidden if every_row else hidden[torch.tensor(logits_rows, dtype=torch.long, device=self.device)]
             return self.model.compute_logits(rows), hidden

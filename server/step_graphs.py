@@ -7,8 +7,11 @@ and launch arguments, so a step is padded to a bucket: its sequences, its longes
 its tokens, each rounded up to a power of two. The step's inputs go into static buffers that
 every graph reads (their first B sequences and T tokens); padding tokens write no key (slot
 -1) and padding sequences have no queries. The tree kernel derives each sequence's key split
-from its length on the device, so one graph serves every context length. Steps with prompt
-chunks run eagerly (as in vLLM); so do steps past the largest bucket.
+from its length on the device, so one graph serves every context length. Prompt chunks have
+graphs of their own, bucketed by chunks and tokens (the causal kernel's launch covers chunks
+of up to all the bucket's tokens; each program finds its chunk's length on the device): a
+step that holds both replays the chunks' graph, then the decodes'. Steps past the largest
+bucket run eagerly.
 
 Only the model body (embeddings to the final norm) is graphed: the runner takes the logits
 of the rows it needs eagerly, and reads the output before the next replay overwrites it.
@@ -49,8 +52,21 @@ def warm_up_buckets(max_seqs: int, max_tree_nodes: int, max_tokens: int) -> list
     return buckets
 
 
+def prefill_buckets(max_seqs: int, max_tokens: int) -> list[tuple[int, int, int]]:
+    """The buckets of steps' prompt chunks, to capture at start-up: (S, 0, T) holds n
+    chunks, S/2 < n <= S, of n to max_tokens tokens in all (T the power of two at or above)."""
+    buckets = []
+    for seqs in (1 << i for i in range(bucket(max_seqs).bit_length())):
+        tokens = bucket(seqs // 2 + 1)
+        while tokens < 2 * max_tokens and seqs // 2 + 1 <= max_tokens:
+            buckets.append((seqs, 0, tokens))
+            tokens *= 2
+    return buckets
+
+
 class StepGraphs:
-    """One CUDA graph per (sequences, longest tree, tokens) bucket, captured on first use.
+    """One CUDA graph per (sequences, longest tree, tokens) bucket (longest tree 0: prompt
+    chunks), captured at start-up (`warm_up`) or on first use.
 
     capture=False runs the same padded static-buffer step eagerly (what a graph would replay):
     on the CPU, for tests.
@@ -82,10 +98,11 @@ class StepGraphs:
 
     @torch.inference_mode()
     def run(self, input_ids: list[int], positions: list[int], query_lens: list[int], seq_lens: list[int],
-            tables: list[list[int]], tree_masks: list[list[int]] | None) -> torch.Tensor:
-        """One tree-only step (every sequence a tree or a one-token decode): hidden [T, hidden]
-        for its T tokens, a view of the graph's output, valid until the next `run`."""
-        key = (bucket(len(query_lens)), bucket(max(query_lens)), bucket(sum(query_lens)))
+            tables: list[list[int]], tree_masks: list[list[int]] | None, prefill: bool = False) -> torch.Tensor:
+        """One step of trees and one-token decodes, or (prefill) one of prompt chunks: hidden
+        [T, hidden] for its T tokens, a view of the graph's output, valid until the next `run`
+        (a step of both kinds runs them one after the other: copy the first's)."""
+        key = (bucket(len(query_lens)), 0 if prefill else bucket(max(query_lens)), bucket(sum(query_lens)))
         self._fill(key, input_ids, positions, query_lens, seq_lens, tables, tree_masks)
         if not self.capture:
             return self._forward(key)[:len(input_ids)]
@@ -109,9 +126,9 @@ class StepGraphs:
                     time.perf_counter() - started)
 
     def _fill(self, key, input_ids, positions, query_lens, seq_lens, tables, tree_masks) -> None:
-        num_seqs, _, num_tokens = key
+        num_seqs, longest_tree, num_tokens = key
         pad_tokens = num_tokens - len(input_ids)
-        words = tree_mask_words(query_lens, tree_masks)
+        words = tree_mask_words(query_lens, tree_masks) if longest_tree else [0] * len(input_ids)  # (prompts: unread)
         slots = slot_list(query_lens, seq_lens, tables, self.kv_cache.block_size)
         rows = torch.tensor([input_ids + [0] * pad_tokens, positions + [0] * pad_tokens,
                              slots + [PAD_SLOT] * pad_tokens, words + [0] * pad_tokens], dtype=torch.int64)
@@ -128,13 +145,14 @@ class StepGraphs:
                 [t + [PAD_SLOT] * (width - len(t)) for t in tables], dtype=torch.int32))
 
     def _forward(self, key) -> torch.Tensor:
-        num_seqs, max_query_len, num_tokens = key
+        num_seqs, longest_tree, num_tokens = key
         ids, positions, slots, words = self.token_rows[:, :num_tokens]
         seq_lens, cu = self.seq_rows[0, :num_seqs], self.seq_rows[1, :num_seqs + 1]
         metadata = AttentionMetadata(slot_mapping=slots, block_tables=self.block_tables[:num_seqs],
-                                     seq_lens=seq_lens, cu_seqlens_q=cu, num_prefills=0, tree_mask=words,
+                                     seq_lens=seq_lens, cu_seqlens_q=cu,
+                                     num_prefills=0 if longest_tree else num_seqs, tree_mask=words,
                                      seq_lens_host=(), query_lens_host=())
-        attention = self.attention_cls(metadata, self.kv_cache, graph_bucket=(num_seqs, max_query_len))
+        attention = self.attention_cls(metadata, self.kv_cache, graph_bucket=key)
         return self.model.model(ids, positions, attention)
 
     def _capture(self, key) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:

@@ -15,7 +15,7 @@ from models.attention import KVCache
 from models.config import ModelConfig
 from models.llama import LlamaForCausalLM
 from server.model_runner import ModelRunner
-from server.step_graphs import StepGraphs, bucket, warm_up_buckets
+from server.step_graphs import StepGraphs, bucket, prefill_buckets, warm_up_buckets
 
 BLOCK = 8
 CONFIG = ModelConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
@@ -57,11 +57,11 @@ def test_padded_tree_steps_match_unpadded_ones(steps):
     prompt_lens = [rng.randint(3, 30) for _ in range(3)]
     tables = [list(range(16 * b, 16 * b + 8)) for b in range(3)]
     with torch.inference_mode():
-        for b, n in enumerate(prompt_lens):  # prefills take the eager path in both runners
+        for b, n in enumerate(prompt_lens):  # prompts: eager, and padded to a prompt bucket
             ids = [rng.randrange(64) for _ in range(n)]
-            for r in (eager, graphed):
-                r.forward(ids, list(range(n)), [n], [n], [tables[b]], 1, None, [n - 1])
-        assert graphed.graphs.graphs == {}   # prompt chunks never take a graph
+            expected = eager.forward(ids, list(range(n)), [n], [n], [tables[b]], 1, None, [n - 1])[0]
+            torch.testing.assert_close(graphed.forward(ids, list(range(n)), [n], [n], [tables[b]], 1, None, [n - 1])[0],
+                                       expected, atol=2e-5, rtol=2e-5)
         for query_lens in steps:
             seqs = range(len(query_lens))
             masks = [random_tree_masks(q, rng) for q in query_lens]
@@ -76,7 +76,51 @@ def test_padded_tree_steps_match_unpadded_ones(steps):
             torch.testing.assert_close(graphed.kv_cache.k, eager.kv_cache.k, atol=2e-5, rtol=2e-5)
             torch.testing.assert_close(graphed.kv_cache.v, eager.kv_cache.v, atol=2e-5, rtol=2e-5)
         if DEVICE == "cuda":
-            assert len(graphed.graphs.graphs) == len({(bucket(len(q)), bucket(max(q)), bucket(sum(q))) for q in steps})
+            tree_buckets = {(bucket(len(q)), bucket(max(q)), bucket(sum(q))) for q in steps}
+            prompt_buckets = {(1, 0, bucket(n)) for n in prompt_lens}
+            assert set(graphed.graphs.graphs) == tree_buckets | prompt_buckets
+
+
+@torch.inference_mode()
+def test_steps_mixing_prompt_chunks_and_trees_match_unpadded_ones():
+    """A step holding prompt chunks (one mid-prompt, one that completes its prompt) and trees
+    replays the chunks' graph, then the trees': logits and caches equal the eager step's."""
+    torch.manual_seed(1)
+    rng = random.Random(5)
+    model = LlamaForCausalLM(CONFIG).eval().to(DEVICE)
+    eager, graphed = runner(model, False), runner(model, True)
+    tables = [list(range(16 * b, 16 * b + 8)) for b in range(4)]
+    prompt_lens = [rng.randint(3, 20) for _ in range(2)]
+    for b, n in enumerate(prompt_lens):
+        ids = [rng.randrange(64) for _ in range(n)]
+        for r in (eager, graphed):
+            r.forward(ids, list(range(n)), [n], [n], [tables[b]], 1, None, [n - 1])
+    # sequences 2 and 3: prompt chunks of 9 and 13 tokens (3's first chunk, 2's whole prompt);
+    # 0 and 1: trees of 3 and 1 nodes
+    chunk_lens, tree_lens = [9, 13], [3, 1]
+    masks = [random_tree_masks(q, rng) for q in tree_lens]
+    ids = [rng.randrange(64) for _ in range(sum(chunk_lens) + sum(tree_lens))]
+    positions = list(range(9)) + list(range(13)) + [
+        prompt_lens[b] + bin(m).count("1") - 1 for b in range(2) for m in masks[b]]
+    seq_lens = [9, 13] + [prompt_lens[b] + tree_lens[b] for b in range(2)]
+    logits_rows = [8] + list(range(22, 22 + sum(tree_lens)))   # 2's prompt completes; 3's does not
+    step = (ids, positions, chunk_lens + tree_lens, seq_lens, [tables[2], tables[3], tables[0], tables[1]], 2, masks,
+            logits_rows)
+    expected_logits, expected_hidden = eager.forward(*step)
+    logits, hidden = graphed.forward(*step)
+    torch.testing.assert_close(hidden, expected_hidden, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(logits, expected_logits, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(graphed.kv_cache.k, eager.kv_cache.k, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(graphed.kv_cache.v, eager.kv_cache.v, atol=2e-5, rtol=2e-5)
+    if DEVICE == "cuda":
+        assert {(2, 0, 32), (2, 4, 4)} <= set(graphed.graphs.graphs)
+
+
+@pytest.mark.parametrize("max_seqs, max_tokens", [(5, 12), (64, 512), (3, 2)])
+def test_prefill_buckets_are_exactly_the_reachable_ones(max_seqs, max_tokens):
+    reachable = {(bucket(n), 0, bucket(tokens)) for n in range(1, max_seqs + 1) for tokens in range(n, max_tokens + 1)}
+    buckets = prefill_buckets(max_seqs, max_tokens)
+    assert len(buckets) == len(set(buckets)) and set(buckets) == reachable
 
 
 @torch.inference_mode()
