@@ -86,9 +86,9 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
                         help="plain one-token-per-step decoding with the same engine [env GORGON_NO_SPECULATION]")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
                         default=env_flag("cuda_graphs", ENGINE_DEFAULTS["cuda_graphs"]),
-                        help="CUDA with the triton backend: replay decode and tree steps and the heads' drafts "
-                             "from CUDA graphs instead of launching every kernel from Python; --no-cuda-graphs "
-                             "launches them eagerly [env GORGON_CUDA_GRAPHS; default on]")
+                        help="CUDA with the triton backend: replay steps (prompt chunks, decodes, trees) and the "
+                             "heads' drafts from CUDA graphs captured at start-up instead of launching every kernel "
+                             "from Python; --no-cuda-graphs launches them eagerly [env GORGON_CUDA_GRAPHS; default on]")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

@@ -1,4 +1,4 @@
-"""Decode and tree-verification steps replayed from CUDA graphs.
+"""Engine steps (prompt chunks, decodes, tree verification) and drafts replayed from CUDA graphs.
 
 Launched from Python, a step of the default model is ~30 layers x ~15 kernels, and the GPU
 waits on the host between them (12 ms a plain step on an H200, docs/benchmarks.md). A CUDA

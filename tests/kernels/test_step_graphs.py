@@ -46,8 +46,9 @@ def test_warm_up_buckets_are_exactly_the_reachable_ones(max_seqs, max_tree, max_
 
 @pytest.mark.parametrize("steps", [[[1, 5, 3], [2], [1, 1, 1]], [[7, 1], [4, 4, 4]]])
 def test_padded_tree_steps_match_unpadded_ones(steps):
-    """Prompts prefilled eagerly, then tree steps of different buckets one after another (a
-    smaller step after a bigger one must read nothing stale); logits and caches agree."""
+    """Prompts (padded to prompt buckets in the graphed runner), then tree steps of different
+    buckets one after another (a smaller step after a bigger one must read nothing stale);
+    logits and caches agree."""
     torch.manual_seed(0)
     rng = random.Random(len(steps))
     model = LlamaForCausalLM(CONFIG).eval().to(DEVICE)
