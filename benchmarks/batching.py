@@ -3,6 +3,7 @@
     python -m benchmarks.batching [--concurrency 1,4,16,32] [--max-tokens 64] [--fixed-tree 16]
                                   [--rounds 1] [--without-datastore] [--int8-linear]
                                   [--kv-cache-dtype auto[,float16]] [--cpu-decoder on[,off]]
+                                  [--cuda-graphs on[,off]]
 
 For each concurrency c, c requests (evaluation prompts, greedy, lengths spread around
 --max-tokens) are in flight at once in one engine, each finished one replaced by the next
@@ -12,8 +13,8 @@ flight: once the queue runs dry the batch drains, and a draining batch (where re
 speculation finished early are no longer replaced) says nothing about concurrency c. The
 same engine runs (a) plain decoding (tree of 1), (b) a fixed tree and (c) the load-adaptive
 policy, side by side in one run (with --without-datastore also (d) the adaptive policy
-without datastore chains, server/datastore.py); with several --kv-cache-dtype values, one engine
-each, every mode on every engine. With --rounds R each mode runs R times at
+without datastore chains, server/datastore.py); with several --kv-cache-dtype, --cpu-decoder
+or --cuda-graphs values, one engine each, every mode on every engine. With --rounds R each mode runs R times at
 each concurrency, the modes interleaved and their order rotated every round (so that a slow
 spell of a shared machine hits every mode alike), each round on the next prompts. Prints
 generated tokens/s over all rounds and p50/p99 inter-token latency (a step that yields k
@@ -102,11 +103,16 @@ def main(argv=None) -> None:
     parser.add_argument("--cpu-decoder", default="on",
                         help="comma-separated CPU layer paths to compare: on (the C++ decoder, "
                              "models/cpu_decoder.py) and/or off (the Python layers), one engine each")
+    parser.add_argument("--cuda-graphs", default="on",
+                        help="comma-separated CUDA launch modes to compare: on (graphs) and/or off (eager), "
+                             "one engine each")
     args = parser.parse_args(argv)
-    engines = {kv if decoder == "on" else f"{kv}, decoder off": make_engine(
-        EngineConfig(heads=args.heads, max_num_seqs=64, max_num_batched_tokens=1024, kv_cache_memory_gb=2.0,
-                     int8_linear=args.int8_linear, kv_cache_dtype=kv), decoder == "on")
-               for kv in args.kv_cache_dtype.split(",") for decoder in args.cpu_decoder.split(",")}
+    engines = {kv + ("" if decoder == "on" else ", decoder off") + ("" if graphs == "on" else ", graphs off"):
+               make_engine(EngineConfig(heads=args.heads, max_num_seqs=64, max_num_batched_tokens=1024,
+                                        kv_cache_memory_gb=2.0, int8_linear=args.int8_linear, kv_cache_dtype=kv,
+                                        cuda_graphs=graphs == "on"), decoder == "on")
+               for kv in args.kv_cache_dtype.split(",") for decoder in args.cpu_decoder.split(",")
+               for graphs in args.cuda_graphs.split(",")}
     first = next(iter(engines.values()))
     prompts = [first.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in MIXED]
     modes = []   # (engine, mode, tree size, datastore)

@@ -5,9 +5,9 @@
 #   scripts/gpu_check.sh model     # greedy parity (CUDA graphs, eager, CPU), a server run on CUDA, speculation
 #                                  # timings with and without graphs (BF16=1: bf16 parity too)
 #   scripts/gpu_check.sh engine    # a shorter model stage: parity of graphs with eager launches, a server
-#                                  # run (its start-up captures logged), speculation and batching timings
-#                                  # with the server's defaults, where a step's time goes (~4.5 minutes with
-#                                  # first-use captures, 2026-11-28; every bucket at start-up is untimed)
+#                                  # run (its start-up captures logged), speculation with the server's
+#                                  # defaults, where a step's time goes, batching graphed and eager
+#                                  # (~6 minutes, estimated: start-up capture of every bucket is untimed)
 #
 # Logs go to $OUT (default ./gpu-check-out); each stage prints its tables last. The model stage
 # needs the default model in the model cache (`python -m models.fetch`, or its GGUF placed in
@@ -84,7 +84,8 @@ engine)
     # where a step's time goes (graphed forward, drafting, host work), alone and 16 at a time
     step step-parts 90 $PY -m benchmarks.step_parts --sizes 1,4,16
     step step-parts-16 90 $PY -m benchmarks.step_parts --sizes 1,4 --concurrency 16 --prompts 32
-    step batching 150 $PY -m benchmarks.batching --concurrency 1,4,16,32 --max-tokens 64 --fixed-tree 16
+    step batching 240 $PY -m benchmarks.batching --concurrency 1,4,16,32 --max-tokens 64 --fixed-tree 16 \
+        --cuda-graphs on,off
     tail -n 6 "$OUT/parity-fp32.txt"; tail -n 7 "$OUT/server-check.txt"; tail -n 6 "$OUT/speculation.txt"
     tail -n 6 "$OUT/step-parts.txt"; tail -n 5 "$OUT/step-parts-16.txt"; tail -n 14 "$OUT/batching.txt"
     ;;
