@@ -22,6 +22,7 @@ they cannot run) or `off`.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -29,7 +30,6 @@ import os
 import platform
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -40,19 +40,27 @@ _SOURCES = [_CSRC / name for name in ("panel_linear.cpp", "int8_linear.cpp", "la
                                      "cpu_decoder.cpp", "bindings.cpp")]
 _HEADERS = [_CSRC / "panels.h", _CSRC / "simd.h", _CSRC / "kernels.h"]
 _NAME = "gorgon_cpu_kernels"
-# A build takes a minute or two; a lock this old was left by a build that was killed (a server
-# stopped during its first start), and torch's builder would wait on it forever.
-STALE_LOCK_SECONDS = 600
 
 
-def _drop_stale_lock(lock: Path) -> None:
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return
-    if age > STALE_LOCK_SECONDS:
-        logger.warning("removing %s, left %.0f minutes ago by a build that did not finish", lock, age / 60)
-        lock.unlink(missing_ok=True)
+@contextlib.contextmanager
+def _exclusive_build(build_dir: Path):
+    """Held around torch's build of the kernels.
+
+    torch marks a build with a `lock` file that a killed build leaves behind (a server stopped
+    during its first start, a machine imaged mid-build), and every later build waits on it
+    forever. Every Gorgon build first takes an flock on a file beside it, which the OS drops when
+    its holder exits or dies: whoever holds that knows no live build holds torch's lock, so a
+    leftover one is removed.
+    """
+    import fcntl
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "gorgon.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)   # waits for a live build in another process
+        leftover = build_dir / "lock"
+        if leftover.exists():
+            logger.warning("removing %s, left by a build that did not finish", leftover)
+            leftover.unlink(missing_ok=True)
+        yield
 
 
 @functools.cache
@@ -74,16 +82,16 @@ def cpu_kernels():
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
         logger.info("loading Gorgon's CPU kernels (compiled on first use, about a minute)")
-        _drop_stale_lock(Path(_get_build_directory(_NAME, verbose=False)) / "lock")
         # -fopenmp compiles ATen's parallel_for into OpenMP regions without linking an
         # OpenMP runtime of our own: they run on the one torch has loaded (its thread pool);
         # -ffp-contract=off: a product then a sum stays two roundings where the code says so
         # (the 4-bit panels' dequantization must match GGUF's to the bit)
         # torch rebuilds when a source or a flag changes, not a header: the headers' hash is a flag
         headers = hashlib.sha256(b"".join(h.read_bytes() for h in _HEADERS)).hexdigest()[:16]
-        return load(_NAME, [str(s) for s in _SOURCES],
-                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off",
-                                  f"-DGORGON_HEADERS={headers}"])
+        with _exclusive_build(Path(_get_build_directory(_NAME, verbose=False))):
+            return load(_NAME, [str(s) for s in _SOURCES],
+                        extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off",
+                                      f"-DGORGON_HEADERS={headers}"])
     except Exception as e:  # no compiler, no ninja, a read-only cache...
         if choice == "on":
             raise
