@@ -51,6 +51,8 @@ struct Int8Rows {
   int64_t K;
 };
 
+static_assert(QBLOCK == 32, "quantize_rows takes a block as two 16-float registers");
+
 Int8Rows quantize_rows(const torch::Tensor& x, torch::Tensor& codes, torch::Tensor& scales) {
   const int64_t M = x.size(0), K = x.size(1), blocks = K / QBLOCK;
   codes = torch::empty({M, K}, x.options().dtype(torch::kChar));
@@ -63,17 +65,17 @@ Int8Rows quantize_rows(const torch::Tensor& x, torch::Tensor& codes, torch::Tens
   at::parallel_for(0, M * blocks, 4096, [&](int64_t first, int64_t last) {
     for (int64_t i = first; i < last; ++i) {
       const float* v = xd + i * QBLOCK;  // block i % blocks of row i / blocks
-      float largest = 0.0f;
-      for (int64_t j = 0; j < QBLOCK; ++j) largest = std::max(largest, std::fabs(v[j]));
+      const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+      // the largest |x|, the step and the codes: round(x / d) to nearest even (the default
+      // rounding mode, as std::nearbyint), within +-127 by construction
+      const float largest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
       const float d = largest / 127.0f, inverse = d > 0.0f ? 1.0f / d : 0.0f;
-      int32_t sum = 0;
-      for (int64_t j = 0; j < QBLOCK; ++j) {
-        const int32_t q = static_cast<int32_t>(std::nearbyint(v[j] * inverse));
-        cd[i * QBLOCK + j] = static_cast<int8_t>(q);
-        sum += q;
-      }
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inverse)));
+      const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inverse)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(cd + i * QBLOCK), _mm512_cvtepi32_epi8(q0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(cd + i * QBLOCK + 16), _mm512_cvtepi32_epi8(q1));
       steps[i] = d;
-      sums[i] = d * static_cast<float>(sum);
+      sums[i] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
     }
   });
   return {cd, steps, sums, K};
