@@ -36,9 +36,9 @@ import torch
 
 logger = logging.getLogger("gorgon.cpu_kernels")
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / name for name in ("panel_linear.cpp", "int8_linear.cpp", "layer_ops.cpp", "tree_attention.cpp",
-                                     "cpu_decoder.cpp", "bindings.cpp")]
-_HEADERS = [_CSRC / "panels.h", _CSRC / "simd.h", _CSRC / "kernels.h"]
+SOURCES = ("panel_linear.cpp", "int8_linear.cpp", "layer_ops.cpp", "tree_attention.cpp", "cpu_decoder.cpp",
+           "bindings.cpp")
+HEADERS = ("panels.h", "simd.h", "kernels.h")
 _NAME = "gorgon_cpu_kernels"
 
 
@@ -63,6 +63,22 @@ def _exclusive_build(build_dir: Path):
         yield
 
 
+def build(name: str = _NAME, csrc: Path = _CSRC):
+    """Compile the kernels' sources in csrc (or load their cached build) as module `name`
+    (benchmarks.kernels_ab builds another revision's beside these)."""
+    from torch.utils.cpp_extension import _get_build_directory, load
+    # -fopenmp compiles ATen's parallel_for into OpenMP regions without linking an
+    # OpenMP runtime of our own: they run on the one torch has loaded (its thread pool);
+    # -ffp-contract=off: a product then a sum stays two roundings where the code says so
+    # (the 4-bit panels' dequantization must match GGUF's to the bit)
+    # torch rebuilds when a source or a flag changes, not a header: the headers' hash is a flag
+    headers = hashlib.sha256(b"".join((csrc / h).read_bytes() for h in HEADERS)).hexdigest()[:16]
+    with _exclusive_build(Path(_get_build_directory(name, verbose=False))):
+        return load(name, [str(csrc / s) for s in SOURCES],
+                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off",
+                                  f"-DGORGON_HEADERS={headers}"])
+
+
 @functools.cache
 def cpu_kernels():
     """The compiled kernel module, or None where the kernels cannot run or be built."""
@@ -80,18 +96,8 @@ def cpu_kernels():
     if shutil.which("ninja") is None and os.path.exists(os.path.join(bin_dir, "ninja")):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     try:
-        from torch.utils.cpp_extension import _get_build_directory, load
         logger.info("loading Gorgon's CPU kernels (compiled on first use, about a minute)")
-        # -fopenmp compiles ATen's parallel_for into OpenMP regions without linking an
-        # OpenMP runtime of our own: they run on the one torch has loaded (its thread pool);
-        # -ffp-contract=off: a product then a sum stays two roundings where the code says so
-        # (the 4-bit panels' dequantization must match GGUF's to the bit)
-        # torch rebuilds when a source or a flag changes, not a header: the headers' hash is a flag
-        headers = hashlib.sha256(b"".join(h.read_bytes() for h in _HEADERS)).hexdigest()[:16]
-        with _exclusive_build(Path(_get_build_directory(_NAME, verbose=False))):
-            return load(_NAME, [str(s) for s in _SOURCES],
-                        extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off",
-                                      f"-DGORGON_HEADERS={headers}"])
+        return build()
     except Exception as e:  # no compiler, no ninja, a read-only cache...
         if choice == "on":
             raise

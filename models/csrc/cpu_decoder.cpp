@@ -121,7 +121,8 @@ class CpuDecoder {
 };
 
 void register_cpu_decoder(py::module& m) {
-  py::class_<CpuDecoder>(m, "CpuDecoder", "all decoder layers of a decode or tree step in one call")
+  py::class_<CpuDecoder>(m, "CpuDecoder", py::module_local(),  // local: two builds may share a process (benchmarks.kernels_ab)
+                         "all decoder layers of a decode or tree step in one call")
       .def(py::init<const std::vector<LinearSpec>&, std::vector<torch::Tensor>, double, int64_t, int64_t, int64_t,
                     int64_t, double>())
       .def("forward", &CpuDecoder::forward, py::call_guard<py::gil_scoped_release>());
