@@ -7,7 +7,8 @@
 A variant is device/attention backend/speculation[/eager][/kv16], speculation one of plain,
 adaptive or a fixed tree size in nodes; on CUDA with triton, steps replay from CUDA graphs (the
 server's default) unless /eager launches every kernel from Python; /kv16 stores the KV cache in
-fp16.
+fp16; /int8 (CPU) runs --int8-linear's integer products (the server's default on CPUs with
+AVX-512 VNNI: `cpu/auto/plain/int8` gives the texts such a server must return).
 Every evaluation prompt runs at once (one batch of different lengths) at temperature 0, after
 a short warm-up run of them all (kernel compiles and graph captures). For each variant the
 table gives how many outputs equal the first variant's token for token and, where one
@@ -33,12 +34,12 @@ from server.sampling_params import SamplingParams
 
 def parse_variant(spec: str, dtype: str, model: str | None) -> EngineConfig:
     device, backend, tree, *options = spec.split("/")
-    if not set(options) <= {"eager", "kv16"}:
-        raise SystemExit(f"unknown variant options {options} in {spec!r}: eager, kv16")
+    if not set(options) <= {"eager", "kv16", "int8"}:
+        raise SystemExit(f"unknown variant options {options} in {spec!r}: eager, kv16, int8")
     return EngineConfig(model=model, device=device, attention_backend=backend, speculation=tree != "plain",
                         tree_budget=None if tree in ("plain", "adaptive") else int(tree), dtype=dtype,
                         kv_cache_memory_gb=0.5, cuda_graphs="eager" not in options,
-                        kv_cache_dtype="float16" if "kv16" in options else "auto")
+                        kv_cache_dtype="float16" if "kv16" in options else "auto", int8_linear="int8" in options)
 
 
 def run_batch(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], list[str], float]:

@@ -49,6 +49,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def int8_by_default(device: str, dtype: str) -> bool:
+    """The server's --int8-linear when neither it nor --no-int8-linear is given: on where the
+    model runs in fp32 on a CPU that runs the integer kernels (AVX-512 VNNI). The engine's
+    own default (EngineConfig) stays the exact path."""
+    try:
+        if resolve_device(device).type != "cpu" or parse_dtype(dtype) != torch.float32:
+            return False
+    except ValueError:   # a bad --device or --dtype: EngineConfig's checks word the error
+        return False
+    from models.packed_linear import int8_supported
+    return int8_supported()
+
+
 def attention_class(name: str, device: torch.device, batch_invariant: bool = False) -> type:
     """batch_invariant (on the CPU): prompts through Gorgon's kernel too, every row's bits
     independent of chunking and batching (what --int8-linear needs to stay exact)."""

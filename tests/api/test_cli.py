@@ -30,12 +30,22 @@ def test_environment_mirrors_every_flag(monkeypatch):
     assert args.port == 9001 and args.api_key == "k"
     assert config.max_num_seqs == 3 and not config.speculation and config.kv_cache_memory_gb == 0.5
     assert config.model is None and config.tree_budget == 8
-    assert not config.int8_linear and engine_config(parse([], monkeypatch, GORGON_INT8_LINEAR="1")).int8_linear
+    assert engine_config(parse([], monkeypatch, GORGON_INT8_LINEAR="1")).int8_linear
+    assert not engine_config(parse([], monkeypatch, GORGON_INT8_LINEAR="0")).int8_linear
     assert config.cuda_graphs and not engine_config(parse([], monkeypatch, GORGON_CUDA_GRAPHS="0")).cuda_graphs
     assert not engine_config(parse(["--no-cuda-graphs"], monkeypatch)).cuda_graphs
     assert {env_name(flag[2:].replace("-", "_")) for flag, *_ in SERVE_OPTIONS} >= {
         "GORGON_HOST", "GORGON_PORT", "GORGON_MODEL", "GORGON_HEADS", "GORGON_API_KEY", "GORGON_MAX_NUM_SEQS",
         "GORGON_MAX_MODEL_LEN", "GORGON_MAX_QUEUE_SIZE", "GORGON_DTYPE", "GORGON_DEVICE", "GORGON_LOG_LEVEL"}
+
+
+def test_int8_linear_is_on_by_default_where_the_cpu_runs_it(monkeypatch):
+    from models.packed_linear import int8_supported
+    assert engine_config(parse([], monkeypatch)).int8_linear == int8_supported()
+    assert not engine_config(parse(["--no-int8-linear"], monkeypatch)).int8_linear
+    assert not engine_config(parse(["--dtype", "bfloat16"], monkeypatch)).int8_linear   # fp32 only
+    assert not engine_config(parse([], monkeypatch, GORGON_DEVICE="cuda:0")).int8_linear   # the CPU only
+    assert not engine_config(parse(["--no-int8-linear"], monkeypatch, GORGON_INT8_LINEAR="1")).int8_linear
 
 
 def test_flags_win_over_the_environment(monkeypatch):
