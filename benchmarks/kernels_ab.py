@@ -1,7 +1,7 @@
 """The CPU kernels of another git revision against this checkout's, in one process.
 
     python -m benchmarks.kernels_ab [--base HEAD] [--sizes 1,4] [--concurrency 1]
-                                    [--prompts 16] [--max-tokens 128] [--linear int8]
+                                    [--prompts 16] [--max-tokens 128] [--linear exact|int8]
 
 Builds `models/csrc` as it is at --base (under its own module name, cached like the real
 build) beside this checkout's build, makes one engine on each, and runs the evaluation
@@ -13,6 +13,7 @@ tokens/s of each at every tree size, the ratio, and whether both generated the s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import subprocess
 import tempfile
@@ -25,6 +26,7 @@ import torch
 
 import models.cpu_kernels as ck
 from benchmarks.eval_prompts import MIXED
+from models.packed_linear import int8_supported
 from server.config import EngineConfig
 from server.engine import LLMEngine
 from server.sampling_params import SamplingParams
@@ -44,16 +46,20 @@ def build_revision(revision: str):
                               capture_output=True, text=True).stdout
         if name == "cpu_decoder.cpp" and "py::module_local()" not in text:   # older revisions: two
             text = text.replace('(m, "CpuDecoder", ', '(m, "CpuDecoder", py::module_local(), ')   # builds clash
-        (into / name).write_text(text)
+        source = into / name
+        if not source.exists() or source.read_text() != text:   # unchanged files keep ninja's build
+            source.write_text(text)
     return ck.build(f"gorgon_kernels_{commit}", into), commit
 
 
-def engine_on(kernels, config: EngineConfig) -> LLMEngine:
-    """An engine whose layers use `kernels` (every module reads them through cpu_kernels())."""
+@contextlib.contextmanager
+def kernels_in_use(kernels):
+    """cpu_kernels() returns `kernels` meanwhile: the layers take theirs when the engine is
+    built, attention and the small kernels at every step."""
     ck.cpu_kernels.cache_clear()
     try:
         with mock.patch.object(ck, "build", lambda *args, **kwargs: kernels):
-            return LLMEngine(config)
+            yield
     finally:
         ck.cpu_kernels.cache_clear()
 
@@ -81,20 +87,25 @@ def main(argv=None) -> None:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--prompts", type=int, default=len(MIXED))
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--linear", choices=("exact", "int8"), default="int8")
+    parser.add_argument("--linear", choices=("exact", "int8"), help="default: int8 where the CPU runs it")
     args = parser.parse_args(argv)
     current = ck.cpu_kernels()
     if current is None:
         raise SystemExit("Gorgon's CPU kernels do not run here")
-    config = EngineConfig(max_num_seqs=args.concurrency, int8_linear=args.linear == "int8", kv_cache_memory_gb=0.3)
+    linear = args.linear or ("int8" if int8_supported() else "exact")
+    config = EngineConfig(max_num_seqs=args.concurrency, int8_linear=linear == "int8", kv_cache_memory_gb=0.3)
     base, commit = build_revision(args.base)
-    engines = {commit: engine_on(base, config), "this checkout": engine_on(current, config)}
+    builds = {commit: base, "this checkout": current}
+    engines = {}
+    for label, kernels in builds.items():
+        with kernels_in_use(kernels):
+            engines[label] = LLMEngine(config)
     tokenizer = engines["this checkout"].tokenizer
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": MIXED[i % len(MIXED)]}])
                for i in range(args.prompts)]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     print(f"# {date.today()} {platform.node()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.linear} linear layers, {args.prompts} prompts x {args.max_tokens} tokens, "
+          f"{linear} linear layers, {args.prompts} prompts x {args.max_tokens} tokens, "
           f"{args.concurrency} at a time; tokens/s")
     print(f"| tree | {commit} | this checkout | ratio | same tokens |")
     print("|---|---|---|---|---|")
@@ -105,7 +116,8 @@ def main(argv=None) -> None:
             batch, outputs = prompts[start:start + args.concurrency], []
             for label, engine in engines.items():
                 engine.set_tree_budget(size)
-                tokens, seconds, texts = serve(engine, batch, args.concurrency, params)
+                with kernels_in_use(builds[label]):
+                    tokens, seconds, texts = serve(engine, batch, args.concurrency, params)
                 totals[label][0] += tokens
                 totals[label][1] += seconds
                 outputs.append(texts)

@@ -55,12 +55,21 @@ def _exclusive_build(build_dir: Path):
     import fcntl
     build_dir.mkdir(parents=True, exist_ok=True)
     with open(build_dir / "gorgon.flock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)   # waits for a live build in another process
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX)   # waits for a live build in another process
+            locked = True
+        except OSError as e:   # a file system without flock (some NFS, FUSE): torch's lock alone
+            logger.warning("cannot lock %s (%s): a lock left by a killed build would hang this one", held.name, e)
+            locked = False
         leftover = build_dir / "lock"
-        if leftover.exists():
+        if locked and leftover.exists():
             logger.warning("removing %s, left by a build that did not finish", leftover)
             leftover.unlink(missing_ok=True)
-        yield
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(held, fcntl.LOCK_UN)
 
 
 def build(name: str = _NAME, csrc: Path = _CSRC):

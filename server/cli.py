@@ -95,11 +95,12 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
+    int8 = args.int8_linear
+    if int8 is None:   # neither --int8-linear nor --no-int8-linear (nor GORGON_INT8_LINEAR)
+        int8 = int8_by_default(args.device, args.dtype, args.attention_backend)
     return EngineConfig(model=args.model, heads=args.heads, speculation=not args.no_speculation,
                         tree_budget=args.tree_budget, lookup_tokens=args.lookup_tokens,
-                        datastore=args.datastore, dtype=args.dtype,
-                        int8_linear=int8_by_default(args.device, args.dtype) if args.int8_linear is None
-                        else args.int8_linear,
+                        datastore=args.datastore, dtype=args.dtype, int8_linear=int8,
                         device=args.device, cuda_graphs=args.cuda_graphs,
                         attention_backend=args.attention_backend, max_num_seqs=args.max_num_seqs,
                         max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,

@@ -47,5 +47,8 @@ class EngineConfig:
                              f"{self.kv_cache_dtype!r} with dtype {self.dtype!r}")
         if self.int8_linear and self.dtype not in ("float32", "fp32"):
             raise ValueError("int8_linear rounds fp32 activations: it needs dtype float32")
+        if self.int8_linear and self.attention_backend != "auto":
+            raise ValueError("int8_linear keeps speculation exact only with the batch-invariant CPU attention: "
+                             "it needs attention_backend auto")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")

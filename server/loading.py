@@ -49,12 +49,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def int8_by_default(device: str, dtype: str) -> bool:
+def int8_by_default(device: str, dtype: str, attention_backend: str = "auto") -> bool:
     """The server's --int8-linear when neither it nor --no-int8-linear is given: on where the
-    model runs in fp32 on a CPU that runs the integer kernels (AVX-512 VNNI). The engine's
-    own default (EngineConfig) stays the exact path."""
+    model runs in fp32 on a CPU that runs the integer kernels (AVX-512 VNNI), with the CPU's
+    own attention. The engine's own default (EngineConfig) stays the exact path."""
     try:
-        if resolve_device(device).type != "cpu" or parse_dtype(dtype) != torch.float32:
+        if attention_backend != "auto" or resolve_device(device).type != "cpu" or parse_dtype(dtype) != torch.float32:
             return False
     except ValueError:   # a bad --device or --dtype: EngineConfig's checks word the error
         return False
@@ -84,9 +84,15 @@ def load_components(config: EngineConfig, heads_override=None) -> Components:
         model_dir = Path(config.model)
     started = time.perf_counter()
     model = load_model(model_dir, dtype, device, int8=config.int8_linear)
+    # only layers whose weights are exact Q4_1 / Q8_0 values run integer products: a model
+    # with none (a Hugging Face fp32 or bf16 checkpoint) stays on the exact path throughout
+    int8 = any(getattr(m, "int8", None) is not None for m in model.modules())
+    if config.int8_linear and not int8:
+        logger.warning("--int8-linear: no weight matrix of %s holds Q4_1 / Q8_0 values; exact fp32 products",
+                       model_dir)
     tokenizer = Tokenizer(model_dir, model.config.eos_token_id)
     logger.info("loaded %s (%s%s) in %.1f s", model_dir, dtype,
-                ", 8-bit integer linear layers" if config.int8_linear else "", time.perf_counter() - started)
+                ", 8-bit integer linear layers" if int8 else "", time.perf_counter() - started)
     checkpoint = heads_override
     if checkpoint is None and config.speculation and config.heads != "none":
         from models.head_checkpoint import DEFAULT_HEADS_DIR, load_heads, model_checksum
@@ -97,11 +103,11 @@ def load_components(config: EngineConfig, heads_override=None) -> Components:
     heads = checkpoint.heads.to(device=device, dtype=dtype).eval() if checkpoint is not None else None
     if heads is not None and can_pack(device, dtype):  # the engine only drafts with them: packed like the
         heads = copy.deepcopy(heads)                    # model's (a copy: the caller's heads stay trainable)
-        if config.int8_linear:   # drafts need not be exact: their weights rounded to Q8_0, integer products
+        if int8:   # drafts need not be exact: their weights rounded to Q8_0, integer products
             with torch.no_grad():
                 for linear in (m for m in heads.modules() if isinstance(m, torch.nn.Linear)):
                     linear.weight.copy_(round_to_q8_0(linear.weight))
-        pack_linears(heads, int8=config.int8_linear)
+        pack_linears(heads, int8=int8)
     datastore = load_datastore(config, checkpoint)
     if datastore is not None and datastore.max_token >= model.config.vocab_size:
         raise ValueError(f"the datastore holds token id {datastore.max_token}, beyond this model's vocabulary "
@@ -110,7 +116,7 @@ def load_components(config: EngineConfig, heads_override=None) -> Components:
         model=model, tokenizer=tokenizer, heads=heads, datastore=datastore,
         tree_paths=tuple(checkpoint.tree_paths) if checkpoint is not None else (),
         accuracies=list(checkpoint.accuracies) if checkpoint is not None else [],
-        attention_cls=attention_class(config.attention_backend, device, batch_invariant=config.int8_linear),
+        attention_cls=attention_class(config.attention_backend, device, batch_invariant=int8),
         device=device, model_name=Path(model_dir).name)
 
 

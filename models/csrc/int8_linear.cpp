@@ -67,7 +67,8 @@ Int8Rows quantize_rows(const torch::Tensor& x, torch::Tensor& codes, torch::Tens
       const float* v = xd + i * QBLOCK;  // block i % blocks of row i / blocks
       const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
       // the largest |x|, the step and the codes: round(x / d) to nearest even (the default
-      // rounding mode, as std::nearbyint), within +-127 by construction
+      // rounding mode, as std::nearbyint), within +-127 by construction (for finite x: a NaN
+      // gives garbage codes, as it did in the scalar loop this replaced)
       const float largest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
       const float d = largest / 127.0f, inverse = d > 0.0f ? 1.0f / d : 0.0f;
       const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inverse)));

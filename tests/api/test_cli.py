@@ -46,6 +46,10 @@ def test_int8_linear_is_on_by_default_where_the_cpu_runs_it(monkeypatch):
     assert not engine_config(parse(["--dtype", "bfloat16"], monkeypatch)).int8_linear   # fp32 only
     assert not engine_config(parse([], monkeypatch, GORGON_DEVICE="cuda:0")).int8_linear   # the CPU only
     assert not engine_config(parse(["--no-int8-linear"], monkeypatch, GORGON_INT8_LINEAR="1")).int8_linear
+    # the integer products keep speculation exact only beside the batch-invariant CPU attention
+    assert not engine_config(parse(["--attention-backend", "torch"], monkeypatch)).int8_linear
+    with pytest.raises(ValueError, match="attention_backend auto"):
+        engine_config(parse(["--int8-linear", "--attention-backend", "torch"], monkeypatch))
 
 
 def test_flags_win_over_the_environment(monkeypatch):
