@@ -47,6 +47,15 @@ def typical_acceptable(probs: torch.Tensor, parents: torch.Tensor, tokens: torch
     return probs[parents, tokens] > threshold[parents]
 
 
+def typical_verdicts(logits: torch.Tensor, params: SamplingParams, tokens: tuple[int, ...]) -> list[bool]:
+    """logits [vocab] at one node: whether typical acceptance would keep each of `tokens` as
+    its child (how the policy scores lookup chains that no tree verified)."""
+    probs = probabilities(logits[None], params)
+    parents = torch.zeros(len(tokens), dtype=torch.long, device=logits.device)
+    return typical_acceptable(probs, parents, torch.tensor(tokens, device=logits.device),
+                              params.typical_epsilon, params.typical_delta).tolist()
+
+
 def accept_typical(tree: Tree, node_tokens: list[int], logits: torch.Tensor, params: SamplingParams,
                    generator: torch.Generator | None) -> tuple[list[int], int]:
     """logits [n, vocab] for the tree's nodes. Returns (kept nodes after the root, bonus token)."""

@@ -164,14 +164,13 @@ class LLMEngine:
                 metrics.prompt_tokens.inc(item.num_new_tokens)
             else:
                 self._record_speculation(seq, item, result)
-                if not item.tree.head_paths and seq.draft is not None:  # no heads' tree: score the draft later
-                    seq.spec.plain_drafts.append((seq.draft, seq.num_tokens - 1))
             seq.draft = result.draft
+            if result.verdicts:   # about the tokens at index num_tokens, the first this step adds
+                seq.spec.typical_verdicts.update(zip(((seq.num_tokens, t) for t in item.tree.probes), result.verdicts))
             if not result.new_token_ids:
                 continue
             appended, text = self.output_processor.append(seq, result.new_token_ids)
-            self.policy.score_plain_steps(seq)
-            self.policy.score_lookups(seq)
+            self.policy.score(seq)
             self._record_timing(seq, len(appended), now)
             if seq.finish_reason is not None:
                 self._finish(seq, now)

@@ -16,7 +16,7 @@ import torch
 from models.attention import KVCache, build_metadata
 from models.heads import MedusaHeads
 from models.llama import LlamaForCausalLM
-from server.acceptance import accept_greedy, accept_rejection, accept_typical
+from server.acceptance import accept_greedy, accept_rejection, accept_typical, typical_verdicts
 from server.drafter import Draft, Drafter
 from server.sampler import greedy_tokens, pick
 from server.scheduler import SchedulerOutput, ScheduledSequence
@@ -32,6 +32,7 @@ class StepResult:
     accepted: int = 0             # drafted tokens kept
     head_accepted: int = 0        # of them, those the heads' branch of the tree would have kept
     draft: Draft | None = None    # the heads' guesses for the next tree (server/drafter.py)
+    verdicts: list[bool] | None = None  # typical acceptance's verdict on each of the tree's probes
 
 
 class ModelRunner:
@@ -109,6 +110,8 @@ class ModelRunner:
                     head_accepted = kept_by_tree(item.tree.head_paths, item.tree.head_tokens, new_tokens)
                 results.append(StepResult(new_tokens, start + 1 + len(kept), drafted=n - 1, accepted=len(kept),
                                           head_accepted=head_accepted))
+                if item.tree.probes and not seq.params.is_greedy:
+                    results[-1].verdicts = typical_verdicts(logits[row], seq.params, item.tree.probes)
                 if item.draft:
                     head_rows.append(offset + (kept[-1] if kept else 0))
                     head_items.append((len(results) - 1, item.draft))

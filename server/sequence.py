@@ -49,10 +49,9 @@ class SpeculationStats:
     # step the heads expected little of moves it little), the expectation being the heads'
     # own (the chances of the tree's nodes, server/drafter.py): how much better or worse than
     # they think this sequence's heads guess, a calibration. Plain steps keep it
-    # current too: their drafts wait in `plain_drafts` (with the index of their root token)
-    # until the text after them is known, then are scored exactly
-    # (SpeculationPolicy.score_plain_steps), so a sequence the policy stopped speculating for
-    # starts again when its text turns predictable.
+    # current too: the trees their drafts would have made wait in `plain_drafts` until the
+    # text after them is known, then are scored (SpeculationPolicy.score_plain_steps), so a
+    # sequence the policy stopped speculating for starts again when its text turns predictable.
     skill: float = 1.0
     _kept: float | None = None      # the moving averages behind skill (None: skill is a prior so far)
     _expected: float = SKILL_PRIOR_TOKENS
@@ -63,6 +62,11 @@ class SpeculationStats:
     # token) until the text after it is known, then is scored (SpeculationPolicy.score_lookups).
     lookup_survival: list[float] = field(default_factory=list)
     pending_lookups: deque = field(default_factory=deque)
+    # Sampled text (typical acceptance) is no yardstick for a chain: a tree would keep any
+    # acceptable token, not only the one drawn. So each step tests the tokens its pending
+    # chains expect next by typical acceptance at the step's root: (token index, token) ->
+    # acceptable, read when the chains are scored.
+    typical_verdicts: dict = field(default_factory=dict)
     # Datastore chains (proposed when the sequence's own text offers none; they wait in
     # `pending_lookups` with their tokens' confidences): kept over expected tokens, as moving
     # averages, the factor on their confidences.

@@ -54,7 +54,7 @@ from itertools import accumulate
 from server.cost_model import StepCostModel
 from server.datastore import Datastore
 from server.sequence import Sequence
-from server.tree import Path, StepTree, best_nodes, kept_by_tree, path_chance, step_tree
+from server.tree import Path, StepTree, best_nodes, children_by_token, kept_below, path_chance, step_tree
 
 TREE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 PINNED_DEFAULT = 16
@@ -147,6 +147,21 @@ def _candidates(nodes: list[int], head_chances: list[float], chain: list[int], c
                        [-c for c in chain_chances], chain_chances, extends_only, depth_mass)
 
 
+def chain_kept(chain: list[int], root: int, future: list[int], verdicts: dict) -> tuple[int, int]:
+    """(tokens known, tokens kept) of a lookup chain after token `root`, given the text that
+    followed and typical acceptance's verdicts on its tokens ((token index, token) ->
+    acceptable; where there is none, the text decides). A verified tree would keep an
+    acceptable token even where the sampled text went elsewhere; after such a token the
+    chain's fate is unknown."""
+    for i, (want, got) in enumerate(zip(chain, future)):
+        acceptable = verdicts.get((root + 1 + i, want), want == got)
+        if not acceptable:
+            return len(future), i
+        if want != got:
+            return i + 1, i + 1
+    return len(future), len(future)
+
+
 class SpeculationPolicy:
     def __init__(self, tree_paths: tuple[Path, ...], accuracies: list[list[float]],
                  cost_model: StepCostModel, max_nodes: int, fixed_size: int | None = None,
@@ -193,17 +208,36 @@ class SpeculationPolicy:
         self._kept += TRUST_WEIGHT * (kept - self._kept)
         self.trust = min(1.5, max(0.3, self._kept / max(self._planned, 1e-3)))
 
+    def score(self, seq: Sequence) -> None:
+        """After a step's tokens are appended: score what waits for them."""
+        self.score_plain_steps(seq)
+        self.score_lookups(seq)
+        verdicts = seq.spec.typical_verdicts
+        if verdicts:   # forget what nothing pending can ask for any more
+            shadows, chains = seq.spec.plain_drafts, seq.spec.pending_lookups
+            first = 1 + min(shadows[0][0] if shadows else seq.num_tokens, chains[0][1] if chains else seq.num_tokens)
+            for key in [k for k in verdicts if k[0] < first]:
+                del verdicts[key]
+
+    def pend_shadow(self, seq: Sequence) -> None:
+        """A sequence that verifies none of its draft this step: the tree it would have
+        verified waits in `plain_drafts` (index of its root, the heads' chances of its nodes,
+        its children by token) until score_plain_steps knows the text after it."""
+        draft = seq.draft
+        nodes = best_nodes(draft.chances, min(self.shadow_size - 1, len(draft)))
+        expected = sum(draft.chances[j] for j in nodes)
+        children = children_by_token(tuple(self.tree_paths[j] for j in nodes), [draft.tokens[j] for j in nodes])
+        seq.spec.plain_drafts.append((seq.num_tokens - 1, expected, children))
+
     def score_plain_steps(self, seq: Sequence) -> None:
         """Once the tokens after a plain step are known, score what the shadow tree would have
         kept from that step's draft; keeps the skill of a sequence that is not drafting current."""
-        pending = seq.spec.plain_drafts
-        while pending and (seq.num_tokens > pending[0][1] + self.shadow_depth or seq.is_finished):
-            draft, root = pending.popleft()
+        pending, verdicts = seq.spec.plain_drafts, seq.spec.typical_verdicts
+        while pending and (seq.num_tokens > pending[0][0] + self.shadow_depth or seq.is_finished):
+            root, expected, children = pending.popleft()
             future = seq.token_ids[root + 1: root + 1 + self.shadow_depth]
-            nodes = best_nodes(draft.chances, min(self.shadow_size - 1, len(draft)))
-            expected = sum(draft.chances[j] for j in nodes)
             if len(future) == self.shadow_depth and expected > 0:
-                kept = kept_by_tree(tuple(self.tree_paths[j] for j in nodes), [draft.tokens[j] for j in nodes], future)
+                kept = kept_below(children, future, lambda depth, token: verdicts.get((root + 1 + depth, token)))
                 seq.spec.record_shadow(kept, expected)
 
     @staticmethod
@@ -211,15 +245,36 @@ class SpeculationPolicy:
         """Once the tokens after a step are known, score the lookup chain proposed for it (as
         far as the text goes), so a sequence's chain chances stay current whether or not the
         policy verified its chains."""
-        pending = seq.spec.pending_lookups
+        pending, verdicts = seq.spec.pending_lookups, seq.spec.typical_verdicts
         while pending and (seq.num_tokens >= pending[0][1] + 1 + len(pending[0][0]) or seq.is_finished):
             chain, root, confidences = pending.popleft()
-            future = seq.token_ids[root + 1: root + 1 + len(chain)]
-            kept = next((i for i, (a, b) in enumerate(zip(chain, future)) if a != b), len(future))
+            known, kept = chain_kept(chain, root, seq.token_ids[root + 1: root + 1 + len(chain)], verdicts)
             if confidences is None:
-                seq.spec.record_lookup(len(future), kept)
-            elif future:
-                seq.spec.record_datastore(kept, sum(confidences[:len(future)]))
+                seq.spec.record_lookup(known, kept)
+            elif known:
+                seq.spec.record_datastore(kept, sum(confidences[:known]))
+
+    @staticmethod
+    def probes(seq: Sequence) -> tuple[int, ...]:
+        """Under typical acceptance, the tokens that the sequence's pending shadow trees and
+        lookup chains offer next, where the text has followed them so far: the step tests
+        them at its root, for score_plain_steps and score_lookups."""
+        if seq.params.is_greedy or seq.params.acceptance != "typical":
+            return ()
+        index, tokens = seq.num_tokens, {}
+        for root, _, children in seq.spec.plain_drafts:
+            node = ()
+            for token in seq.token_ids[root + 1: index]:
+                node = children.get(node, {}).get(token)
+                if node is None:
+                    break
+            else:
+                tokens.update(dict.fromkeys(children.get(node, ())))
+        for chain, root, _ in seq.spec.pending_lookups:
+            i = index - root - 1
+            if i < len(chain) and seq.token_ids[root + 1: index] == chain[:i]:
+                tokens[chain[i]] = None
+        return tuple(tokens)
 
     def choose(self, seqs: list[Sequence], other_tokens: int, token_limit: int, other_keys: int = 0) -> TreePlan:
         """What each sequence verifies this step (a tree needs the draft made in the step
@@ -271,10 +326,12 @@ class SpeculationPolicy:
                     drafts = [0] * len(seqs)
         return TreePlan(trees, drafts)
 
-    @staticmethod
-    def _plain(seqs: list[Sequence]) -> TreePlan:
+    def _plain(self, seqs: list[Sequence]) -> TreePlan:
         """Every sequence decodes one token (its tree is the root) and drafts nothing."""
-        return TreePlan([step_tree(seq.token_ids[-1], (), (), (), 0.0) for seq in seqs], [0] * len(seqs))
+        for seq in seqs:
+            if seq.draft is not None:
+                self.pend_shadow(seq)
+        return TreePlan([step_tree(seq.token_ids[-1], probes=self.probes(seq)) for seq in seqs], [0] * len(seqs))
 
     def _step_estimate(self, seqs: list[Sequence], other_tokens: int, other_keys: int) -> float:
         """The model's time for a plain step of these sequences."""
@@ -371,9 +428,11 @@ class SpeculationPolicy:
         draft) with the first `chain` tokens of its lookup chain merged in."""
         draft = seq.draft
         nodes = sorted(candidates.nodes[: heads - 1]) if draft is not None else []
+        if draft is not None and not nodes:
+            self.pend_shadow(seq)
         return step_tree(seq.token_ids[-1], tuple(self.tree_paths[j] for j in nodes),
                          tuple(draft.tokens[j] for j in nodes), tuple(candidates.chain[:chain]),
-                         sum(draft.chances[j] for j in nodes))
+                         sum(draft.chances[j] for j in nodes), self.probes(seq))
 
     def _best_plan(self, seqs: list[Sequence], candidates: list[_Candidates], skills: list[float],
                    forced: list[tuple[int | None, int | None]], other_tokens: int, token_limit: int,

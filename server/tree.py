@@ -138,6 +138,8 @@ class StepTree:
     head_tokens: tuple[int, ...] = ()
     lookup: tuple[int, ...] = ()     # the context-lookup chain merged in (its tokens from depth 1)
     expected: float = 0.0            # the heads' own estimate of their tokens kept (sum of chances)
+    probes: tuple[int, ...] = ()     # tokens whose typical-acceptance verdict at the root the policy
+                                     # wants: what its unverified lookup chains expect next
 
     @property
     def num_nodes(self) -> int:
@@ -145,7 +147,7 @@ class StepTree:
 
 
 def step_tree(root: int, head_paths: tuple[Path, ...] = (), head_tokens: tuple[int, ...] = (),
-              lookup: tuple[int, ...] = (), expected: float = 0.0) -> StepTree:
+              lookup: tuple[int, ...] = (), expected: float = 0.0, probes: tuple[int, ...] = ()) -> StepTree:
     """The tree of the heads' nodes (an ancestor-closed set of paths and their tokens) with a
     context-lookup chain merged in: the chain follows the heads' nodes while their tokens
     agree (no node twice) and hangs its remaining tokens under the last one it reached, as
@@ -162,18 +164,41 @@ def step_tree(root: int, head_paths: tuple[Path, ...] = (), head_tokens: tuple[i
     chain = tuple(prefix + (LOOKUP_RANK,) * k for k in range(1, len(lookup) - depth + 1))
     tree = _tree(tuple(head_paths) + chain)
     tokens = tuple([root] + [token_of[p] if LOOKUP_RANK not in p else lookup[len(p) - 1] for p in tree.paths[1:]])
-    return StepTree(tree, tokens, tuple(head_paths), tuple(head_tokens), tuple(lookup), expected)
+    return StepTree(tree, tokens, tuple(head_paths), tuple(head_tokens), tuple(lookup), expected, probes)
 
 
-def kept_by_tree(paths: tuple[Path, ...], draft: list[int], future: list[int]) -> int:
-    """Drafted tokens a greedy tree made of `paths` would have kept had the text gone on with
+def kept_by_tree(paths: tuple[Path, ...], draft: list[int], future: list[int], verdict=None) -> int:
+    """Drafted tokens a tree made of `paths` would have kept had the text gone on with
     `future`: the deepest path whose tokens match. draft[j] is the token of paths[j] (the
-    layout of server/drafter.py; extra draft tokens are ignored)."""
-    token_of = dict(zip(paths, draft))
-    kept, prefix = 0, ()
-    for token in future:
-        child = next((p for p in token_of if len(p) == kept + 1 and p[:-1] == prefix and token_of[p] == token), None)
-        if child is None:
-            break
-        prefix, kept = child, kept + 1
-    return kept
+    layout of server/drafter.py; extra draft tokens are ignored). See kept_below for `verdict`."""
+    return kept_below(children_by_token(paths, draft), future, verdict)
+
+
+def children_by_token(paths: tuple[Path, ...], tokens: list[int]) -> dict[Path, dict[int, Path]]:
+    """Per node (the root is ()), its children by token (the first of equal siblings)."""
+    children: dict[Path, dict[int, Path]] = {}
+    for path, token in zip(paths, tokens):
+        children.setdefault(path[:-1], {}).setdefault(token, path)
+    return children
+
+
+def kept_below(children: dict[Path, dict[int, Path]], future: list[int], verdict=None) -> int:
+    """Drafted tokens of a tree (children_by_token) kept had the text gone on with `future`.
+    verdict(depth, token), where given, is typical acceptance's verdict on `token` as the
+    tree's depth-th kept token (None: unknown, then the text decides): a tree keeps an
+    acceptable child even where the sampled text took another, and the text tells no more."""
+    node: Path = ()
+    for depth, token in enumerate(future):
+        below = children.get(node)
+        if not below:
+            return depth
+
+        def acceptable(t: int) -> bool:
+            said = verdict(depth, t) if verdict is not None else None
+            return t == token if said is None else said
+
+        if token in below and acceptable(token):
+            node = below[token]
+        else:
+            return depth + any(acceptable(t) for t in below)
+    return len(future)

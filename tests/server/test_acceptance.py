@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from server.acceptance import accept_greedy, accept_typical, typical_acceptable
+from server.acceptance import accept_greedy, accept_typical, typical_acceptable, typical_verdicts
 from server.sampler import make_generator
 from server.sampling_params import SamplingParams
 from server.tree import Tree
@@ -82,3 +82,13 @@ def test_rejection_sampling_is_lossless():
             assert kept[0] in (1, 2)
     expected = torch.tensor([target.get(i, 0.0) for i in range(vocab)])
     assert torch.allclose(counts / trials, expected, atol=0.035)
+
+
+def test_verdicts_on_probes_match_what_a_tree_would_keep():
+    """The policy's test of a chain token at a plain step's root is the tree's own rule."""
+    logits = one_hot_like(10, {7: 0.6, 8: 0.35, 3: 0.05})
+    params = SamplingParams(temperature=1.0)
+    assert typical_verdicts(logits, params, (7, 8, 3)) == [True, True, False]
+    for token, verdict in ((7, True), (8, True), (3, False)):
+        kept, _ = accept_typical(Tree.from_paths([(0,)]), [5, token], torch.stack([logits, logits]), params, None)
+        assert (kept == [1]) == verdict

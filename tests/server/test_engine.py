@@ -146,6 +146,36 @@ def test_sampling_with_speculation_is_seeded_and_stops(engine):
     assert first == second and 0 < len(first) <= 8
 
 
+def test_sampled_steps_judge_their_probes_on_the_base_models_distribution(engine, monkeypatch):
+    """At temperature > 0 a step tests the tokens the policy's pending shadow trees and lookup
+    chains expect next (its probes) by typical acceptance: on the base model's distribution
+    after the text so far, the one a tree's root child would be judged on."""
+    from models.attention import KVCache, TorchAttention, build_metadata
+    from server.acceptance import typical_verdicts
+    execute, seen = engine.runner.execute, []
+
+    def recording(batch):
+        results = execute(batch)
+        seen.extend((list(item.seq.token_ids), item.tree.probes, result.verdicts)
+                    for item, result in results if result.verdicts)
+        return results
+
+    monkeypatch.setattr(engine.runner, "execute", recording)
+    params = SamplingParams(max_tokens=24, temperature=0.7, ignore_eos=True)
+    run_to_completion(engine, {"probed": (chat_ids(engine.tokenizer, PROMPTS[21]), params)})
+    assert len(seen) >= 4
+    config = engine.model.config
+    for ids, probes, verdicts in seen[:4]:
+        n, blocks = len(ids), (len(ids) + 15) // 16
+        cache = KVCache(config.num_hidden_layers, blocks, 16, config.num_key_value_heads, config.head_dim,
+                        engine.kv_cache.k.dtype)
+        metadata = build_metadata([n], [n], [list(range(blocks))], 16, num_prefills=1)
+        with torch.inference_mode():
+            logits, _ = engine.model(torch.tensor(ids), torch.arange(n), TorchAttention(metadata, cache),
+                                     torch.tensor([n - 1]))
+        assert typical_verdicts(logits[0], params, probes) == verdicts
+
+
 def test_stop_string_ends_the_request_without_leaking(engine, references):
     ids = chat_ids(engine.tokenizer, PROMPTS[15])
     full = engine.tokenizer.decode(references(PROMPTS[15]))

@@ -9,7 +9,7 @@ from server.cost_model import StepCostModel
 from server.lookup import MAX_MATCH, MIN_MATCH, ContextIndex
 from server.sampling_params import SamplingParams
 from server.sequence import Sequence
-from server.speculation_policy import SpeculationPolicy
+from server.speculation_policy import SpeculationPolicy, chain_kept
 from server.drafter import Draft
 from server.tree import LOOKUP_RANK, Tree, expand_tree
 
@@ -67,8 +67,9 @@ def test_greedy_acceptance_follows_the_longer_of_two_equal_siblings():
     assert kept == chain and bonus == 10
 
 
-def make_seq(tokens, max_tokens=100):
-    seq = Sequence("s", tokens, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+def make_seq(tokens, max_tokens=100, **params):
+    params.setdefault("temperature", 0.0)
+    seq = Sequence("s", tokens, SamplingParams(max_tokens=max_tokens, **params))
     policy = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel({1: 0.05}), max_nodes=64)
     seq.draft = Draft([0] * len(PATHS), list(policy.prior_chances))
     return seq
@@ -155,3 +156,29 @@ def test_a_chain_counts_only_where_the_heads_do_not_reach_already():
     assert candidates.chain_value(3, 6, 1.0) == pytest.approx(0.5 * 0.25 + 0.4 * 0.6 + 0.3 + 0.2 + 0.1 + 0.1)
     assert candidates.chain_value(3, 2, 2.0) == pytest.approx(0.4 * 0.2)      # sure at depth 1: nothing added there
     assert candidates.chain_value(9, 1, 1.0) == candidates.chain_value(3, 1, 1.0)   # a forced size past the nodes
+
+
+def test_chain_kept_reads_verdicts_where_there_are_some_and_the_text_elsewhere():
+    chain = [5, 6, 7, 8]
+    assert chain_kept(chain, 9, [5, 6, 0, 0], {}) == (4, 2)                      # the text decides
+    assert chain_kept(chain, 9, [5, 0, 0, 0], {(11, 6): True}) == (2, 2)         # acceptable, then unknown
+    assert chain_kept(chain, 9, [5, 6, 7, 8], {(11, 6): False}) == (4, 1)        # drawn, but not acceptable
+    assert chain_kept(chain, 9, [5, 6], {}) == (2, 2)                            # the text ends
+
+
+def test_sampled_text_scores_a_chain_by_what_typical_acceptance_would_keep():
+    """At temperature > 0 the policy asks each step to test the tokens its pending chains
+    expect next; a chain whose token was acceptable counts as kept though the draw went
+    elsewhere, and one whose token was not counts as lost though the draw matched."""
+    linear = SpeculationPolicy(PATHS, ACCURACIES, StepCostModel(LINEAR), max_nodes=64, lookup_tokens=4)
+    seq = make_seq([3, 4, 5, 6, 7, 8, 3, 4], temperature=0.7)
+    seq.spec.lookup_survival = [0.0] * 4
+    plan = linear.choose([seq], 0, 1024)
+    assert plan.lookups == [[]] and 5 in plan.trees[0].probes      # left out, but tested
+    seq.spec.typical_verdicts[(8, 5)] = True                        # what the engine records
+    seq.token_ids += [9, 9, 9, 9]                                   # the draw went elsewhere
+    linear.score(seq)
+    assert seq.spec.lookup_survival == pytest.approx([0.2, 0.0, 0.0, 0.0])   # one known token, kept
+    assert not seq.spec.typical_verdicts                            # nothing left to ask for
+    greedy = make_seq([3, 4, 5, 6, 7, 8, 3, 4])
+    assert linear.choose([greedy], 0, 1024).trees[0].probes == ()   # greedy text is its own yardstick

@@ -15,7 +15,7 @@ PATHS = tuple(expand_tree(ACCURACIES, 64))
 def seqs(n, skill=1.0, **params):
     out = []
     for i in range(n):
-        seq = Sequence(str(i), [1, 2, 3], SamplingParams(max_tokens=100, temperature=0.0, **params))
+        seq = Sequence(str(i), [1, 2, 3], SamplingParams(max_tokens=100, **{"temperature": 0.0, **params}))
         seq.draft = prior_draft()
         seq.spec.skill = skill
         out.append(seq)
@@ -240,13 +240,14 @@ def test_plain_steps_bring_a_quiet_sequence_back_to_speculation():
     assert p.choose([seq], 0, 1024).sizes == [1]
     draft = prior_draft(10 * len(path) + path[-1] for path in PATHS)  # the rank-r guess at depth d: 10 d + r
     right = [10 * d for d in range(1, 5)]                             # every head's best guess
+    seq.draft = draft
     for _ in range(10):
-        seq.spec.plain_drafts.append((draft, seq.num_tokens - 1))
+        p.pend_shadow(seq)
         seq.token_ids += right
         p.score_plain_steps(seq)
     assert not seq.spec.plain_drafts and p.choose([seq], 0, 1024).sizes[0] > 1
     for _ in range(30):
-        seq.spec.plain_drafts.append((draft, seq.num_tokens - 1))
+        p.pend_shadow(seq)
         seq.token_ids += [99, 98, 97, 96]
         p.score_plain_steps(seq)
     assert p.choose([seq], 0, 1024).sizes == [1]
@@ -255,8 +256,8 @@ def test_plain_steps_bring_a_quiet_sequence_back_to_speculation():
 def test_a_plain_step_waits_for_the_tokens_after_it():
     p = policy({1: 0.05, 16: 0.06, 64: 0.1, 256: 0.4})
     (seq,) = seqs(1)
-    draft = prior_draft(7 if path == (0,) else 0 for path in PATHS)
-    seq.spec.plain_drafts.append((draft, seq.num_tokens - 1))
+    seq.draft = prior_draft(7 if path == (0,) else 0 for path in PATHS)
+    p.pend_shadow(seq)
     seq.token_ids.append(7)
     p.score_plain_steps(seq)
     assert len(seq.spec.plain_drafts) == 1 and seq.spec.skill == 1.0   # 3 tokens still unknown
@@ -273,6 +274,32 @@ def test_kept_by_tree_follows_the_matching_path():
     assert kept_by_tree(paths, draft, [1, 3, 5]) == 2     # (0, 0, 0) is not in the tree
     assert kept_by_tree(paths, draft, [1, 4, 5]) == 1     # (0, 1) is not in the tree
     assert kept_by_tree(paths, draft, [9, 3, 5]) == 0
+    # typical acceptance's verdicts: an acceptable child counts though the text took another
+    said = {(0, 2): True, (0, 1): False, (1, 3): True}
+    verdict = lambda depth, token: said.get((depth, token))     # noqa: E731
+    assert kept_by_tree(paths, draft, [9, 3, 5], verdict) == 1   # (1,) was acceptable; then unknown
+    assert kept_by_tree(paths, draft, [1, 3, 5], verdict) == 1   # drawn, but (0,) was not acceptable
+    assert kept_by_tree(paths, draft, [2, 4, 5], verdict) == 3   # no verdicts below: the text decides
+
+
+def test_sampled_text_scores_a_shadow_tree_by_what_typical_acceptance_would_keep():
+    """At temperature > 0 a plain step tests its shadow tree's first tokens at its root: an
+    acceptable one counts as kept although the draw went elsewhere."""
+    p = policy({1: 0.05, 2: 0.5, 16: 0.6, 64: 2.0, 256: 8.0})   # trees never pay: plain steps
+    (seq,) = seqs(1, temperature=0.7)
+    seq.draft = prior_draft(10 * len(path) + path[-1] for path in PATHS)
+    plan = p.choose([seq], 0, 1024)
+    assert plan.sizes == [1] and {10, 11} <= set(plan.trees[0].probes)   # the heads' first guesses
+    seq.spec.typical_verdicts[(seq.num_tokens, 11)] = True
+    seq.token_ids += [99, 98, 97, 96]
+    p.score(seq)
+    assert not seq.spec.plain_drafts and not seq.spec.typical_verdicts
+    unprobed = seqs(1, temperature=0.7)[0]
+    unprobed.draft = seq.draft
+    p.choose([unprobed], 0, 1024)
+    unprobed.token_ids += [99, 98, 97, 96]
+    p.score(unprobed)
+    assert seq.spec.skill > unprobed.spec.skill              # no verdict: the text scored it 0
 
 
 @pytest.mark.parametrize("fixed", [None, 1, 8, 32, 64])
