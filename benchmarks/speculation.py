@@ -1,6 +1,6 @@
 """Speculation at batch 1: mean accepted length and tokens/s over tree sizes, in one run.
 
-    python -m benchmarks.speculation [--max-tokens 128] [--sizes 1,4,8,16,32,64] [--heads DIR ...]
+    python -m benchmarks.speculation [--max-tokens 128] [--sizes 1,4,8,16,32,64] [--top-p 1.0] [--heads DIR ...]
                                      [--lookup-tokens 8[,0]] [--datastore default[,none]]
                                      [--linear exact[,int8]] [--cuda-graphs on[,off]]
                                      [--cpu-decoder on[,off]]
@@ -50,6 +50,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--sizes", default="1,4,8,16,32,64")
     parser.add_argument("--temperatures", default="0,0.7")
+    parser.add_argument("--top-p", type=float, default=1.0, help="top-p of the sampled runs (1: off)")
     parser.add_argument("--prompts", type=int, default=len(MIXED))
     parser.add_argument("--heads", nargs="*", default=[None], help="head checkpoints (default: the shipped heads)")
     parser.add_argument("--dtype", default="float32")
@@ -79,7 +80,8 @@ def main(argv=None) -> None:
     sizes: list[int | None] = [int(s) for s in args.sizes.split(",")] + [None]
     print(f"# {date.today()} {platform.node()} {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, "
-          f"{len(prompts)} prompts x {args.max_tokens} new tokens")
+          f"{len(prompts)} prompts x {args.max_tokens} new tokens"
+          + (f", top-p {args.top_p} when sampling" if args.top_p < 1.0 else ""))
     print("| heads | temperature | tree | mean accepted length | tokens/s | speed-up vs plain |")
     print("|---|---|---|---|---|---|")
     for temperature in [float(t) for t in args.temperatures.split(",")]:
@@ -91,7 +93,8 @@ def main(argv=None) -> None:
                 for heads, engine in engines.items():
                     engine.set_tree_budget(size)
                     # no seed: seeded sampling pins the tree size, which would turn "adaptive" into a fixed tree
-                    params = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, ignore_eos=True)
+                    params = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, ignore_eos=True,
+                                            top_p=args.top_p if temperature > 0 else 1.0)
                     for i, value in enumerate(run_one(engine, ids, params)):
                         totals[heads, size][i] += value
         for size in sizes:

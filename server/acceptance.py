@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from server.sampler import probabilities, sample
+from server.sampler import sample
 from server.sampling_params import SamplingParams
 from server.tree import Tree
 
@@ -47,22 +47,22 @@ def typical_acceptable(probs: torch.Tensor, parents: torch.Tensor, tokens: torch
     return probs[parents, tokens] > threshold[parents]
 
 
-def typical_verdicts(logits: torch.Tensor, params: SamplingParams, tokens: tuple[int, ...]) -> list[bool]:
-    """logits [vocab] at one node: whether typical acceptance would keep each of `tokens` as
-    its child (how the policy scores lookup chains that no tree verified)."""
-    probs = probabilities(logits[None], params)
-    parents = torch.zeros(len(tokens), dtype=torch.long, device=logits.device)
-    return typical_acceptable(probs, parents, torch.tensor(tokens, device=logits.device),
+def typical_verdicts(probs: torch.Tensor, params: SamplingParams, tokens: tuple[int, ...]) -> list[bool]:
+    """probs [vocab] at one node (server/sampler.py, `probabilities`): whether typical
+    acceptance would keep each of `tokens` as its child (how the policy scores the shadow
+    trees and lookup chains that no tree verified)."""
+    parents = torch.zeros(len(tokens), dtype=torch.long, device=probs.device)
+    return typical_acceptable(torch.atleast_2d(probs), parents, torch.tensor(tokens, device=probs.device),
                               params.typical_epsilon, params.typical_delta).tolist()
 
 
-def accept_typical(tree: Tree, node_tokens: list[int], logits: torch.Tensor, params: SamplingParams,
+def accept_typical(tree: Tree, node_tokens: list[int], probs: torch.Tensor, params: SamplingParams,
                    generator: torch.Generator | None) -> tuple[list[int], int]:
-    """logits [n, vocab] for the tree's nodes. Returns (kept nodes after the root, bonus token)."""
-    probs = probabilities(logits, params)
+    """probs [n, vocab] for the tree's nodes (server/sampler.py, `probabilities`). Returns
+    (kept nodes after the root, bonus token)."""
     kept: list[int] = []
     if tree.num_nodes > 1:
-        device = logits.device
+        device = probs.device
         parents = torch.tensor(tree.parents[1:], device=device)
         tokens = torch.tensor(node_tokens[1:], device=device)
         ok = [True] + typical_acceptable(probs, parents, tokens, params.typical_epsilon,
@@ -80,16 +80,16 @@ def accept_typical(tree: Tree, node_tokens: list[int], logits: torch.Tensor, par
     return kept, bonus
 
 
-def accept_rejection(tree: Tree, node_tokens: list[int], logits: torch.Tensor, params: SamplingParams,
+def accept_rejection(tree: Tree, node_tokens: list[int], probs: torch.Tensor, params: SamplingParams,
                      generator: torch.Generator | None) -> tuple[list[int], int]:
-    """Lossless: recursive rejection sampling along the tree (SpecInfer-style).
+    """Lossless: recursive rejection sampling along the tree (SpecInfer-style); probs [n,
+    vocab] for the tree's nodes (server/sampler.py, `probabilities`).
 
     The heads' guesses are deterministic drafts, so child x of node u is accepted with
     probability p_u(x); on rejection x is removed from p_u (the residual, renormalized) and
     the next sibling is tried; when all fail the bonus is drawn from the residual. Each
     emitted token is then distributed exactly as the base model's sampling distribution.
     """
-    probs = probabilities(logits, params)
     children = tree.child_ranks()
     kept: list[int] = []
     node = 0

@@ -18,7 +18,7 @@ from models.heads import MedusaHeads
 from models.llama import LlamaForCausalLM
 from server.acceptance import accept_greedy, accept_rejection, accept_typical, typical_verdicts
 from server.drafter import Draft, Drafter
-from server.sampler import greedy_tokens, pick
+from server.sampler import greedy_tokens, pick, probabilities
 from server.scheduler import SchedulerOutput, ScheduledSequence
 from server.step_graphs import StepGraphs
 from server.tree import LOOKUP_RANK, Path, kept_by_tree
@@ -99,7 +99,8 @@ class ModelRunner:
                     kept, bonus = accept_greedy(tree, tokens, argmax[row:row + n])
                 else:
                     rule = accept_typical if seq.params.acceptance == "typical" else accept_rejection
-                    kept, bonus = rule(tree, tokens, logits[row:row + n], seq.params, seq.generator)
+                    probs = probabilities(logits[row:row + n], seq.params)
+                    kept, bonus = rule(tree, tokens, probs, seq.params, seq.generator)
                 for depth, node in enumerate(kept, start=1):
                     if node != depth:
                         moves[0].append(self._slot(seq.block_table, start + node))
@@ -111,7 +112,7 @@ class ModelRunner:
                 results.append(StepResult(new_tokens, start + 1 + len(kept), drafted=n - 1, accepted=len(kept),
                                           head_accepted=head_accepted))
                 if item.tree.probes and not seq.params.is_greedy:
-                    results[-1].verdicts = typical_verdicts(logits[row], seq.params, item.tree.probes)
+                    results[-1].verdicts = typical_verdicts(probs[0], seq.params, item.tree.probes)
                 if item.draft:
                     head_rows.append(offset + (kept[-1] if kept else 0))
                     head_items.append((len(results) - 1, item.draft))

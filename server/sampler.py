@@ -6,6 +6,8 @@ import torch
 from models.cpu_kernels import cpu_kernels
 from server.sampling_params import SamplingParams
 
+TOP_P_CANDIDATES = 256
+
 
 def greedy_tokens(logits: torch.Tensor) -> list[int]:
     """logits [N, vocab] -> each row's argmax, torch.argmax's choice (the first largest); on
@@ -31,12 +33,26 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens ranked above it already reach top_p
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        logits = _nucleus(logits, params.top_p)
     return logits.softmax(-1)
+
+
+def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Top-p: each row keeps its likeliest tokens until they reach top_p (a token is dropped
+    when the tokens ranked above it already do). The nucleus is looked for among each row's
+    TOP_P_CANDIDATES likeliest tokens first, 4x more while some row's is not complete: a full
+    sort of a 49k vocabulary costs ~3.5 ms a row on a CPU, more than a plain step's forward,
+    the top 256 ~0.1 ms, and a sampling distribution rarely spreads its top_p beyond them."""
+    probs = logits.softmax(-1)
+    vocab, k = logits.shape[-1], min(TOP_P_CANDIDATES, logits.shape[-1])
+    while True:
+        top, order = torch.topk(probs, k, dim=-1)   # sorted, likeliest first
+        drop = top.cumsum(-1) - top >= top_p
+        if k == vocab or bool(drop[:, -1].all()):   # every row's nucleus ends within its top k
+            break
+        k = min(4 * k, vocab)
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, ~drop)
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:

@@ -4,7 +4,7 @@ import math
 import torch
 
 from server.acceptance import accept_greedy, accept_typical, typical_acceptable, typical_verdicts
-from server.sampler import make_generator
+from server.sampler import make_generator, probabilities
 from server.sampling_params import SamplingParams
 from server.tree import Tree
 
@@ -48,7 +48,7 @@ def test_typical_keeps_the_longest_acceptable_path_and_samples_the_bonus():
         one_hot_like(vocab, {4: 1.0}),           # after (0,0): the bonus must be 4
     ])
     params = SamplingParams(temperature=1.0, seed=0)
-    kept, bonus = accept_typical(TREE, tokens, logits, params, make_generator(params))
+    kept, bonus = accept_typical(TREE, tokens, probabilities(logits, params), params, make_generator(params))
     assert kept == [1, 3] and bonus == 4
 
 
@@ -57,7 +57,7 @@ def test_typical_rejects_unlikely_drafts():
     tokens = [5, 7, 8, 9]
     logits = torch.stack([one_hot_like(vocab, {2: 0.98, 7: 0.01, 8: 0.01})] * 4)
     params = SamplingParams(temperature=1.0, seed=0)
-    kept, bonus = accept_typical(TREE, tokens, logits, params, make_generator(params))
+    kept, bonus = accept_typical(TREE, tokens, probabilities(logits, params), params, make_generator(params))
     assert kept == [] and bonus in (2, 7, 8)
 
 
@@ -75,7 +75,7 @@ def test_rejection_sampling_is_lossless():
     counts = torch.zeros(vocab)
     trials = 3000
     for _ in range(trials):
-        kept, bonus = accept_rejection(TREE, tokens, logits, params, generator)
+        kept, bonus = accept_rejection(TREE, tokens, probabilities(logits, params), params, generator)
         first = tokens[kept[0]] if kept else bonus
         counts[first] += 1
         if kept:
@@ -86,9 +86,9 @@ def test_rejection_sampling_is_lossless():
 
 def test_verdicts_on_probes_match_what_a_tree_would_keep():
     """The policy's test of a chain token at a plain step's root is the tree's own rule."""
-    logits = one_hot_like(10, {7: 0.6, 8: 0.35, 3: 0.05})
     params = SamplingParams(temperature=1.0)
-    assert typical_verdicts(logits, params, (7, 8, 3)) == [True, True, False]
+    probs = probabilities(one_hot_like(10, {7: 0.6, 8: 0.35, 3: 0.05})[None], params)
+    assert typical_verdicts(probs[0], params, (7, 8, 3)) == [True, True, False]
     for token, verdict in ((7, True), (8, True), (3, False)):
-        kept, _ = accept_typical(Tree.from_paths([(0,)]), [5, token], torch.stack([logits, logits]), params, None)
+        kept, _ = accept_typical(Tree.from_paths([(0,)]), [5, token], torch.cat([probs, probs]), params, None)
         assert (kept == [1]) == verdict

@@ -25,6 +25,23 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert probs.tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
+def nucleus_by_full_sort(logits, top_p):
+    """The definition, over a full sort: the set of tokens each row's top-p keeps."""
+    probs = logits.softmax(-1)
+    ranked, order = torch.sort(probs, dim=-1, descending=True)
+    drop = ranked.cumsum(-1) - ranked >= top_p
+    return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, ~drop)
+
+
+@pytest.mark.parametrize("scale", [8.0, 2.0, 0.01])   # peaked, spread, nearly flat (the nucleus runs past 256)
+def test_top_p_over_a_large_vocabulary_keeps_what_a_full_sort_keeps(scale):
+    torch.manual_seed(int(scale * 100))
+    logits = torch.randn(5, 49152) * scale
+    for top_p in (0.5, 0.9, 0.99):
+        kept = probabilities(logits, SamplingParams(temperature=1.0, top_p=top_p)) > 0
+        assert torch.equal(kept, nucleus_by_full_sort(logits, top_p)), top_p
+
+
 def test_temperature_sharpens():
     hot = probabilities(LOGITS, SamplingParams(temperature=2.0))[0]
     cold = probabilities(LOGITS, SamplingParams(temperature=0.5))[0]
