@@ -1,13 +1,13 @@
 """Throughput and inter-token latency under concurrency: plain vs fixed tree vs adaptive.
 
     python -m benchmarks.batching [--concurrency 1,4,16,32] [--max-tokens 64] [--fixed-tree 16]
-                                  [--rounds 1] [--without-datastore] [--int8-linear]
+                                  [--rounds 1] [--temperature 0 [--top-p 1]] [--without-datastore] [--int8-linear]
                                   [--kv-cache-dtype auto[,float16]] [--cpu-decoder on[,off]]
                                   [--cuda-graphs on[,off]]
 
-For each concurrency c, c requests (evaluation prompts, greedy, lengths spread around
---max-tokens) are in flight at once in one engine, each finished one replaced by the next
-(a closed-loop client); a run serves
+For each concurrency c, c requests (evaluation prompts, greedy unless --temperature, lengths
+spread around --max-tokens) are in flight at once in one engine, each finished one replaced
+by the next (a closed-loop client); a run serves
 max(--requests-per-slot x c, --min-requests) requests and is timed while c of them are in
 flight: once the queue runs dry the batch drains, and a draining batch (where requests that
 speculation finished early are no longer replaced) says nothing about concurrency c. The
@@ -42,7 +42,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run(engine: LLMEngine, prompts: list[list[int]], concurrency: int, max_tokens: int,
-        first: int = 0, requests: int | None = None, spread: float = 0.0) -> tuple[int, float, list[float]]:
+        first: int = 0, requests: int | None = None, spread: float = 0.0,
+        temperature: float = 0.0, top_p: float = 1.0) -> tuple[int, float, list[float]]:
     """`requests` (default: concurrency) requests from prompts[first:], `concurrency` of them
     in flight at a time (a finished one is replaced at once, as by a closed-loop client)
     -> (tokens, seconds, inter-token gaps) until fewer than `concurrency` are left in flight
@@ -54,7 +55,8 @@ def run(engine: LLMEngine, prompts: list[list[int]], concurrency: int, max_token
     def submit() -> None:
         nonlocal submitted
         scale = 1.0 + spread * (2.0 * ((first + submitted) * 0.618034 % 1.0) - 1.0)
-        params = SamplingParams(max_tokens=max(1, round(max_tokens * scale)), temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=max(1, round(max_tokens * scale)), temperature=temperature, top_p=top_p,
+                                ignore_eos=True)
         engine.add_request(f"r{submitted}", prompts[(first + submitted) % len(prompts)], params)
         submitted += 1
 
@@ -88,6 +90,8 @@ def main(argv=None) -> None:
     parser.add_argument("--fixed-tree", type=int, default=16)
     parser.add_argument("--heads", default=None)
     parser.add_argument("--rounds", type=int, default=1, help="runs of each mode per concurrency, interleaved")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy requests")
+    parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--spread", type=float, default=0.5,
                         help="request lengths vary by this share of --max-tokens either way (0: all equal, "
                              "and a plain-decoding batch finishes and refills in lockstep, as real traffic never does)")
@@ -123,7 +127,8 @@ def main(argv=None) -> None:
             modes.append((kv, "adaptive, no datastore", None, None))
     linear = ", int8 linear layers" if args.int8_linear else ""
     print(f"# {date.today()} {platform.node()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"float32{linear}, greedy, {args.max_tokens} +- {args.spread:.0%} new tokens per request, "
+          f"float32{linear}, "
+          f"{f'temperature {args.temperature}, top-p {args.top_p}' if args.temperature > 0 else 'greedy'}, {args.max_tokens} +- {args.spread:.0%} new tokens per request, "
           f"{args.rounds} round(s), "
           f"max({args.requests_per_slot} x c, {args.min_requests}) requests per run, timed while c are in flight")
     print("| concurrency | KV cache | mode | tokens/s | p50 ITL ms | p99 ITL ms | vs best fixed |")
@@ -137,7 +142,7 @@ def main(argv=None) -> None:
                 engine.set_tree_budget(size)
                 requests = max(args.requests_per_slot * concurrency, args.min_requests)
                 tokens, seconds, gaps = run(engine, prompts, concurrency, args.max_tokens, r * requests, requests,
-                                            args.spread)
+                                            args.spread, args.temperature, args.top_p)
                 totals[kv, label][0] += tokens
                 totals[kv, label][1] += seconds
                 totals[kv, label][2] += gaps

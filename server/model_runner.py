@@ -77,6 +77,7 @@ class ModelRunner:
         logits, hidden = self.forward(input_ids, positions, query_lens, seq_lens, tables, len(batch.prefills),
                                       tree_masks, logits_rows)
         argmax = greedy_tokens(logits)
+        distributions = self._distributions(items, first_logit, logits)
 
         results, moves, head_rows, head_items = [], ([], []), [], []
         offset = 0
@@ -99,7 +100,7 @@ class ModelRunner:
                     kept, bonus = accept_greedy(tree, tokens, argmax[row:row + n])
                 else:
                     rule = accept_typical if seq.params.acceptance == "typical" else accept_rejection
-                    probs = probabilities(logits[row:row + n], seq.params)
+                    probs = distributions[id(item)]
                     kept, bonus = rule(tree, tokens, probs, seq.params, seq.generator)
                 for depth, node in enumerate(kept, start=1):
                     if node != depth:
@@ -128,6 +129,25 @@ class ModelRunner:
             for result, draft in zip(drafted, drafts):
                 result.draft = draft
         return list(zip(items, results))
+
+    @staticmethod
+    def _distributions(items: list[ScheduledSequence], first_logit: list[int],
+                       logits: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Each sampled decode's tree rows' sampling distributions (by id of its item): one
+        `probabilities` call for all decodes that share temperature, top-k and top-p, not one
+        per sequence (at 32 sampled sequences a step, one call each cost ~18% of the step)."""
+        groups: dict[tuple, list[tuple[ScheduledSequence, int]]] = {}
+        for item, row in zip(items, first_logit):
+            params = item.seq.params
+            if not item.is_prefill and not params.is_greedy:
+                groups.setdefault((params.temperature, params.top_k, params.top_p), []).append((item, row))
+        out = {}
+        for members in groups.values():
+            rows = [r for item, row in members for r in range(row, row + item.num_new_tokens)]
+            probs = probabilities(logits[torch.tensor(rows, device=logits.device)], members[0][0].seq.params)
+            for (item, _), part in zip(members, probs.split([item.num_new_tokens for item, _ in members])):
+                out[id(item)] = part
+        return out
 
     def forward(self, input_ids: list[int], positions: list[int], query_lens: list[int], seq_lens: list[int],
                 tables: list[list[int]], num_prefills: int, tree_masks: list[list[int]] | None,

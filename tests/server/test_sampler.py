@@ -42,6 +42,16 @@ def test_top_p_over_a_large_vocabulary_keeps_what_a_full_sort_keeps(scale):
         assert torch.equal(kept, nucleus_by_full_sort(logits, top_p)), top_p
 
 
+def test_a_rows_top_p_distribution_does_not_depend_on_its_batch():
+    """The runner computes every sampled sequence's distribution in one call: a row's bits
+    must not change with the rows beside it (a seed gives the same text whatever the load)."""
+    torch.manual_seed(3)
+    peaked, flat = torch.randn(1, 49152) * 8.0, torch.randn(1, 49152) * 0.01   # flat: the search widens
+    params = SamplingParams(temperature=0.7, top_p=0.9)
+    alone = probabilities(peaked, params)
+    assert torch.equal(probabilities(torch.cat([peaked, flat]), params)[:1], alone)
+
+
 def test_temperature_sharpens():
     hot = probabilities(LOGITS, SamplingParams(temperature=2.0))[0]
     cold = probabilities(LOGITS, SamplingParams(temperature=0.5))[0]
