@@ -62,10 +62,10 @@ class SpeculationStats:
     # token) until the text after it is known, then is scored (SpeculationPolicy.score_lookups).
     lookup_survival: list[float] = field(default_factory=list)
     pending_lookups: deque = field(default_factory=deque)
-    # Sampled text (typical acceptance) is no yardstick for a chain: a tree would keep any
-    # acceptable token, not only the one drawn. So each step tests the tokens its pending
-    # chains expect next by typical acceptance at the step's root: (token index, token) ->
-    # acceptable, read when the chains are scored.
+    # Sampled text (typical acceptance) is no yardstick for a shadow tree or a chain: a tree
+    # would keep any acceptable token, not only the one drawn. So each step tests the tokens
+    # its pending shadow trees and chains expect next by typical acceptance at the step's
+    # root: (token index, token) -> acceptable, read when they are scored.
     typical_verdicts: dict = field(default_factory=dict)
     # Datastore chains (proposed when the sequence's own text offers none; they wait in
     # `pending_lookups` with their tokens' confidences): kept over expected tokens, as moving

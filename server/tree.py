@@ -139,7 +139,7 @@ class StepTree:
     lookup: tuple[int, ...] = ()     # the context-lookup chain merged in (its tokens from depth 1)
     expected: float = 0.0            # the heads' own estimate of their tokens kept (sum of chances)
     probes: tuple[int, ...] = ()     # tokens whose typical-acceptance verdict at the root the policy
-                                     # wants: what its unverified lookup chains expect next
+                                     # wants: what its unverified shadow trees and chains expect next
 
     @property
     def num_nodes(self) -> int:
