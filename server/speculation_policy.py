@@ -283,6 +283,8 @@ class SpeculationPolicy:
             self.speculating = bool(self.tree_paths) and self.fixed_size != 1
             self.paused = 0
             return TreePlan([], [])
+        if self.paused and any(self.is_pinned(seq) for seq in seqs):
+            self.paused = 0   # a seeded request keeps its tree size whatever the load
         if self.paused:   # trees gained less than planning costs: plain steps, no drafts
             self.paused -= 1
             self.speculating = False   # (nor do prompts that complete meanwhile)

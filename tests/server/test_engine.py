@@ -196,12 +196,18 @@ def test_prompt_too_long_is_refused_with_numbers(engine):
         engine.add_request("long", [1] * engine.max_model_len, SamplingParams(max_tokens=1))
 
 
-def test_same_seed_same_text_whatever_the_load(engine):
-    params = SamplingParams(max_tokens=10, temperature=1.0, seed=42, ignore_eos=True)
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_same_seed_same_text_whatever_the_load(engine, top_p):
+    """Beside greedy requests and beside unseeded ones that share its sampling parameters
+    (the runner computes their distributions in one call with it)."""
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_p=top_p, seed=42, ignore_eos=True)
     ids = chat_ids(engine.tokenizer, PROMPTS[7])
     alone = run_to_completion(engine, {"alone": (ids, params)})["alone"]
     busy = {f"other{i}": (chat_ids(engine.tokenizer, p), SamplingParams(max_tokens=10, temperature=0.0))
-            for i, p in enumerate(PROMPTS[:5])}
+            for i, p in enumerate(PROMPTS[:3])}
+    busy.update({f"sampled{i}": (chat_ids(engine.tokenizer, p), SamplingParams(max_tokens=10, temperature=1.0,
+                                                                                top_p=top_p))
+                 for i, p in enumerate(PROMPTS[3:6])})
     busy["seeded"] = (ids, params)
     assert run_to_completion(engine, busy)["seeded"] == alone
 

@@ -92,6 +92,9 @@ def test_seeded_sampling_keeps_one_tree_size_whatever_the_load():
     crowded = p.choose([seeded] + seqs(40), 0, 1024)
     assert alone.sizes[0] == crowded.sizes[0] == p.pinned_size
     assert alone.drafts[0] and crowded.drafts[0] and p.draft_after_prefill(seeded) == p.pinned_size
+    # a seeded request that joins a batch whose planning is paused still gets its tree
+    p.paused = PAUSE_STEPS
+    assert p.choose(seqs(8) + [seeded], 0, 1024).sizes[-1] == p.pinned_size
 
 
 def test_plain_decoding_plans_nothing():
