@@ -10,6 +10,7 @@ load does not need it).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -18,7 +19,7 @@ from models.heads import MedusaHeads
 from models.llama import LlamaForCausalLM
 from server.acceptance import accept_greedy, accept_rejection, accept_typical, typical_verdicts
 from server.drafter import Draft, Drafter
-from server.sampler import greedy_tokens, pick, probabilities
+from server.sampler import greedy_tokens, pick, probabilities, sample
 from server.scheduler import SchedulerOutput, ScheduledSequence
 from server.step_graphs import StepGraphs
 from server.tree import LOOKUP_RANK, Path, kept_by_tree
@@ -77,7 +78,7 @@ class ModelRunner:
         logits, hidden = self.forward(input_ids, positions, query_lens, seq_lens, tables, len(batch.prefills),
                                       tree_masks, logits_rows)
         argmax = greedy_tokens(logits)
-        distributions = self._distributions(items, first_logit, logits)
+        distributions, drawn = self._distributions(items, first_logit, logits)
 
         results, moves, head_rows, head_items = [], ([], []), [], []
         offset = 0
@@ -99,9 +100,12 @@ class ModelRunner:
                 if seq.params.is_greedy:
                     kept, bonus = accept_greedy(tree, tokens, argmax[row:row + n])
                 else:
-                    rule = accept_typical if seq.params.acceptance == "typical" else accept_rejection
                     probs = distributions[id(item)]
-                    kept, bonus = rule(tree, tokens, probs, seq.params, seq.generator)
+                    if id(item) in drawn:   # an unseeded plain step: drawn with its group's (_distributions)
+                        kept, bonus = [], drawn[id(item)]
+                    else:
+                        rule = accept_typical if seq.params.acceptance == "typical" else accept_rejection
+                        kept, bonus = rule(tree, tokens, probs, seq.params, seq.generator)
                 for depth, node in enumerate(kept, start=1):
                     if node != depth:
                         moves[0].append(self._slot(seq.block_table, start + node))
@@ -132,22 +136,33 @@ class ModelRunner:
 
     @staticmethod
     def _distributions(items: list[ScheduledSequence], first_logit: list[int],
-                       logits: torch.Tensor) -> dict[int, torch.Tensor]:
+                       logits: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
         """Each sampled decode's tree rows' sampling distributions (by id of its item): one
         `probabilities` call for all decodes that share temperature, top-k and top-p, not one
-        per sequence (at 32 sampled sequences a step, one call each cost ~18% of the step)."""
+        per sequence (at 32 sampled sequences a step, one call each cost ~18% of the step).
+        And the next token of each unseeded plain step among them (a tree of the root alone
+        keeps nothing: its token is a draw from the root's distribution under either rule),
+        drawn for the whole group at once."""
         groups: dict[tuple, list[tuple[ScheduledSequence, int]]] = {}
         for item, row in zip(items, first_logit):
             params = item.seq.params
             if not item.is_prefill and not params.is_greedy:
                 groups.setdefault((params.temperature, params.top_k, params.top_p), []).append((item, row))
-        out = {}
+        distributions, drawn = {}, {}
         for members in groups.values():
-            rows = [r for item, row in members for r in range(row, row + item.num_new_tokens)]
+            sizes = [item.num_new_tokens for item, _ in members]
+            rows = [r for (_, row), n in zip(members, sizes) for r in range(row, row + n)]
             probs = probabilities(logits[torch.tensor(rows, device=logits.device)], members[0][0].seq.params)
-            for (item, _), part in zip(members, probs.split([item.num_new_tokens for item, _ in members])):
-                out[id(item)] = part
-        return out
+            for (item, _), part in zip(members, probs.split(sizes)):
+                distributions[id(item)] = part
+            plain = [i for i, (item, _) in enumerate(members) if sizes[i] == 1 and item.seq.generator is None]
+            if len(plain) > 1:
+                roots = list(accumulate([0] + sizes[:-1]))   # each member's first row in probs
+                picked = probs if len(rows) == len(plain) else probs[torch.tensor([roots[i] for i in plain],
+                                                                                  device=probs.device)]
+                for i, token in zip(plain, sample(picked, None).tolist()):
+                    drawn[id(members[i][0])] = token
+        return distributions, drawn
 
     def forward(self, input_ids: list[int], positions: list[int], query_lens: list[int], seq_lens: list[int],
                 tables: list[list[int]], num_prefills: int, tree_masks: list[list[int]] | None,

@@ -178,6 +178,15 @@ def test_sampled_steps_judge_their_probes_on_the_base_models_distribution(engine
         assert typical_verdicts(probabilities(logits, params)[0], params, probes) == verdicts
 
 
+def test_plain_sampled_steps_draw_each_sequence_its_own_token(engine, references):
+    """Unseeded plain steps that share sampling parameters draw their tokens in one call: at
+    a temperature near 0 each sequence must still follow its own distribution (its greedy text)."""
+    params = SamplingParams(max_tokens=24, temperature=1e-3, speculate=False)
+    prompts = PROMPTS[:4]
+    outputs = run_to_completion(engine, {str(i): (chat_ids(engine.tokenizer, p), params) for i, p in enumerate(prompts)})
+    assert [outputs[str(i)] for i in range(len(prompts))] == [references(p) for p in prompts]
+
+
 def test_stop_string_ends_the_request_without_leaking(engine, references):
     ids = chat_ids(engine.tokenizer, PROMPTS[15])
     full = engine.tokenizer.decode(references(PROMPTS[15]))
