@@ -165,8 +165,8 @@ class LLMEngine:
             else:
                 self._record_speculation(seq, item, result)
             seq.draft = result.draft
-            if result.verdicts:   # about the tokens at index num_tokens, the first this step adds
-                seq.spec.typical_verdicts.update(zip(((seq.num_tokens, t) for t in item.tree.probes), result.verdicts))
+            if result.verdicts:
+                self.policy.record_verdicts(seq, item.tree.probes, result.verdicts)
             if not result.new_token_ids:
                 continue
             appended, text = self.output_processor.append(seq, result.new_token_ids)

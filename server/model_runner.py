@@ -24,6 +24,8 @@ from server.scheduler import SchedulerOutput, ScheduledSequence
 from server.step_graphs import StepGraphs
 from server.tree import LOOKUP_RANK, Path, kept_by_tree
 
+SAMPLING_ROWS = 128   # tree rows per sampling-distribution call (server/sampler.py): ~25 MB a temporary
+
 
 @dataclass
 class StepResult:
@@ -82,7 +84,7 @@ class ModelRunner:
 
         results, moves, head_rows, head_items = [], ([], []), [], []
         offset = 0
-        for item, row in zip(items, first_logit):
+        for index, (item, row) in enumerate(zip(items, first_logit)):
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_cached_tokens
             if item.is_prefill:
@@ -100,9 +102,9 @@ class ModelRunner:
                 if seq.params.is_greedy:
                     kept, bonus = accept_greedy(tree, tokens, argmax[row:row + n])
                 else:
-                    probs = distributions[id(item)]
-                    if id(item) in drawn:   # an unseeded plain step: drawn with its group's (_distributions)
-                        kept, bonus = [], drawn[id(item)]
+                    probs = distributions[index]
+                    if index in drawn:   # an unseeded plain step: drawn with its group's (_distributions)
+                        kept, bonus = [], drawn[index]
                     else:
                         rule = accept_typical if seq.params.acceptance == "typical" else accept_rejection
                         kept, bonus = rule(tree, tokens, probs, seq.params, seq.generator)
@@ -137,31 +139,32 @@ class ModelRunner:
     @staticmethod
     def _distributions(items: list[ScheduledSequence], first_logit: list[int],
                        logits: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
-        """Each sampled decode's tree rows' sampling distributions (by id of its item): one
-        `probabilities` call for all decodes that share temperature, top-k and top-p, not one
-        per sequence (at 32 sampled sequences a step, one call each cost ~18% of the step).
-        And the next token of each unseeded plain step among them (a tree of the root alone
-        keeps nothing: its token is a draw from the root's distribution under either rule),
-        drawn for the whole group at once."""
-        groups: dict[tuple, list[tuple[ScheduledSequence, int]]] = {}
-        for item, row in zip(items, first_logit):
+        """Each sampled decode's tree rows' sampling distributions (by its index in items):
+        one `probabilities` call for decodes that share temperature, top-k and top-p (up to
+        SAMPLING_ROWS rows a call, which bounds the temporaries), not one per sequence (at 32
+        sampled sequences a step, one call each cost ~18% of the step). And the next token of
+        each unseeded plain step among them (a tree of the root alone keeps nothing: its
+        token is a draw from the root's distribution under either rule), drawn in one call."""
+        groups: dict[tuple, list[list[int]]] = {}
+        for i, item in enumerate(items):
             params = item.seq.params
             if not item.is_prefill and not params.is_greedy:
-                groups.setdefault((params.temperature, params.top_k, params.top_p), []).append((item, row))
+                chunks = groups.setdefault((params.temperature, params.top_k, params.top_p), [[]])
+                if chunks[-1] and sum(items[j].num_new_tokens for j in chunks[-1]) + item.num_new_tokens > SAMPLING_ROWS:
+                    chunks.append([])
+                chunks[-1].append(i)
         distributions, drawn = {}, {}
-        for members in groups.values():
-            sizes = [item.num_new_tokens for item, _ in members]
-            rows = [r for (_, row), n in zip(members, sizes) for r in range(row, row + n)]
-            probs = probabilities(logits[torch.tensor(rows, device=logits.device)], members[0][0].seq.params)
-            for (item, _), part in zip(members, probs.split(sizes)):
-                distributions[id(item)] = part
-            plain = [i for i, (item, _) in enumerate(members) if sizes[i] == 1 and item.seq.generator is None]
+        for members in (chunk for chunks in groups.values() for chunk in chunks):
+            sizes = [items[i].num_new_tokens for i in members]
+            rows = [r for i, n in zip(members, sizes) for r in range(first_logit[i], first_logit[i] + n)]
+            probs = probabilities(logits[torch.tensor(rows, device=logits.device)], items[members[0]].seq.params)
+            distributions.update(zip(members, probs.split(sizes)))
+            plain = [m for m, i in enumerate(members) if sizes[m] == 1 and items[i].seq.generator is None]
             if len(plain) > 1:
                 roots = list(accumulate([0] + sizes[:-1]))   # each member's first row in probs
-                picked = probs if len(rows) == len(plain) else probs[torch.tensor([roots[i] for i in plain],
+                picked = probs if len(rows) == len(plain) else probs[torch.tensor([roots[m] for m in plain],
                                                                                   device=probs.device)]
-                for i, token in zip(plain, sample(picked, None).tolist()):
-                    drawn[id(members[i][0])] = token
+                drawn.update(zip((members[m] for m in plain), sample(picked, None).tolist()))
         return distributions, drawn
 
     def forward(self, input_ids: list[int], positions: list[int], query_lens: list[int], seq_lens: list[int],

@@ -66,7 +66,7 @@ class SpeculationStats:
     # would keep any acceptable token, not only the one drawn. So each step tests the tokens
     # its pending shadow trees and chains expect next by typical acceptance at the step's
     # root: (token index, token) -> acceptable, read when they are scored.
-    typical_verdicts: dict = field(default_factory=dict)
+    probe_verdicts: dict = field(default_factory=dict)
     # Datastore chains (proposed when the sequence's own text offers none; they wait in
     # `pending_lookups` with their tokens' confidences): kept over expected tokens, as moving
     # averages, the factor on their confidences.

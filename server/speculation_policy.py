@@ -212,12 +212,18 @@ class SpeculationPolicy:
         """After a step's tokens are appended: score what waits for them."""
         self.score_plain_steps(seq)
         self.score_lookups(seq)
-        verdicts = seq.spec.typical_verdicts
+        verdicts = seq.spec.probe_verdicts
         if verdicts:   # forget what nothing pending can ask for any more
             shadows, chains = seq.spec.plain_drafts, seq.spec.pending_lookups
             first = 1 + min(shadows[0][0] if shadows else seq.num_tokens, chains[0][1] if chains else seq.num_tokens)
             for key in [k for k in verdicts if k[0] < first]:
                 del verdicts[key]
+
+    @staticmethod
+    def record_verdicts(seq: Sequence, probes: tuple[int, ...], verdicts: list[bool]) -> None:
+        """A step's verdicts on its probes, before its tokens are appended: about the token
+        at index seq.num_tokens, the first the step adds."""
+        seq.spec.probe_verdicts.update(zip(((seq.num_tokens, token) for token in probes), verdicts))
 
     def pend_shadow(self, seq: Sequence) -> None:
         """A sequence that verifies none of its draft this step: the tree it would have
@@ -232,7 +238,7 @@ class SpeculationPolicy:
     def score_plain_steps(self, seq: Sequence) -> None:
         """Once the tokens after a plain step are known, score what the shadow tree would have
         kept from that step's draft; keeps the skill of a sequence that is not drafting current."""
-        pending, verdicts = seq.spec.plain_drafts, seq.spec.typical_verdicts
+        pending, verdicts = seq.spec.plain_drafts, seq.spec.probe_verdicts
         while pending and (seq.num_tokens > pending[0][0] + self.shadow_depth or seq.is_finished):
             root, expected, children = pending.popleft()
             future = seq.token_ids[root + 1: root + 1 + self.shadow_depth]
@@ -245,7 +251,7 @@ class SpeculationPolicy:
         """Once the tokens after a step are known, score the lookup chain proposed for it (as
         far as the text goes), so a sequence's chain chances stay current whether or not the
         policy verified its chains."""
-        pending, verdicts = seq.spec.pending_lookups, seq.spec.typical_verdicts
+        pending, verdicts = seq.spec.pending_lookups, seq.spec.probe_verdicts
         while pending and (seq.num_tokens >= pending[0][1] + 1 + len(pending[0][0]) or seq.is_finished):
             chain, root, confidences = pending.popleft()
             known, kept = chain_kept(chain, root, seq.token_ids[root + 1: root + 1 + len(chain)], verdicts)
@@ -278,12 +284,13 @@ class SpeculationPolicy:
 
     def choose(self, seqs: list[Sequence], other_tokens: int, token_limit: int, other_keys: int = 0) -> TreePlan:
         """What each sequence verifies this step (a tree needs the draft made in the step
-        before) and which sequences draft for the next step."""
+        before) and which sequences draft for the next step. Called once per step: it also
+        records what the step leaves unverified (the lookup chains, shadow trees) for scoring."""
         if not seqs:  # a new prompt will have the batch (nearly) to itself
             self.speculating = bool(self.tree_paths) and self.fixed_size != 1
             self.paused = 0
             return TreePlan([], [])
-        if self.paused and any(self.is_pinned(seq) for seq in seqs):
+        if self.paused and any(self.is_pinned(seq) and self._reach(seq, pinned=True) > 1 for seq in seqs):
             self.paused = 0   # a seeded request keeps its tree size whatever the load
         if self.paused:   # trees gained less than planning costs: plain steps, no drafts
             self.paused -= 1

@@ -167,11 +167,11 @@ def step_tree(root: int, head_paths: tuple[Path, ...] = (), head_tokens: tuple[i
     return StepTree(tree, tokens, tuple(head_paths), tuple(head_tokens), tuple(lookup), expected, probes)
 
 
-def kept_by_tree(paths: tuple[Path, ...], draft: list[int], future: list[int], verdict=None) -> int:
+def kept_by_tree(paths: tuple[Path, ...], draft: list[int], future: list[int]) -> int:
     """Drafted tokens a tree made of `paths` would have kept had the text gone on with
     `future`: the deepest path whose tokens match. draft[j] is the token of paths[j] (the
-    layout of server/drafter.py; extra draft tokens are ignored). See kept_below for `verdict`."""
-    return kept_below(children_by_token(paths, draft), future, verdict)
+    layout of server/drafter.py; extra draft tokens are ignored)."""
+    return kept_below(children_by_token(paths, draft), future)
 
 
 def children_by_token(paths: tuple[Path, ...], tokens: list[int]) -> dict[Path, dict[int, Path]]:
@@ -187,18 +187,17 @@ def kept_below(children: dict[Path, dict[int, Path]], future: list[int], verdict
     verdict(depth, token), where given, is typical acceptance's verdict on `token` as the
     tree's depth-th kept token (None: unknown, then the text decides): a tree keeps an
     acceptable child even where the sampled text took another, and the text tells no more."""
+    def acceptable(depth: int, t: int, drawn: int) -> bool:
+        said = verdict(depth, t) if verdict is not None else None
+        return t == drawn if said is None else said
+
     node: Path = ()
     for depth, token in enumerate(future):
         below = children.get(node)
         if not below:
             return depth
-
-        def acceptable(t: int) -> bool:
-            said = verdict(depth, t) if verdict is not None else None
-            return t == token if said is None else said
-
-        if token in below and acceptable(token):
+        if token in below and acceptable(depth, token, token):
             node = below[token]
         else:
-            return depth + any(acceptable(t) for t in below)
+            return depth + any(acceptable(depth, t, token) for t in below)
     return len(future)

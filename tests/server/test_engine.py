@@ -178,12 +178,24 @@ def test_sampled_steps_judge_their_probes_on_the_base_models_distribution(engine
         assert typical_verdicts(probabilities(logits, params)[0], params, probes) == verdicts
 
 
-def test_plain_sampled_steps_draw_each_sequence_its_own_token(engine, references):
+def test_plain_sampled_steps_draw_each_sequence_its_own_token(engine, references, monkeypatch):
     """Unseeded plain steps that share sampling parameters draw their tokens in one call: at
     a temperature near 0 each sequence must still follow its own distribution (its greedy text)."""
-    params = SamplingParams(max_tokens=24, temperature=1e-3, speculate=False)
+    import server.model_runner
     prompts = PROMPTS[:4]
-    outputs = run_to_completion(engine, {str(i): (chat_ids(engine.tokenizer, p), params) for i, p in enumerate(prompts)})
+    plain = SamplingParams(max_tokens=24, temperature=1e-3, speculate=False)
+    monkeypatch.setattr(server.model_runner, "SAMPLING_ROWS", 2)   # two calls of two rows
+    outputs = run_to_completion(engine, {str(i): (chat_ids(engine.tokenizer, p), plain) for i, p in enumerate(prompts)})
+    assert [outputs[str(i)] for i in range(len(prompts))] == [references(p) for p in prompts]
+    # beside trees of the same parameters (their rows come first or between in one call)
+    monkeypatch.undo()
+    engine.set_tree_budget(4)
+    try:
+        mixed = [plain if i % 2 else SamplingParams(max_tokens=24, temperature=1e-3) for i in range(len(prompts))]
+        outputs = run_to_completion(engine, {str(i): (chat_ids(engine.tokenizer, p), params)
+                                             for i, (p, params) in enumerate(zip(prompts, mixed))})
+    finally:
+        engine.set_tree_budget(None)
     assert [outputs[str(i)] for i in range(len(prompts))] == [references(p) for p in prompts]
 
 

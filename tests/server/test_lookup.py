@@ -175,10 +175,11 @@ def test_sampled_text_scores_a_chain_by_what_typical_acceptance_would_keep():
     seq.spec.lookup_survival = [0.0] * 4
     plan = linear.choose([seq], 0, 1024)
     assert plan.lookups == [[]] and 5 in plan.trees[0].probes      # left out, but tested
-    seq.spec.typical_verdicts[(8, 5)] = True                        # what the engine records
+    probes = plan.trees[0].probes
+    linear.record_verdicts(seq, probes, [token == 5 for token in probes])   # as the engine does
     seq.token_ids += [9, 9, 9, 9]                                   # the draw went elsewhere
     linear.score(seq)
     assert seq.spec.lookup_survival == pytest.approx([0.2, 0.0, 0.0, 0.0])   # one known token, kept
-    assert not seq.spec.typical_verdicts                            # nothing left to ask for
+    assert not seq.spec.probe_verdicts                              # nothing left to ask for
     greedy = make_seq([3, 4, 5, 6, 7, 8, 3, 4])
     assert linear.choose([greedy], 0, 1024).trees[0].probes == ()   # greedy text is its own yardstick

@@ -270,7 +270,7 @@ def test_a_plain_step_waits_for_the_tokens_after_it():
 
 
 def test_kept_by_tree_follows_the_matching_path():
-    from server.tree import kept_by_tree
+    from server.tree import children_by_token, kept_below, kept_by_tree
     paths = ((0,), (1,), (0, 0), (1, 1), (1, 1, 0), (0, 0, 0))
     draft = [1, 2, 3, 4, 5]                                # the token of each path; (0, 0, 0) not drafted
     assert kept_by_tree(paths, draft, [2, 4, 5]) == 3
@@ -280,9 +280,10 @@ def test_kept_by_tree_follows_the_matching_path():
     # typical acceptance's verdicts: an acceptable child counts though the text took another
     said = {(0, 2): True, (0, 1): False, (1, 3): True}
     verdict = lambda depth, token: said.get((depth, token))     # noqa: E731
-    assert kept_by_tree(paths, draft, [9, 3, 5], verdict) == 1   # (1,) was acceptable; then unknown
-    assert kept_by_tree(paths, draft, [1, 3, 5], verdict) == 1   # drawn, but (0,) was not acceptable
-    assert kept_by_tree(paths, draft, [2, 4, 5], verdict) == 3   # no verdicts below: the text decides
+    children = children_by_token(paths, draft)
+    assert kept_below(children, [9, 3, 5], verdict) == 1   # (1,) was acceptable; then unknown
+    assert kept_below(children, [1, 3, 5], verdict) == 1   # drawn, but (0,) was not acceptable
+    assert kept_below(children, [2, 4, 5], verdict) == 3   # no verdicts below: the text decides
 
 
 def test_sampled_text_scores_a_shadow_tree_by_what_typical_acceptance_would_keep():
@@ -293,10 +294,11 @@ def test_sampled_text_scores_a_shadow_tree_by_what_typical_acceptance_would_keep
     seq.draft = prior_draft(10 * len(path) + path[-1] for path in PATHS)
     plan = p.choose([seq], 0, 1024)
     assert plan.sizes == [1] and {10, 11} <= set(plan.trees[0].probes)   # the heads' first guesses
-    seq.spec.typical_verdicts[(seq.num_tokens, 11)] = True
+    probes = plan.trees[0].probes
+    p.record_verdicts(seq, probes, [token == 11 for token in probes])   # as the engine does
     seq.token_ids += [99, 98, 97, 96]
     p.score(seq)
-    assert not seq.spec.plain_drafts and not seq.spec.typical_verdicts
+    assert not seq.spec.plain_drafts and not seq.spec.probe_verdicts
     unprobed = seqs(1, temperature=0.7)[0]
     unprobed.draft = seq.draft
     p.choose([unprobed], 0, 1024)
