@@ -24,9 +24,10 @@ def stream_lines(url: str, body: dict, first_token: threading.Event, lines: list
 
 @pytest.mark.slow
 def test_sigterm_drains_then_aborts(tmp_path, server_args):
-    # 3 s: the endless request below must not finish in it (plain decoding of ~500 tokens at
-    # batch 1 takes ~7 s on 2 cores with the quantized panels; 8 s was too long)
-    server = start_server(["--shutdown-timeout", "3", *server_args], tmp_path / "server.log")
+    # 1 s: the endless request below must not finish in it (plain sampled decoding of ~500
+    # tokens at batch 1 takes ~2.6 s on 2 cores with the int8 default and cheaper sampling;
+    # 3 s became too long, 8 s before that)
+    server = start_server(["--shutdown-timeout", "1", *server_args], tmp_path / "server.log")
     short, endless = [], []
     short_started, endless_started = threading.Event(), threading.Event()
     prompt = {"prompt": "Once upon a time", "temperature": 0, "stream": True, "ignore_eos": True}
