@@ -114,7 +114,9 @@ def main(argv=None) -> None:
     engines = {kv + ("" if decoder == "on" else ", decoder off") + ("" if graphs == "on" else ", graphs off"):
                make_engine(EngineConfig(heads=args.heads, max_num_seqs=64, max_num_batched_tokens=1024,
                                         kv_cache_memory_gb=2.0, int8_linear=args.int8_linear, kv_cache_dtype=kv,
-                                        cuda_graphs=graphs == "on"), decoder == "on")
+                                        cuda_graphs=graphs == "on",
+                                        prefix_caching=False),   # every mode computes its prompts
+                           decoder == "on")
                for kv in args.kv_cache_dtype.split(",") for decoder in args.cpu_decoder.split(",")
                for graphs in args.cuda_graphs.split(",")}
     first = next(iter(engines.values()))

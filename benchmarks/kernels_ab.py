@@ -93,7 +93,8 @@ def main(argv=None) -> None:
     if current is None:
         raise SystemExit("Gorgon's CPU kernels do not run here")
     linear = args.linear or ("int8" if int8_supported() else "exact")
-    config = EngineConfig(max_num_seqs=args.concurrency, int8_linear=linear == "int8", kv_cache_memory_gb=0.3)
+    config = EngineConfig(max_num_seqs=args.concurrency, int8_linear=linear == "int8", kv_cache_memory_gb=0.3,
+                          prefix_caching=False)   # both builds compute their prompts
     base, commit = build_revision(args.base)
     builds = {commit: base, "this checkout": current}
     engines = {}

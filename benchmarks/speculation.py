@@ -71,7 +71,8 @@ def main(argv=None) -> None:
                f"decoder {decoder}": make_engine(
                    EngineConfig(heads=heads, dtype=args.dtype, max_num_seqs=1, kv_cache_memory_gb=0.25,
                                 lookup_tokens=lookup, datastore=None if store == "default" else store,
-                                int8_linear=linear == "int8", cuda_graphs=graphs == "on"), decoder == "on")
+                                int8_linear=linear == "int8", cuda_graphs=graphs == "on",
+                                prefix_caching=False), decoder == "on")   # each size computes its prompts
                for heads in args.heads for lookup in [int(n) for n in args.lookup_tokens.split(",")]
                for store in args.datastore.split(",") for linear in args.linear.split(",")
                for graphs in args.cuda_graphs.split(",") for decoder in args.cpu_decoder.split(",")}

@@ -84,7 +84,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-cuda-graphs", action="store_true")
     args = parser.parse_args(argv)
     engine = LLMEngine(EngineConfig(max_num_seqs=args.concurrency, int8_linear=args.int8_linear,
-                                    cuda_graphs=not args.no_cuda_graphs, kv_cache_memory_gb=0.5))
+                                    cuda_graphs=not args.no_cuda_graphs, kv_cache_memory_gb=0.5,
+                                    prefix_caching=False))   # every variant computes its prompts
     greedy = model_runner.greedy_tokens
     timer = instrument(engine)
     model_runner.greedy_tokens = timer.wrap("greedy", greedy)

@@ -87,6 +87,12 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
                              "[env GORGON_INT8_LINEAR; default: on where the CPU runs it, for float32 on the CPU]")
     parser.add_argument("--no-speculation", action="store_true", default=env_flag("no_speculation"),
                         help="plain one-token-per-step decoding with the same engine [env GORGON_NO_SPECULATION]")
+    parser.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=env_flag("prefix_caching", ENGINE_DEFAULTS["prefix_caching"]),
+                        help="keep the KV cache of every full block of prompts and answers after a request ends, "
+                             "and start requests with the same beginning (a system prompt, a conversation's "
+                             "earlier turns) after it; --no-prefix-caching computes every prompt whole "
+                             "[env GORGON_PREFIX_CACHING; default on]")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
                         default=env_flag("cuda_graphs", ENGINE_DEFAULTS["cuda_graphs"]),
                         help="CUDA with the triton backend: replay steps (prompt chunks, decodes, trees) and the "
@@ -105,7 +111,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         attention_backend=args.attention_backend, max_num_seqs=args.max_num_seqs,
                         max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
                         max_queue_size=args.max_queue_size, kv_cache_memory_gb=args.kv_cache_memory_gb,
-                        kv_cache_dtype=args.kv_cache_dtype)
+                        kv_cache_dtype=args.kv_cache_dtype, prefix_caching=args.prefix_caching)
 
 
 def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

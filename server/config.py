@@ -23,6 +23,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_queue_size: int = 256         # waiting requests beyond this are refused (HTTP 503)
     block_size: int = 16
+    prefix_caching: bool = True       # full blocks of a finished or running prefix serve later requests
     kv_cache_memory_gb: float = 1.0
     kv_cache_dtype: str = "auto"      # auto = the model's dtype; float16 beside a float32 model (CPU): half the memory
     seed: int = 0

@@ -52,7 +52,7 @@ class LLMEngine:
         self.kv_cache = KVCache(model_config.num_hidden_layers, num_blocks, config.block_size,
                                 model_config.num_key_value_heads, model_config.head_dim, dtype, self.device,
                                 storage_dtype=storage)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, caching=config.prefix_caching)
         tree_paths = parts.tree_paths if config.speculation and self.heads is not None else ()
         graphs = None
         if config.cuda_graphs and self.device.type == "cuda" and parts.attention_cls is TritonAttention:
@@ -124,6 +124,10 @@ class LLMEngine:
         metrics.requests.labels("abort", "aborted").inc()
         self._update_gauges()
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (benchmarks: each variant starts cold)."""
+        self.block_manager.reset_cache()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.sequences)
 
@@ -140,6 +144,9 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.preempted:
             metrics.num_preemptions.inc(len(batch.preempted))
+        if batch.prefix_queries:
+            metrics.prefix_cache_queries.inc(batch.prefix_queries)
+            metrics.prefix_cache_hits.inc(batch.prefix_hits)
         if batch.is_empty:
             self._update_gauges()
             return []
@@ -168,8 +175,10 @@ class LLMEngine:
             if result.verdicts:
                 self.policy.record_verdicts(seq, item.tree.probes, result.verdicts)
             if not result.new_token_ids:
+                self.scheduler.cache_blocks(seq)
                 continue
             appended, text = self.output_processor.append(seq, result.new_token_ids)
+            self.scheduler.cache_blocks(seq)   # before a finished sequence's blocks go
             self.policy.score(seq)
             self._record_timing(seq, len(appended), now)
             if seq.finish_reason is not None:

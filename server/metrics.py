@@ -26,6 +26,10 @@ request_queue_time = Histogram("gorgon_request_queue_time_seconds", "Arrival to 
 num_requests_running = Gauge("gorgon_num_requests_running", "Requests in the running batch")
 num_requests_waiting = Gauge("gorgon_num_requests_waiting", "Requests waiting to be scheduled")
 kv_cache_usage = Gauge("gorgon_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use")
+prefix_cache_queries = Counter("gorgon_prefix_cache_queries",
+                               "Tokens of admitted sequences looked up in the prefix cache")
+prefix_cache_hits = Counter("gorgon_prefix_cache_hits",
+                            "Of them, tokens found cached (their keys and values not computed again)")
 num_preemptions = Counter("gorgon_num_preemptions", "Requests preempted (recomputed later)")
 spec_steps = Counter("gorgon_spec_decode_steps", "Decoding steps of sequences (one per sequence per step)")
 spec_draft_tokens = Counter("gorgon_spec_decode_draft_tokens", "Drafted tree tokens verified")

@@ -5,6 +5,12 @@ size the speculation policy picks; then prompt chunks (chunked prefill) of runni
 sequences, then newly admitted ones, within a per-step token budget and the free KV-cache
 blocks. When blocks run out, the latest arrival is preempted: its blocks are freed and it
 is recomputed later, never lost.
+
+With the prefix cache (server/block_manager.py), a sequence being admitted starts from the
+cached blocks of its longest cached prefix of full blocks, short of its last token (whose
+logits the step needs), so its prefill starts after them; and after every step each
+sequence offers its newly completed blocks to the cache (`cache_blocks`). Every write of a
+step lands at or after a sequence's num_cached_tokens, past its shared blocks.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from dataclasses import dataclass, field
 
 from typing import TYPE_CHECKING
 
-from server.block_manager import BlockManager
+from server.block_manager import BlockManager, chain_hashes
 from server.sequence import Sequence, SequenceStatus
 from server.tree import StepTree
 
@@ -36,6 +42,8 @@ class SchedulerOutput:
     prefills: list[ScheduledSequence] = field(default_factory=list)
     decodes: list[ScheduledSequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    prefix_queries: int = 0   # prompt tokens of the admitted sequences looked up in the prefix cache
+    prefix_hits: int = 0      # of them, those found there (not computed again)
 
     @property
     def is_empty(self) -> bool:
@@ -118,12 +126,16 @@ class Scheduler:
             budget -= chunk
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            hits = self._share_cached(seq)
             chunk = min(seq.num_uncached_tokens, budget)
             # admit only with room for the chunk plus one block of headroom, so admissions
             # do not immediately force preemptions
             if not self.block_manager.can_grow(seq.block_table, seq.num_cached_tokens + chunk
                                                + self.block_manager.block_size):
+                self._unshare(seq)
                 break
+            out.prefix_queries += seq.num_tokens if self.block_manager.caching else 0
+            out.prefix_hits += hits
             self.waiting.popleft()
             self.block_manager.grow(seq.block_table, seq.num_cached_tokens + chunk)
             seq.status = SequenceStatus.RUNNING
@@ -134,6 +146,36 @@ class Scheduler:
                                                   draft=self.policy.draft_after_prefill(seq)))
             budget -= chunk
         return out
+
+    def cache_blocks(self, seq: Sequence) -> None:
+        """Offer seq's blocks that became full of final keys and values (its tokens' and
+        their cache's common part) to the prefix cache."""
+        manager = self.block_manager
+        full = min(seq.num_cached_tokens, seq.num_tokens, len(seq.block_table) * manager.block_size) // manager.block_size
+        if not manager.caching or full <= seq.registered_blocks:
+            return
+        hashes = chain_hashes(seq.token_ids, manager.block_size, seq.prefix_hashes, full)
+        for i in range(seq.registered_blocks, full):
+            manager.register(seq.block_table[i], hashes[i])
+        seq.registered_blocks = full
+
+    def _share_cached(self, seq: Sequence) -> int:
+        """Start a sequence that holds no blocks (new or preempted) from the cached blocks of
+        its longest cached prefix, short of its last token; returns the tokens found."""
+        manager = self.block_manager
+        if not manager.caching or seq.block_table:
+            return 0
+        usable = (seq.num_tokens - 1) // manager.block_size
+        hashes = chain_hashes(seq.token_ids, manager.block_size, seq.prefix_hashes, usable)
+        seq.registered_blocks = manager.share_cached(seq.block_table, hashes[:usable])
+        seq.num_cached_tokens = seq.registered_blocks * manager.block_size
+        return seq.num_cached_tokens
+
+    def _unshare(self, seq: Sequence) -> None:
+        """Undo _share_cached for a sequence that stays waiting."""
+        if self.block_manager.caching:
+            self.block_manager.free(seq.block_table)
+            seq.num_cached_tokens = seq.registered_blocks = 0
 
     def _reserve(self, seq: Sequence, num_slots: int, out: SchedulerOutput) -> bool:
         """Grow seq's blocks to num_slots, preempting the latest arrivals if needed.

@@ -135,6 +135,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0       # tokens whose keys and values are in the cache
+    prefix_hashes: list[bytes] = field(default_factory=list)  # of its first full blocks of tokens (chain_hashes)
+    registered_blocks: int = 0       # of block_table's first blocks, those in the prefix cache (or offered to it)
     draft: Draft | None = None       # the heads' guesses for the next tree (server/drafter.py)
     context_index: ContextIndex = field(default_factory=ContextIndex)  # for context lookup drafts
     spec: SpeculationStats = field(default_factory=SpeculationStats)
@@ -187,5 +189,6 @@ class Sequence:
     def reset_for_recompute(self) -> None:
         """After preemption: the cache is gone, every token gets recomputed."""
         self.num_cached_tokens = 0
+        self.registered_blocks = 0
         self.draft = None
         self.status = SequenceStatus.WAITING

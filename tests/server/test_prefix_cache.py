@@ -1,0 +1,107 @@
+"""The prefix cache end to end: a shared beginning is computed once and changes no output."""
+import pytest
+
+from engine_helpers import PROMPTS, chat_ids, reference, run_to_completion
+from server import metrics
+from server.block_manager import chain_hashes
+from server.config import EngineConfig
+from server.engine import LLMEngine
+from server.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=20, temperature=0.0)
+SYSTEM = "You are the test assistant of an inference server. Answer briefly, plainly and correctly. " * 4
+
+
+def with_system(tokenizer, prompt):
+    return tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}])
+
+
+def hits() -> float:
+    return metrics.prefix_cache_hits._value.get()
+
+
+def shared_tokens(earlier: list[int], later: list[int], block_size: int) -> int:
+    """The tokens a later prompt finds cached after `earlier` (fully cached) ran: whole
+    blocks of their common beginning, short of the later prompt's last token."""
+    common = next((i for i, (a, b) in enumerate(zip(earlier, later)) if a != b), min(len(earlier), len(later)))
+    return min(common, len(later) - 1) // block_size * block_size
+
+
+@pytest.fixture(scope="module")
+def engine(random_heads):
+    return LLMEngine(EngineConfig(max_num_batched_tokens=256, kv_cache_memory_gb=0.25), random_heads)
+
+
+def test_a_shared_system_prompt_is_computed_once_and_changes_no_output(engine):
+    tokenizer, size = engine.tokenizer, engine.config.block_size
+    first = with_system(tokenizer, PROMPTS[0])
+    assert run_to_completion(engine, {"first": (first, GREEDY)})["first"] == reference(engine, first, GREEDY)
+    others = [with_system(tokenizer, p) for p in PROMPTS[1:4]]
+    expected = [shared_tokens(first, ids, size) for ids in others]
+    assert min(expected) >= 4 * size          # the system prompt's blocks
+    before = hits()
+    outputs = run_to_completion(engine, {str(i): (ids, GREEDY) for i, ids in enumerate(others)})
+    assert hits() - before == sum(expected)   # all three at once, each from the first's blocks
+    for i, ids in enumerate(others):
+        assert outputs[str(i)] == reference(engine, ids, GREEDY), PROMPTS[i + 1]
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_a_conversation_starts_after_its_earlier_turns_answer_included(engine):
+    size = engine.config.block_size
+    turn1 = with_system(engine.tokenizer, PROMPTS[4])
+    answer = run_to_completion(engine, {"turn1": (turn1, GREEDY)})["turn1"]
+    turn2 = turn1 + answer + chat_ids(engine.tokenizer, PROMPTS[5])[1:]
+    cached = (len(turn1) + len(answer) - 1) // size * size   # all but the last token kept its keys
+    before = hits()
+    assert run_to_completion(engine, {"turn2": (turn2, GREEDY)})["turn2"] == reference(engine, turn2, GREEDY)
+    assert hits() - before == cached > len(turn1)
+
+
+def test_an_aborted_request_frees_its_shares_and_keeps_the_prefix_for_others(engine):
+    tokenizer, size = engine.tokenizer, engine.config.block_size
+    warm = with_system(tokenizer, PROMPTS[6])
+    run_to_completion(engine, {"warm": (warm, GREEDY)})
+    ids = with_system(tokenizer, PROMPTS[7])
+    engine.add_request("doomed", ids, SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))
+    engine.step()
+    engine.step()
+    engine.abort_request("doomed")
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    again = with_system(tokenizer, PROMPTS[8])
+    before = hits()
+    assert run_to_completion(engine, {"again": (again, GREEDY)})["again"] == reference(engine, again, GREEDY)
+    assert hits() - before >= shared_tokens(warm, again, size)
+
+
+def test_eviction_and_preemption_under_memory_pressure_keep_outputs_exact(random_heads):
+    """Twelve blocks: prompts evict each other's cached blocks, run together they preempt
+    each other and resume from what is still cached; every output stays exact and every
+    block comes back."""
+    engine = LLMEngine(EngineConfig(kv_cache_memory_gb=12 * 16 * 30 * 2 * 3 * 64 * 4 / 2**30, block_size=16,
+                                    max_num_batched_tokens=64, max_tree_nodes=16, tree_budget=8), random_heads)
+    manager = engine.block_manager
+    assert manager.num_blocks == 12
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompts = [chat_ids(engine.tokenizer, p) for p in PROMPTS[9:15]]
+    references = [reference(engine, ids, params) for ids in prompts]
+    for i, ids in enumerate(prompts):
+        assert run_to_completion(engine, {str(i): (ids, params)})[str(i)] == references[i]
+    first_blocks = chain_hashes(prompts[0], 16, [], len(prompts[0]) // 16)
+    assert not all(h in manager.cached for h in first_blocks), "the test meant to evict the first prompt's blocks"
+    preemptions = metrics.num_preemptions._value.get()
+    outputs = run_to_completion(engine, {str(i): (ids, params) for i, ids in enumerate(prompts)})
+    assert metrics.num_preemptions._value.get() > preemptions, "the test meant to force preemption"
+    assert [outputs[str(i)] for i in range(len(prompts))] == references
+    assert manager.num_free_blocks == manager.num_blocks
+    assert all(count == 0 for count in manager.ref_counts)
+
+
+def test_without_prefix_caching_every_prompt_is_computed_whole(random_heads):
+    engine = LLMEngine(EngineConfig(max_num_batched_tokens=256, kv_cache_memory_gb=0.1, prefix_caching=False),
+                       random_heads)
+    ids = with_system(engine.tokenizer, PROMPTS[0])
+    before = hits()
+    run_to_completion(engine, {"a": (ids, GREEDY)})
+    run_to_completion(engine, {"b": (ids, GREEDY)})
+    assert hits() == before and not engine.block_manager.cached
