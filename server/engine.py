@@ -186,7 +186,8 @@ class LLMEngine:
             else:
                 self.block_manager.shrink(seq.block_table, seq.num_cached_tokens)
             outputs.append(RequestOutput(seq.request_id, text, appended, seq.finish_reason,
-                                         seq.num_prompt_tokens, seq.num_output_tokens))
+                                         seq.num_prompt_tokens, seq.num_output_tokens,
+                                         num_cached_tokens=seq.num_prompt_cache_hits))
         self._update_gauges()
         return outputs
 

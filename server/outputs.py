@@ -15,6 +15,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int      # generated so far (all of them, also those cut by a stop string)
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when it was first scheduled
 
     @property
     def is_finished(self) -> bool:

@@ -141,6 +141,7 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
+                seq.num_prompt_cache_hits = hits
             self.running.append(seq)
             out.prefills.append(ScheduledSequence(seq, chunk, is_prefill=True,
                                                   draft=self.policy.draft_after_prefill(seq)))

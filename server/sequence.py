@@ -137,6 +137,7 @@ class Sequence:
     num_cached_tokens: int = 0       # tokens whose keys and values are in the cache
     prefix_hashes: list[bytes] = field(default_factory=list)  # of its first full blocks of tokens (chain_hashes)
     registered_blocks: int = 0       # of block_table's first blocks, those in the prefix cache (or offered to it)
+    num_prompt_cache_hits: int = 0   # prompt tokens found in the prefix cache at its first admission
     draft: Draft | None = None       # the heads' guesses for the next tree (server/drafter.py)
     context_index: ContextIndex = field(default_factory=ContextIndex)  # for context lookup drafts
     spec: SpeculationStats = field(default_factory=SpeculationStats)

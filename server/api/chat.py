@@ -8,7 +8,7 @@ from starlette.responses import JSONResponse, Response
 
 from server.api.errors import bad_request
 from server.api.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-                                 ChatCompletionResponse, ChatResponseMessage, DeltaMessage, UsageInfo)
+                                 ChatCompletionResponse, ChatResponseMessage, DeltaMessage)
 from server.api.serving import (ENGINE_ERRORS, Batch, Serving, collect, first_output, new_request_id, record,
                                 to_api_error)
 from server.api.streams import SSE_DONE, SSEResponse, prepend, sse
@@ -37,7 +37,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         id=batch.request_id, model=model,
         choices=[ChatChoice(index=i, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason)
                  for i, c in enumerate(batch.choices)],
-        usage=UsageInfo.of(batch.num_prompt_tokens, batch.num_completion_tokens))
+        usage=batch.usage)
     return JSONResponse(response.model_dump(), headers={"X-Request-Id": batch.request_id})
 
 
@@ -64,7 +64,7 @@ async def chat_events(first: tuple[int, RequestOutput], rest: AsyncIterator[tupl
                 yield chunk(i, DeltaMessage(), out.finish_reason)
         else:
             if include_usage:
-                usage = UsageInfo.of(batch.num_prompt_tokens, batch.num_completion_tokens)
+                usage = batch.usage
                 yield sse(ChatCompletionChunk(id=batch.request_id, model=model, choices=[], usage=usage))
         yield SSE_DONE
     except ENGINE_ERRORS as e:  # an admission error of a later choice

@@ -7,7 +7,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from server.api.errors import bad_request
-from server.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Prompt, UsageInfo
+from server.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Prompt
 from server.api.serving import (ENGINE_ERRORS, Batch, Serving, collect, first_output, new_request_id, record,
                                 to_api_error)
 from server.api.streams import SSE_DONE, SSEResponse, prepend, sse
@@ -64,7 +64,7 @@ async def create_completion(body: CompletionRequest, request: Request, serving: 
         id=batch.request_id, model=model,
         choices=[CompletionChoice(index=i, text=echo[i] + c.text, finish_reason=c.finish_reason)
                  for i, c in enumerate(batch.choices)],
-        usage=UsageInfo.of(batch.num_prompt_tokens, batch.num_completion_tokens))
+        usage=batch.usage)
     return JSONResponse(response.model_dump(), headers={"X-Request-Id": batch.request_id})
 
 
@@ -91,7 +91,7 @@ async def completion_events(first: tuple[int, RequestOutput], rest: AsyncIterato
                 yield chunk(i, out.text, out.finish_reason)
         else:
             if include_usage:
-                usage = UsageInfo.of(batch.num_prompt_tokens, batch.num_completion_tokens)
+                usage = batch.usage
                 yield sse(CompletionResponse(id=batch.request_id, model=model, choices=[], usage=usage))
         yield SSE_DONE
     except ENGINE_ERRORS as e:  # an admission error of a later choice

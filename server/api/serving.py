@@ -12,7 +12,7 @@ from typing import AsyncIterator
 from starlette.requests import Request
 
 from server.api.errors import APIError, bad_request
-from server.api.protocol import SamplingRequest
+from server.api.protocol import SamplingRequest, UsageInfo
 from server.api.streams import merge, until_disconnect
 from server.async_engine import AsyncEngine, EngineNotReadyError, QueueFullError
 from server.outputs import RequestOutput
@@ -33,12 +33,14 @@ class Choice:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0
     error: str | None = None
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.text
         self.num_prompt_tokens = max(self.num_prompt_tokens, out.num_prompt_tokens)  # an abort output carries 0
         self.num_output_tokens = max(self.num_output_tokens, out.num_output_tokens)
+        self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
         if out.is_finished:
             self.finish_reason = out.finish_reason
             self.error = out.error
@@ -62,6 +64,17 @@ class Batch:
     @property
     def num_completion_tokens(self) -> int:
         return sum(c.num_output_tokens for c in self.choices)
+
+    @property
+    def num_cached_tokens(self) -> int:
+        """Prompt tokens found in the prefix cache, each prompt once (for n > 1: the fewest
+        any of its choices found)."""
+        return sum(min(c.num_cached_tokens for c in self.choices[p * self.n:(p + 1) * self.n])
+                   for p in range(len(self.prompts)))
+
+    @property
+    def usage(self) -> UsageInfo:
+        return UsageInfo.of(self.num_prompt_tokens, self.num_completion_tokens, self.num_cached_tokens)
 
     def failure(self) -> APIError | None:
         """An error for a finished batch whose choice failed or was aborted."""

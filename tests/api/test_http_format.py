@@ -62,7 +62,8 @@ def test_completion_and_usage(client):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["choices"] == [{"index": 0, "text": " one two three", "logprobs": None, "finish_reason": "length"}]
-    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     assert body["object"] == "text_completion" and body["model"] == "fake-model"
 
 
@@ -74,7 +75,8 @@ def test_completion_stream_echo_n_and_usage(client):
     evs = events(r)
     assert evs[-1] == "[DONE]"
     usage = evs[-2]
-    assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11}
+    assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11,
+                                                         "prompt_tokens_details": {"cached_tokens": 0}}
     texts = {}
     for e in evs[:-2]:
         for c in e["choices"]:
@@ -169,3 +171,16 @@ def test_unsupported_chat_parameters_are_400(client, body, param):
                     json={"messages": [{"role": "user", "content": "one"}], "max_tokens": 1, **body})
     assert r.status_code == 400 and r.json()["error"]["param"] == param
     assert r.json()["error"]["code"] == "unsupported_parameter"
+
+
+def test_usage_counts_cached_prompt_tokens_once_per_prompt():
+    """prompt_tokens_details.cached_tokens: each prompt once, as prompt_tokens counts it; for
+    n > 1 the fewest any of its choices found cached."""
+    from server.api.serving import Batch
+    from server.outputs import RequestOutput
+    batch = Batch("cmpl-1", [[1] * 40, [2] * 20], n=2)
+    for i, cached in enumerate([32, 16, 0, 16]):
+        batch.choices[i].add(RequestOutput(f"cmpl-1-{i}", "x", [5], "stop", 40 if i < 2 else 20, 1,
+                                           num_cached_tokens=cached))
+    assert batch.usage.model_dump() == {"prompt_tokens": 60, "completion_tokens": 4, "total_tokens": 64,
+                                        "prompt_tokens_details": {"cached_tokens": 16}}

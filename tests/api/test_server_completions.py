@@ -64,6 +64,8 @@ def test_chat_streamed_equals_plain_with_exact_usage(client, model_name, api_tok
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == ["length"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    # the same prompt again: every full block of it but the one holding its last token was cached
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == (plain.usage.prompt_tokens - 1) // 16 * 16 > 0
 
 
 def test_stop_string_straddling_tokens_never_leaks(client, model_name, api_tokenizer):
