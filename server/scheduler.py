@@ -10,7 +10,10 @@ With the prefix cache (server/block_manager.py), a sequence being admitted start
 cached blocks of its longest cached prefix of full blocks, short of its last token (whose
 logits the step needs), so its prefill starts after them; and after every step each
 sequence offers its newly completed blocks to the cache (`cache_blocks`). Every write of a
-step lands at or after a sequence's num_cached_tokens, past its shared blocks.
+step lands at or after a sequence's num_cached_tokens, past its shared blocks. A sequence
+whose next block a running prompt is still computing (the other choices of an n > 1
+request, a burst of requests with one system prompt) waits for it, and admission with it:
+it then shares that block instead of computing it again.
 """
 from __future__ import annotations
 
@@ -124,9 +127,15 @@ class Scheduler:
             out.prefills.append(ScheduledSequence(seq, chunk, is_prefill=True,
                                                   draft=self.policy.draft_after_prefill(seq)))
             budget -= chunk
+        computing = None   # the prefix hashes of full blocks that running prompts have yet to compute
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hits = self._share_cached(seq)
+            if self.block_manager.caching:
+                computing = computing if computing is not None else self._blocks_being_computed()
+                if self._next_block_hash(seq) in computing:
+                    self._unshare(seq)   # it shares the next block once that is computed
+                    break
             chunk = min(seq.num_uncached_tokens, budget)
             # admit only with room for the chunk plus one block of headroom, so admissions
             # do not immediately force preemptions
@@ -146,6 +155,8 @@ class Scheduler:
             out.prefills.append(ScheduledSequence(seq, chunk, is_prefill=True,
                                                   draft=self.policy.draft_after_prefill(seq)))
             budget -= chunk
+            if computing is not None:
+                computing.update(self._uncomputed_hashes(seq))
         return out
 
     def cache_blocks(self, seq: Sequence) -> None:
@@ -171,6 +182,21 @@ class Scheduler:
         seq.registered_blocks = manager.share_cached(seq.block_table, hashes[:usable])
         seq.num_cached_tokens = seq.registered_blocks * manager.block_size
         return seq.num_cached_tokens
+
+    def _blocks_being_computed(self) -> set[bytes]:
+        return {h for s in self.running if s.is_prefilling for h in self._uncomputed_hashes(s)}
+
+    def _uncomputed_hashes(self, seq: Sequence) -> list[bytes]:
+        """The prefix hashes of seq's full blocks of prompt whose keys and values are still to come."""
+        full = seq.num_tokens // self.block_manager.block_size
+        return chain_hashes(seq.token_ids, self.block_manager.block_size, seq.prefix_hashes, full)[
+            seq.num_cached_tokens // self.block_manager.block_size:full]
+
+    def _next_block_hash(self, seq: Sequence) -> bytes | None:
+        """The prefix hash of the block a sequence admitted now would compute first, if it
+        could share it (a full block short of its last token); else None."""
+        usable = (seq.num_tokens - 1) // self.block_manager.block_size
+        return seq.prefix_hashes[seq.registered_blocks] if seq.registered_blocks < usable else None
 
     def _unshare(self, seq: Sequence) -> None:
         """Undo _share_cached for a sequence that stays waiting."""

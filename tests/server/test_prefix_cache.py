@@ -74,6 +74,24 @@ def test_an_aborted_request_frees_its_shares_and_keeps_the_prefix_for_others(eng
     assert hits() - before >= shared_tokens(warm, again, size)
 
 
+def test_requests_arriving_together_compute_their_common_beginning_once(engine):
+    """Three choices of one prompt and two other requests with the same system prompt, all
+    added at once: the first computes its prompt, the others wait for its blocks and
+    compute only what they do not share."""
+    tokenizer, size = engine.tokenizer, engine.config.block_size
+    engine.reset_prefix_cache()
+    ids = with_system(tokenizer, PROMPTS[10])
+    others = [with_system(tokenizer, p) for p in PROMPTS[11:13]]
+    requests = {"a": ids, "b": ids, "c": ids, "d": others[0], "e": others[1]}
+    shared = [shared_tokens(ids, ids, size)] * 2 + [shared_tokens(ids, other, size) for other in others]
+    before, computed = hits(), metrics.prompt_tokens._value.get()
+    outputs = run_to_completion(engine, {name: (prompt, GREEDY) for name, prompt in requests.items()})
+    assert hits() - before == sum(shared)
+    assert metrics.prompt_tokens._value.get() - computed == sum(map(len, requests.values())) - sum(shared)
+    for name, prompt in requests.items():
+        assert outputs[name] == reference(engine, prompt, GREEDY), name
+
+
 def test_eviction_and_preemption_under_memory_pressure_keep_outputs_exact(random_heads):
     """Twelve blocks: prompts evict each other's cached blocks, run together they preempt
     each other and resume from what is still cached; every output stays exact and every
