@@ -3,7 +3,7 @@
     locust -f loadtest/locustfile.py --host http://127.0.0.1:8000 --headless -u 16 -r 4 -t 60s
     make loadtest HOST=http://127.0.0.1:8000 USERS=16 DURATION=60s   # CSVs + HTML report
 
-Three kinds of user, weighted like a chat product's traffic:
+Four kinds of user, weighted like a chat product's traffic:
 
 - ``ChatStreamUser`` (weight 3): streamed chat completions (SSE). Besides the request
   itself ("POST chat-stream", response_time = whole stream), every stream reports
@@ -11,6 +11,9 @@ Three kinds of user, weighted like a chat product's traffic:
   sample per gap between consecutive content events, as locust metrics (request_type
   "SSE"), so that their percentiles appear in the CSVs and the HTML report.
 - ``ChatUser`` (weight 2): non-streamed chat completions.
+- ``ConversationUser`` (weight 2): streamed chats of GORGON_LT_TURNS turns, each request
+  carrying the conversation so far (earlier questions and the server's answers), as a
+  chat client sends it: what a prefix cache serves ("TTFT conversation" shows it).
 - ``CompletionUser`` (weight 1): plain text completions, half of them streamed (reported
   as "TTFT completion-stream" / "ITL completion-stream").
 
@@ -25,6 +28,7 @@ Settings (environment variables):
   GORGON_LT_API_KEY      sent as "Authorization: Bearer ..." when set (also OPENAI_API_KEY)
   GORGON_LT_TIMEOUT      per-request network timeout in seconds, default 300
   GORGON_LT_WAIT         "min,max" think time between requests in seconds, default "0.5,2"
+  GORGON_LT_TURNS        turns per conversation (ConversationUser), default 4
 """
 from __future__ import annotations
 
@@ -68,6 +72,7 @@ TEMPERATURE = float(os.environ.get("GORGON_LT_TEMPERATURE", "0.7"))
 TIMEOUT = float(os.environ.get("GORGON_LT_TIMEOUT", "300"))
 API_KEY = os.environ.get("GORGON_LT_API_KEY") or os.environ.get("OPENAI_API_KEY")
 WAIT_MIN, WAIT_MAX = (float(x) for x in os.environ.get("GORGON_LT_WAIT", "0.5,2").split(","))
+TURNS = int(os.environ.get("GORGON_LT_TURNS", "4"))
 
 
 def chat_prompt(rng: random.Random) -> str:
@@ -126,8 +131,9 @@ class OpenAIUser(HttpUser):
             except Exception as exc:  # noqa: BLE001
                 resp.failure(f"malformed response: {exc!r}")
 
-    def stream(self, path: str, body: dict, label: str) -> None:
-        """A streamed request; reports the request, its TTFT and its inter-token gaps.
+    def stream(self, path: str, body: dict, label: str) -> str | None:
+        """A streamed request; reports the request, its TTFT and its inter-token gaps, and
+        returns its text (None when it failed).
 
         Times are taken when each SSE event arrives at the client: TTFT is from sending the
         request to the first event that carries text, ITL the gaps between consecutive
@@ -139,6 +145,7 @@ class OpenAIUser(HttpUser):
         gaps: list[float] = []
         done = False
         events_with_text = received = 0
+        pieces: list[str] = []
         with self.client.post(path, json=body, headers=self.headers, name=f"POST {label}", timeout=TIMEOUT,
                               stream=True, catch_response=True) as resp:
             try:
@@ -161,6 +168,7 @@ class OpenAIUser(HttpUser):
                                    for c in chunk.get("choices") or [])
                     if not text:
                         continue
+                    pieces.append(text)
                     now = time.perf_counter()
                     events_with_text += 1
                     if first is None:
@@ -174,7 +182,7 @@ class OpenAIUser(HttpUser):
                     raise StreamError("stream carried no text")
             except Exception as exc:  # noqa: BLE001 - every failure is reported to locust
                 resp.failure(exc if isinstance(exc, StreamError) else StreamError(repr(exc)))
-                return
+                return None
             finally:
                 # locust times a streamed request to its headers; report the whole stream instead
                 resp.request_meta["response_time"] = (time.perf_counter() - started) * 1e3
@@ -183,6 +191,7 @@ class OpenAIUser(HttpUser):
         fire("SSE", f"TTFT {label}", (first - started) * 1e3, events_with_text)
         for gap in gaps:
             fire("SSE", f"ITL {label}", gap * 1e3)
+        return "".join(pieces)
 
 
 class ChatStreamUser(OpenAIUser):
@@ -201,6 +210,25 @@ class ChatUser(OpenAIUser):
     def chat(self) -> None:
         self.post("/v1/chat/completions", self.body(messages=[{"role": "user", "content": chat_prompt(self.rng)}]),
                   "POST chat")
+
+
+class ConversationUser(OpenAIUser):
+    weight = 2
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.messages: list[dict] = []
+
+    @task
+    def next_turn(self) -> None:
+        if len(self.messages) >= 2 * TURNS:
+            self.messages = []   # a new conversation
+        self.messages.append({"role": "user", "content": chat_prompt(self.rng)})
+        answer = self.stream("/v1/chat/completions", self.body(messages=self.messages), "conversation")
+        if answer is None:
+            self.messages = []
+        else:
+            self.messages.append({"role": "assistant", "content": answer})
 
 
 class CompletionUser(OpenAIUser):
