@@ -26,16 +26,23 @@ def blocks_for(num_slots: int, block_size: int) -> int:
     return (num_slots + block_size - 1) // block_size
 
 
-def chain_hashes(token_ids: list[int], block_size: int, known: list[bytes], count: int) -> list[bytes]:
+def chain_hashes(token_ids: list[int], block_size: int, known: list[bytes], count: int,
+                 salt: str | None = None) -> list[bytes]:
     """Extend `known` (the hashes of token_ids' first len(known) full blocks, in place) to
-    `count` blocks and return it. Block i's hash covers its tokens and block i - 1's hash:
-    128-bit BLAKE2b, so two different prefixes never meet in practice, even when a client
-    picks its tokens to collide (the server shares blocks across clients)."""
+    `count` blocks and return it. Block i's hash covers its tokens and block i - 1's hash
+    (the first block's, the salt: requests share blocks only with requests of the same
+    salt): 128-bit BLAKE2b, so two different prefixes never meet in practice, even when a
+    client picks its tokens to collide (the server shares blocks across clients)."""
     while len(known) < count:
         i = len(known)
+        parent = known[-1] if known else salt_hash(salt)
         tokens = array("I", token_ids[i * block_size:(i + 1) * block_size]).tobytes()
-        known.append(hashlib.blake2b(tokens, digest_size=16, key=known[-1] if known else ROOT_HASH).digest())
+        known.append(hashlib.blake2b(tokens, digest_size=16, key=parent).digest())
     return known
+
+
+def salt_hash(salt: str | None) -> bytes:
+    return ROOT_HASH if salt is None else hashlib.blake2b(salt.encode(), digest_size=16, person=b"cache_salt").digest()
 
 
 class BlockManager:
@@ -103,6 +110,15 @@ class BlockManager:
             self.ref_counts[block] += 1
             block_table.append(block)
         return len(block_table)
+
+    def count_cached(self, hashes: list[bytes]) -> int:
+        """How many of hashes' first blocks the cache holds (no reference taken)."""
+        count = 0
+        for h in hashes if self.caching else ():
+            if h not in self.cached:
+                break
+            count += 1
+        return count
 
     def register(self, block: int, prefix_hash: bytes) -> None:
         """`block` (held) now holds the final keys and values of the prefix `prefix_hash`

@@ -12,7 +12,7 @@ REQUEST_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
 requests = Counter("gorgon_requests", "Finished requests", ["finish_reason", "status"])
 http_requests = Counter("gorgon_http_requests", "HTTP responses by route and status code",
                         ["route", "status_code"])
-prompt_tokens = Counter("gorgon_prompt_tokens", "Prompt tokens processed")
+prompt_tokens = Counter("gorgon_prompt_tokens", "Prompt tokens computed (not those found in the prefix cache)")
 generation_tokens = Counter("gorgon_generation_tokens", "Tokens generated")
 time_to_first_token = Histogram("gorgon_time_to_first_token_seconds", "Arrival to first token",
                                 buckets=LATENCY_BUCKETS)
@@ -27,7 +27,7 @@ num_requests_running = Gauge("gorgon_num_requests_running", "Requests in the run
 num_requests_waiting = Gauge("gorgon_num_requests_waiting", "Requests waiting to be scheduled")
 kv_cache_usage = Gauge("gorgon_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use")
 prefix_cache_queries = Counter("gorgon_prefix_cache_queries",
-                               "Tokens of admitted sequences looked up in the prefix cache")
+                               "Prompt tokens of requests looked up in the prefix cache (at their first admission)")
 prefix_cache_hits = Counter("gorgon_prefix_cache_hits",
                             "Of them, tokens found cached (their keys and values not computed again)")
 num_preemptions = Counter("gorgon_num_preemptions", "Requests preempted (recomputed later)")

@@ -23,6 +23,7 @@ class SamplingParams:
     typical_epsilon: float = TYPICAL_EPSILON
     typical_delta: float = TYPICAL_DELTA
     speculate: bool = True              # False: one token per step for this request
+    cache_salt: str | None = None       # the prefix cache shares blocks only among requests of one salt
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -40,6 +41,8 @@ class SamplingParams:
             raise ValueError("typical_epsilon and typical_delta must be between 0 and 1")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.cache_salt is not None and not self.cache_salt:
+            raise ValueError("cache_salt must not be empty")
 
     @property
     def is_greedy(self) -> bool:

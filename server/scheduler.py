@@ -102,8 +102,11 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         decoding = [s for s in self.running if not s.is_prefilling]
-        pending_prefill = sum(s.num_uncached_tokens for s in self.running if s.is_prefilling) + sum(
-            s.num_uncached_tokens for s in self.waiting)
+        pending_prefill = sum(s.num_uncached_tokens for s in self.running if s.is_prefilling)
+        for seq in self.waiting:   # as far as it matters: past the budget, trees get one node each
+            if pending_prefill >= budget:
+                break
+            pending_prefill += seq.num_uncached_tokens - self._cached_tokens(seq)
         # trees get only the budget that waiting prompt tokens leave over: admitting work raises
         # the batch's throughput more than a tree does, and a tree must never delay a prompt
         tree_budget = max(len(decoding), budget - pending_prefill)
@@ -143,14 +146,14 @@ class Scheduler:
                                                + self.block_manager.block_size):
                 self._unshare(seq)
                 break
-            out.prefix_queries += seq.num_tokens if self.block_manager.caching else 0
-            out.prefix_hits += hits
             self.waiting.popleft()
             self.block_manager.grow(seq.block_table, seq.num_cached_tokens + chunk)
             seq.status = SequenceStatus.RUNNING
-            if seq.first_scheduled_time is None:
+            if seq.first_scheduled_time is None:   # (a preempted sequence's return finds its own blocks)
                 seq.first_scheduled_time = time.monotonic()
                 seq.num_prompt_cache_hits = hits
+                out.prefix_queries += seq.num_tokens if self.block_manager.caching else 0
+                out.prefix_hits += hits
             self.running.append(seq)
             out.prefills.append(ScheduledSequence(seq, chunk, is_prefill=True,
                                                   draft=self.policy.draft_after_prefill(seq)))
@@ -166,10 +169,26 @@ class Scheduler:
         full = min(seq.num_cached_tokens, seq.num_tokens, len(seq.block_table) * manager.block_size) // manager.block_size
         if not manager.caching or full <= seq.registered_blocks:
             return
-        hashes = chain_hashes(seq.token_ids, manager.block_size, seq.prefix_hashes, full)
+        hashes = self._hashes(seq, full)
         for i in range(seq.registered_blocks, full):
             manager.register(seq.block_table[i], hashes[i])
         seq.registered_blocks = full
+
+    def _shareable_hashes(self, seq: Sequence) -> list[bytes]:
+        """The prefix hashes of a waiting sequence's full blocks short of its last token."""
+        usable = (seq.num_tokens - 1) // self.block_manager.block_size
+        return self._hashes(seq, usable)[:usable]
+
+    def _hashes(self, seq: Sequence, count: int) -> list[bytes]:
+        return chain_hashes(seq.token_ids, self.block_manager.block_size, seq.prefix_hashes, count,
+                            seq.params.cache_salt)
+
+    def _cached_tokens(self, seq: Sequence) -> int:
+        """What a waiting sequence would find in the prefix cache now (no block taken)."""
+        manager = self.block_manager
+        if not manager.caching or seq.block_table:
+            return 0
+        return manager.count_cached(self._shareable_hashes(seq)) * manager.block_size
 
     def _share_cached(self, seq: Sequence) -> int:
         """Start a sequence that holds no blocks (new or preempted) from the cached blocks of
@@ -177,9 +196,7 @@ class Scheduler:
         manager = self.block_manager
         if not manager.caching or seq.block_table:
             return 0
-        usable = (seq.num_tokens - 1) // manager.block_size
-        hashes = chain_hashes(seq.token_ids, manager.block_size, seq.prefix_hashes, usable)
-        seq.registered_blocks = manager.share_cached(seq.block_table, hashes[:usable])
+        seq.registered_blocks = manager.share_cached(seq.block_table, self._shareable_hashes(seq))
         seq.num_cached_tokens = seq.registered_blocks * manager.block_size
         return seq.num_cached_tokens
 
@@ -189,8 +206,7 @@ class Scheduler:
     def _uncomputed_hashes(self, seq: Sequence) -> list[bytes]:
         """The prefix hashes of seq's full blocks of prompt whose keys and values are still to come."""
         full = seq.num_tokens // self.block_manager.block_size
-        return chain_hashes(seq.token_ids, self.block_manager.block_size, seq.prefix_hashes, full)[
-            seq.num_cached_tokens // self.block_manager.block_size:full]
+        return self._hashes(seq, full)[seq.num_cached_tokens // self.block_manager.block_size:full]
 
     def _next_block_hash(self, seq: Sequence) -> bytes | None:
         """The prefix hash of the block a sequence admitted now would compute first, if it

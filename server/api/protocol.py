@@ -42,6 +42,7 @@ class SamplingRequest(APIModel):
     typical_epsilon: Annotated[float, Field(ge=0.0, le=1.0)] = TYPICAL_EPSILON
     typical_delta: Annotated[float, Field(ge=0.0, le=1.0)] = TYPICAL_DELTA
     speculate: bool = True
+    cache_salt: Annotated[str, Field(min_length=1, max_length=256)] | None = None  # prefix cache: share only within a salt
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for a field we accept in the schema but cannot honour."""
@@ -79,6 +80,7 @@ class SamplingRequest(APIModel):
             typical_epsilon=self.typical_epsilon,
             typical_delta=self.typical_delta,
             speculate=self.speculate,
+            cache_salt=self.cache_salt,
         )
 
 

@@ -55,6 +55,13 @@ def test_sampling_params_from_request():
     assert params[0].stop == ("END",) and params[0].top_k == 0 and params[0].is_greedy
     assert CompletionRequest(prompt=[1, 2]).prompt == [1, 2]
     assert CompletionRequest(prompt=[[1], [2, 3]]).prompt == [[1], [2, 3]]
+    assert params[0].cache_salt is None
+    assert CompletionRequest(prompt="x", cache_salt="tenant-7").sampling_params(1).cache_salt == "tenant-7"
+
+
+def test_an_empty_cache_salt_is_400(client):
+    r = client.post("/v1/completions", headers=AUTH, json={"prompt": "one", "max_tokens": 1, "cache_salt": ""})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"
 
 
 def test_completion_and_usage(client):

@@ -63,15 +63,32 @@ def test_an_aborted_request_frees_its_shares_and_keeps_the_prefix_for_others(eng
     warm = with_system(tokenizer, PROMPTS[6])
     run_to_completion(engine, {"warm": (warm, GREEDY)})
     ids = with_system(tokenizer, PROMPTS[7])
+    before = hits()
     engine.add_request("doomed", ids, SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))
     engine.step()
     engine.step()
+    doomed = engine.sequences["doomed"]
+    assert hits() - before == shared_tokens(warm, ids, size) > 0 and doomed.num_output_tokens > 0
     engine.abort_request("doomed")
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert all(count == 0 for count in engine.block_manager.ref_counts)
     again = with_system(tokenizer, PROMPTS[8])
     before = hits()
     assert run_to_completion(engine, {"again": (again, GREEDY)})["again"] == reference(engine, again, GREEDY)
-    assert hits() - before >= shared_tokens(warm, again, size)
+    # the system turn and what the aborted request computed of its own prompt stay cached
+    assert hits() - before == max(shared_tokens(warm, again, size), shared_tokens(ids, again, size))
+
+
+def test_a_salt_shares_blocks_only_with_requests_of_the_same_salt(engine):
+    ids = with_system(engine.tokenizer, PROMPTS[9])
+    usable = shared_tokens(ids, ids, engine.config.block_size)
+    found = []
+    for name, salt in (("a", "tenant-a"), ("b", "tenant-b"), ("c", None), ("d", "tenant-a")):
+        before = hits()
+        params = SamplingParams(max_tokens=4, temperature=0.0, cache_salt=salt)
+        assert run_to_completion(engine, {name: (ids, params)})[name] == reference(engine, ids, params)
+        found.append(hits() - before)
+    assert found[0] < usable and found[1] == 0 and found[3] == usable   # c found the unsalted system turn
 
 
 def test_requests_arriving_together_compute_their_common_beginning_once(engine):
@@ -119,7 +136,27 @@ def test_without_prefix_caching_every_prompt_is_computed_whole(random_heads):
     engine = LLMEngine(EngineConfig(max_num_batched_tokens=256, kv_cache_memory_gb=0.1, prefix_caching=False),
                        random_heads)
     ids = with_system(engine.tokenizer, PROMPTS[0])
-    before = hits()
-    run_to_completion(engine, {"a": (ids, GREEDY)})
-    run_to_completion(engine, {"b": (ids, GREEDY)})
+    before, computed = hits(), metrics.prompt_tokens._value.get()
+    first = run_to_completion(engine, {"a": (ids, GREEDY)})["a"]
+    assert run_to_completion(engine, {"b": (ids, GREEDY)})["b"] == first == reference(engine, ids, GREEDY)
     assert hits() == before and not engine.block_manager.cached
+    assert metrics.prompt_tokens._value.get() - computed == 2 * len(ids)
+
+
+def test_accepted_trees_beside_shared_blocks_and_cut_answers_keep_the_next_turn_exact(random_heads):
+    """Fixed 8-node trees on a text that repeats itself: lookup chains are accepted, so kept
+    rows are moved into place beside shared blocks, and the last step's tokens are cut at
+    max_tokens; the next turn starts from the cached answer and stays exact."""
+    engine = LLMEngine(EngineConfig(max_num_batched_tokens=256, kv_cache_memory_gb=0.1, tree_budget=8), random_heads)
+    size = engine.config.block_size
+    verse = "one two three four five six seven eight nine ten. "
+    turn1 = with_system(engine.tokenizer, "Repeat this line five times: " + verse * 3)
+    params = SamplingParams(max_tokens=45, temperature=0.0, ignore_eos=True)
+    accepted = metrics.spec_accepted_tokens._value.get()
+    answer = run_to_completion(engine, {"turn1": (turn1, params)})["turn1"]
+    assert answer == reference(engine, turn1, params) and len(answer) == 45
+    assert metrics.spec_accepted_tokens._value.get() - accepted >= 8, "the test meant trees to keep tokens"
+    turn2 = turn1 + answer + chat_ids(engine.tokenizer, "Now count backwards.")[1:]
+    before = hits()
+    assert run_to_completion(engine, {"turn2": (turn2, params)})["turn2"] == reference(engine, turn2, params)
+    assert hits() - before >= (len(turn1) + len(answer) - 1) // size * size - size   # the answer's blocks too
