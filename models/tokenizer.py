@@ -18,6 +18,7 @@ class Tokenizer:
         if self.hf.eos_token_id is not None:
             eos.add(self.hf.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        self._byte_alphabet: dict[str, int] | None = None   # token_bytes: spelling character -> byte
 
     @property
     def vocab_size(self) -> int:
@@ -32,6 +33,18 @@ class Tokenizer:
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
         return self.hf.convert_ids_to_tokens(ids)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's own bytes (a piece of a multi-byte character stays a piece): read from
+        its byte-level BPE spelling where the tokenizer is one (GPT-2's, SmolLM2's), else
+        the token decoded alone."""
+        if self._byte_alphabet is None:
+            decoder = getattr(getattr(self.hf, "backend_tokenizer", None), "decoder", None)
+            self._byte_alphabet = byte_level_alphabet() if type(decoder).__name__ == "ByteLevel" else {}
+        spelling = self.hf.convert_ids_to_tokens(token_id)
+        if self._byte_alphabet and spelling is not None and all(c in self._byte_alphabet for c in spelling):
+            return bytes(self._byte_alphabet[c] for c in spelling)
+        return self.decode([token_id], skip_special_tokens=False).encode()
+
     @property
     def has_chat_template(self) -> bool:
         return bool(self.hf.chat_template)
@@ -42,6 +55,18 @@ class Tokenizer:
             raise ValueError("this model has no chat template; use /v1/completions instead")
         out = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE (GPT-2) spells byte b as one printable character: b itself where
+    printable (! to ~, ¡ to ¬, ® to ÿ), else the next code point from 256 on, in byte order.
+    Returns character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    spelled = {b: chr(b) for b in printable}
+    for b in range(256):
+        if b not in spelled:
+            spelled[b] = chr(256 + len(spelled) - len(printable))
+    return {c: b for b, c in spelled.items()}
 
 
 class IncrementalDetokenizer:

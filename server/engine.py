@@ -185,9 +185,10 @@ class LLMEngine:
                 self._finish(seq, now)
             else:
                 self.block_manager.shrink(seq.block_table, seq.num_cached_tokens)
+            logprobs = None if result.logprobs is None else tuple(result.logprobs[:len(appended)])
             outputs.append(RequestOutput(seq.request_id, text, appended, seq.finish_reason,
                                          seq.num_prompt_tokens, seq.num_output_tokens,
-                                         num_cached_tokens=seq.num_prompt_cache_hits))
+                                         num_cached_tokens=seq.num_prompt_cache_hits, logprobs=logprobs))
         self._update_gauges()
         return outputs
 

@@ -19,7 +19,8 @@ from models.heads import MedusaHeads
 from models.llama import LlamaForCausalLM
 from server.acceptance import accept_greedy, accept_rejection, accept_typical, typical_verdicts
 from server.drafter import Draft, Drafter
-from server.sampler import greedy_tokens, pick, probabilities, sample
+from server.outputs import TokenLogprob
+from server.sampler import greedy_tokens, pick, probabilities, sample, token_logprobs
 from server.scheduler import SchedulerOutput, ScheduledSequence
 from server.step_graphs import StepGraphs
 from server.tree import LOOKUP_RANK, Path, kept_by_tree
@@ -36,6 +37,7 @@ class StepResult:
     head_accepted: int = 0        # of them, those the heads' branch of the tree would have kept
     draft: Draft | None = None    # the heads' guesses for the next tree (server/drafter.py)
     verdicts: list[bool] | None = None  # typical acceptance's verdict on each of the tree's probes
+    logprobs: list[TokenLogprob] | None = None  # per new token, when the request asked for them
 
 
 class ModelRunner:
@@ -83,6 +85,7 @@ class ModelRunner:
         distributions, drawn = self._distributions(items, first_logit, logits)
 
         results, moves, head_rows, head_items = [], ([], []), [], []
+        scored = []   # (result, the logits rows that chose its new tokens, alternatives) for logprobs
         offset = 0
         for index, (item, row) in enumerate(zip(items, first_logit)):
             seq, n = item.seq, item.num_new_tokens
@@ -94,6 +97,8 @@ class ModelRunner:
                     token = argmax[row] if seq.params.is_greedy else int(
                         pick(logits[row:row + 1], seq.params, seq.generator)[0])
                     results.append(StepResult([token], start + n))
+                    if seq.params.logprobs is not None:
+                        scored.append((results[-1], [row], seq.params.logprobs))
                     if item.draft:
                         head_rows.append(offset + n - 1)
                         head_items.append((len(results) - 1, item.draft))
@@ -118,12 +123,16 @@ class ModelRunner:
                     head_accepted = kept_by_tree(item.tree.head_paths, item.tree.head_tokens, new_tokens)
                 results.append(StepResult(new_tokens, start + 1 + len(kept), drafted=n - 1, accepted=len(kept),
                                           head_accepted=head_accepted))
+                if seq.params.logprobs is not None:   # the root's row gave the first token, kept node k's the next
+                    scored.append((results[-1], [row + node for node in [0] + kept], seq.params.logprobs))
                 if item.tree.probes and not seq.params.is_greedy:
                     results[-1].verdicts = typical_verdicts(probs[0], seq.params, item.tree.probes)
                 if item.draft:
                     head_rows.append(offset + (kept[-1] if kept else 0))
                     head_items.append((len(results) - 1, item.draft))
             offset += n
+        if scored:
+            self._score(scored, logits)
         if moves[0]:
             self.kv_cache.move_slots(torch.tensor(moves[0], device=self.device),
                                      torch.tensor(moves[1], device=self.device))
@@ -135,6 +144,19 @@ class ModelRunner:
             for result, draft in zip(drafted, drafts):
                 result.draft = draft
         return list(zip(items, results))
+
+    @staticmethod
+    def _score(scored: list[tuple[StepResult, list[int], int]], logits: torch.Tensor) -> None:
+        """Each result's new tokens' log-probabilities and alternatives, from the rows that
+        chose them (one call for the step): a token kept from a tree gets the numbers plain
+        decoding gives it, its row's."""
+        rows = [r for _, result_rows, _ in scored for r in result_rows]
+        tokens = [t for result, _, _ in scored for t in result.new_token_ids]
+        entries = iter(token_logprobs(logits[torch.tensor(rows, device=logits.device)], tokens,
+                                      max(top for _, _, top in scored)))
+        for result, result_rows, top in scored:
+            result.logprobs = [TokenLogprob(logprob, tuple(best[:top])) for logprob, best in
+                               (next(entries) for _ in result_rows)]
 
     @staticmethod
     def _distributions(items: list[ScheduledSequence], first_logit: list[int],

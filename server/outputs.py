@@ -7,6 +7,14 @@ FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (before temperature, top-k and
+    top-p) and the likeliest tokens' (id, log-probability), best first."""
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class RequestOutput:
     request_id: str
     text: str                   # new text since the last output (stop strings never included)
@@ -16,6 +24,7 @@ class RequestOutput:
     num_output_tokens: int      # generated so far (all of them, also those cut by a stop string)
     error: str | None = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when it was first scheduled
+    logprobs: tuple[TokenLogprob, ...] | None = None   # one per token id, when the request asked for them
 
     @property
     def is_finished(self) -> bool:

@@ -20,6 +20,18 @@ def greedy_tokens(logits: torch.Tensor) -> list[int]:
     return logits.argmax(-1).tolist()
 
 
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """logits [N, vocab] and a token per row -> each token's log-probability under the row's
+    own distribution (no temperature, top-k or top-p) and the row's `top` likeliest tokens
+    with theirs, best first."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device).view(-1, 1)).view(-1).tolist()
+    if not top:
+        return [(lp, []) for lp in chosen]
+    best = logprobs.topk(top, dim=-1)
+    return [(lp, list(zip(ids, values))) for lp, ids, values in zip(chosen, best.indices.tolist(), best.values.tolist())]
+
+
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """logits [N, vocab] -> probabilities [N, vocab] after temperature, top-k and top-p.
 

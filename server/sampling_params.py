@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 TYPICAL_EPSILON = 0.09
 TYPICAL_DELTA = 0.3
 ACCEPTANCE_RULES = ("typical", "rejection")
+MAX_LOGPROBS = 20   # alternatives per token (OpenAI's chat limit)
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class SamplingParams:
     typical_delta: float = TYPICAL_DELTA
     speculate: bool = True              # False: one token per step for this request
     cache_salt: str | None = None       # the prefix cache shares blocks only among requests of one salt
+    logprobs: int | None = None         # each token's log-probability and this many likeliest alternatives
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -41,6 +43,8 @@ class SamplingParams:
             raise ValueError("typical_epsilon and typical_delta must be between 0 and 1")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
         if self.cache_salt is not None and not self.cache_salt:
             raise ValueError("cache_salt must not be empty")
 

@@ -7,6 +7,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from server.api.errors import bad_request
+from server.api.logprobs import LogprobFormatter
 from server.api.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                                  ChatCompletionResponse, ChatResponseMessage, DeltaMessage)
 from server.api.serving import (ENGINE_ERRORS, Batch, Serving, collect, first_output, new_request_id, record,
@@ -26,26 +27,33 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     batch = Batch(new_request_id("chatcmpl"), [prompt_ids], body.n)
     record(request, batch)
 
+    formatter = LogprobFormatter(serving.llm.tokenizer) if body.requested_logprobs is not None else None
+
     outputs = serving.submit(batch, params)
     if body.stream:
         first = await first_output(request, outputs)
-        events = chat_events(first, outputs, batch, model, body.include_usage, request)
+        events = chat_events(first, outputs, batch, model, body.include_usage, request, formatter)
         return SSEResponse(events, headers={"X-Request-Id": batch.request_id})
 
     await collect(request, batch, outputs)
     response = ChatCompletionResponse(
         id=batch.request_id, model=model,
-        choices=[ChatChoice(index=i, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason)
+        choices=[ChatChoice(index=i, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason,
+                            logprobs=formatter.chat(c.token_ids, c.logprobs) if formatter else None)
                  for i, c in enumerate(batch.choices)],
         usage=batch.usage)
     return JSONResponse(response.model_dump(), headers={"X-Request-Id": batch.request_id})
 
 
 async def chat_events(first: tuple[int, RequestOutput], rest: AsyncIterator[tuple[int, RequestOutput]],
-                      batch: Batch, model: str, include_usage: bool, request: Request) -> AsyncIterator[str]:
-    """SSE: a role chunk per choice, content deltas, a finish chunk per choice, usage, [DONE]."""
-    def chunk(index: int, delta: DeltaMessage, finish_reason: str | None = None) -> str:
-        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)
+                      batch: Batch, model: str, include_usage: bool, request: Request,
+                      formatter: LogprobFormatter | None = None) -> AsyncIterator[str]:
+    """SSE: a role chunk per choice, content deltas, a finish chunk per choice, usage, [DONE].
+    With logprobs, a content or finish chunk carries those of the tokens since the last one."""
+    def chunk(index: int, delta: DeltaMessage, finish_reason: str | None = None, logprobs: bool = False) -> str:
+        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason,
+                                 logprobs=formatter.chat(*batch.choices[index].unsent_logprobs())
+                                 if formatter and logprobs else None)
         return sse(ChatCompletionChunk(id=batch.request_id, model=model, choices=[choice]))
 
     try:
@@ -59,9 +67,9 @@ async def chat_events(first: tuple[int, RequestOutput], rest: AsyncIterator[tupl
                 yield sse(failure.body())
                 break
             if out.text:
-                yield chunk(i, DeltaMessage(content=out.text))
+                yield chunk(i, DeltaMessage(content=out.text), logprobs=True)
             if out.is_finished:
-                yield chunk(i, DeltaMessage(), out.finish_reason)
+                yield chunk(i, DeltaMessage(), out.finish_reason, logprobs=True)
         else:
             if include_usage:
                 usage = batch.usage

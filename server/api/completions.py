@@ -7,6 +7,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from server.api.errors import bad_request
+from server.api.logprobs import LogprobFormatter
 from server.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Prompt
 from server.api.serving import (ENGINE_ERRORS, Batch, Serving, collect, first_output, new_request_id, record,
                                 to_api_error)
@@ -53,16 +54,19 @@ async def create_completion(body: CompletionRequest, request: Request, serving: 
     record(request, batch)
     echo = [prompt_texts[c.prompt_index] if body.echo else "" for c in batch.choices]
 
+    formatter = LogprobFormatter(serving.llm.tokenizer) if body.requested_logprobs is not None else None
+
     outputs = serving.submit(batch, params)
     if body.stream:
         first = await first_output(request, outputs)
-        events = completion_events(first, outputs, batch, model, echo, body.include_usage, request)
+        events = completion_events(first, outputs, batch, model, echo, body.include_usage, request, formatter)
         return SSEResponse(events, headers={"X-Request-Id": batch.request_id})
 
     await collect(request, batch, outputs)
     response = CompletionResponse(
         id=batch.request_id, model=model,
-        choices=[CompletionChoice(index=i, text=echo[i] + c.text, finish_reason=c.finish_reason)
+        choices=[CompletionChoice(index=i, text=echo[i] + c.text, finish_reason=c.finish_reason,
+                                  logprobs=formatter.completion(c.token_ids, c.logprobs, 0) if formatter else None)
                  for i, c in enumerate(batch.choices)],
         usage=batch.usage)
     return JSONResponse(response.model_dump(), headers={"X-Request-Id": batch.request_id})
@@ -70,10 +74,18 @@ async def create_completion(body: CompletionRequest, request: Request, serving: 
 
 async def completion_events(first: tuple[int, RequestOutput], rest: AsyncIterator[tuple[int, RequestOutput]],
                             batch: Batch, model: str, echo: list[str], include_usage: bool,
-                            request: Request) -> AsyncIterator[str]:
-    """SSE: text chunks (the last one of a choice carries finish_reason), usage, [DONE]."""
-    def chunk(index: int, text: str, finish_reason: str | None = None) -> str:
-        choice = CompletionChoice(index=index, text=text, finish_reason=finish_reason)
+                            request: Request, formatter: LogprobFormatter | None = None) -> AsyncIterator[str]:
+    """SSE: text chunks (the last one of a choice carries finish_reason), usage, [DONE].
+    With logprobs, a chunk carries those of the tokens since the last one (text_offset
+    counting from the choice's first token)."""
+    offsets = [0] * len(batch.choices)
+
+    def chunk(index: int, text: str, finish_reason: str | None = None, logprobs: bool = False) -> str:
+        entries = None
+        if formatter is not None and logprobs:   # (never beside echo: the protocol refuses both)
+            entries = formatter.completion(*batch.choices[index].unsent_logprobs(), offsets[index])
+            offsets[index] += sum(map(len, entries.tokens))
+        choice = CompletionChoice(index=index, text=text, finish_reason=finish_reason, logprobs=entries)
         return sse(CompletionResponse(id=batch.request_id, model=model, choices=[choice]))
 
     try:
@@ -88,7 +100,7 @@ async def completion_events(first: tuple[int, RequestOutput], rest: AsyncIterato
                 yield sse(failure.body())
                 break
             if out.text or out.is_finished:
-                yield chunk(i, out.text, out.finish_reason)
+                yield chunk(i, out.text, out.finish_reason, logprobs=True)
         else:
             if include_usage:
                 usage = batch.usage

@@ -6,10 +6,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from server.sampling_params import TYPICAL_DELTA, TYPICAL_EPSILON, SamplingParams
+from server.sampling_params import MAX_LOGPROBS, TYPICAL_DELTA, TYPICAL_EPSILON, SamplingParams
 
 MAX_N = 16          # choices per request
 MAX_STOP = 8        # stop strings per request
+MAX_COMPLETION_LOGPROBS = 5   # the completions API's limit on `logprobs` (chat's `top_logprobs`: 20)
 
 
 class APIModel(BaseModel):
@@ -65,6 +66,11 @@ class SamplingRequest(APIModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def requested_logprobs(self) -> int | None:
+        """Alternatives per generated token to report with its log-probability; None: none."""
+        return None
+
     def sampling_params(self, max_tokens: int, index: int = 0) -> SamplingParams:
         """SamplingParams for choice `index` (a seeded request gets seed + index per choice)."""
         return SamplingParams(
@@ -81,6 +87,7 @@ class SamplingRequest(APIModel):
             typical_delta=self.typical_delta,
             speculate=self.speculate,
             cache_salt=self.cache_salt,
+            logprobs=self.requested_logprobs,
         )
 
 
@@ -91,13 +98,17 @@ class CompletionRequest(SamplingRequest):
     prompt: Prompt
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
     suffix: str | None = None
     best_of: int | None = None
 
+    @property
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
+
     def unsupported(self) -> tuple[str, str] | None:
-        if self.logprobs is not None:
-            return "logprobs", "logprobs are not supported by this server"
+        if self.logprobs is not None and self.echo:
+            return "logprobs", "logprobs of the prompt (logprobs with echo) are not supported by this server"
         if self.suffix:
             return "suffix", "suffix is not supported by this server"
         if self.best_of is not None and self.best_of != self.n:
@@ -128,13 +139,17 @@ class ChatCompletionRequest(SamplingRequest):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
 
+    @property
+    def requested_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def unsupported(self) -> tuple[str, str] | None:
-        if self.logprobs or self.top_logprobs:
-            return "logprobs", "logprobs are not supported by this server"
+        if self.top_logprobs and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs set to true"
         if self.tools:
             return "tools", "tools are not supported by this server"
         if self.response_format and self.response_format.get("type", "text") != "text":
@@ -169,10 +184,18 @@ def _now() -> int:
     return int(time.time())
 
 
+class CompletionLogprobs(BaseModel):
+    """The completions API's (legacy) shape: a list per field, one entry per token."""
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -190,10 +213,25 @@ class ChatResponseMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+    refusal: None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -219,7 +257,7 @@ class DeltaMessage(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 

@@ -15,7 +15,7 @@ from server.api.errors import APIError, bad_request
 from server.api.protocol import SamplingRequest, UsageInfo
 from server.api.streams import merge, until_disconnect
 from server.async_engine import AsyncEngine, EngineNotReadyError, QueueFullError
-from server.outputs import RequestOutput
+from server.outputs import RequestOutput, TokenLogprob
 from server.sampling_params import SamplingParams
 
 RETRY_AFTER_S = "1"
@@ -35,15 +35,26 @@ class Choice:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    token_ids: list[int] = field(default_factory=list)          # with logprobs: the tokens they are of
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    logprobs_sent: int = 0   # streaming: how many of them went out
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.text
+        if out.logprobs is not None:
+            self.token_ids += out.token_ids
+            self.logprobs += out.logprobs
         self.num_prompt_tokens = max(self.num_prompt_tokens, out.num_prompt_tokens)  # an abort output carries 0
         self.num_output_tokens = max(self.num_output_tokens, out.num_output_tokens)
         self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
         if out.is_finished:
             self.finish_reason = out.finish_reason
             self.error = out.error
+
+    def unsent_logprobs(self) -> tuple[list[int], list[TokenLogprob]]:
+        """Streaming: the logprobs not sent yet (now marked sent)."""
+        start, self.logprobs_sent = self.logprobs_sent, len(self.logprobs)
+        return self.token_ids[start:], self.logprobs[start:]
 
 
 @dataclass

@@ -68,6 +68,41 @@ def test_chat_streamed_equals_plain_with_exact_usage(client, model_name, api_tok
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == (plain.usage.prompt_tokens - 1) // 16 * 16 > 0
 
 
+def test_completion_logprobs_streamed_equal_plain(client, model_name):
+    plain = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=8, logprobs=3, **GREEDY)
+    choice = plain.choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 8
+    assert "".join(lp.tokens) == choice.text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(8)]
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        # greedy: each token is its row's likeliest, and its alternatives are less likely
+        assert len(top) == 3 and logprob <= 0 and top[token] == logprob == max(top.values())
+    text, chunks = streamed_completion(client, model_name, prompt=PROMPT, max_tokens=8, logprobs=3, **GREEDY)
+    parts = [c.logprobs for chunk in chunks for c in chunk.choices if c.logprobs and c.logprobs.tokens]
+    assert text == choice.text
+    assert [t for p in parts for t in p.tokens] == lp.tokens
+    assert [x for p in parts for x in p.token_logprobs] == lp.token_logprobs
+    assert [x for p in parts for x in p.text_offset] == lp.text_offset
+
+
+def test_chat_logprobs_streamed_equal_plain(client, model_name):
+    plain = client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=8, logprobs=True,
+                                           top_logprobs=2, **GREEDY)
+    content = plain.choices[0].logprobs.content
+    assert len(content) == plain.usage.completion_tokens == 8
+    assert b"".join(bytes(t.bytes) for t in content).decode() == plain.choices[0].message.content
+    for token in content:
+        assert len(token.top_logprobs) == 2 and token.top_logprobs[0].logprob == token.logprob
+        assert token.top_logprobs[0].bytes == token.bytes and token.top_logprobs[1].logprob <= token.logprob
+    chunks = list(client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=8, stream=True,
+                                                 logprobs=True, top_logprobs=2, **GREEDY))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.model_dump() for t in streamed] == [t.model_dump() for t in content]
+    without = client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=2, **GREEDY)
+    assert without.choices[0].logprobs is None
+
+
 def test_stop_string_straddling_tokens_never_leaks(client, model_name, api_tokenizer):
     full = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=8, **GREEDY).choices[0].text
     pieces = [api_tokenizer.decode([t]) for t in api_tokenizer.encode(full)]
