@@ -40,6 +40,9 @@ class Tokenizer:
         if self._byte_alphabet is None:
             decoder = getattr(getattr(self.hf, "backend_tokenizer", None), "decoder", None)
             self._byte_alphabet = byte_level_alphabet() if type(decoder).__name__ == "ByteLevel" else {}
+        added = self.hf.added_tokens_decoder.get(token_id)
+        if added is not None:   # special and added tokens are spelled as their text
+            return added.content.encode()
         spelling = self.hf.convert_ids_to_tokens(token_id)
         if self._byte_alphabet and spelling is not None and all(c in self._byte_alphabet for c in spelling):
             return bytes(self._byte_alphabet[c] for c in spelling)

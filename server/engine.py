@@ -177,7 +177,7 @@ class LLMEngine:
             if not result.new_token_ids:
                 self.scheduler.cache_blocks(seq)
                 continue
-            appended, text = self.output_processor.append(seq, result.new_token_ids)
+            appended, text, kept = self.output_processor.append(seq, result.new_token_ids)
             self.scheduler.cache_blocks(seq)   # before a finished sequence's blocks go
             self.policy.score(seq)
             self._record_timing(seq, len(appended), now)
@@ -185,7 +185,7 @@ class LLMEngine:
                 self._finish(seq, now)
             else:
                 self.block_manager.shrink(seq.block_table, seq.num_cached_tokens)
-            logprobs = None if result.logprobs is None else tuple(result.logprobs[:len(appended)])
+            logprobs = None if result.logprobs is None else tuple(result.logprobs[:kept])
             outputs.append(RequestOutput(seq.request_id, text, appended, seq.finish_reason,
                                          seq.num_prompt_tokens, seq.num_output_tokens,
                                          num_cached_tokens=seq.num_prompt_cache_hits, logprobs=logprobs))

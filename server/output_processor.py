@@ -37,22 +37,25 @@ class OutputProcessor:
     def start(self, seq: Sequence) -> None:
         seq.output_state = OutputState(IncrementalDetokenizer(self.tokenizer, seq.prompt_ids))
 
-    def append(self, seq: Sequence, new_ids: list[int]) -> tuple[list[int], str]:
+    def append(self, seq: Sequence, new_ids: list[int]) -> tuple[list[int], str, int]:
         """Append accepted tokens to seq, stopping where a stop rule fires.
 
-        Returns the token ids actually appended and the text delta to send. Sets
+        Returns the token ids actually appended, the text delta to send, and how many of the
+        appended tokens the output holds: all but a stop token that ended it, and none past
+        the one where a stop string starts (their log-probabilities are reported). Sets
         seq.finish_reason when the sequence is done.
         """
         params = seq.params
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.tokenizer.eos_token_ids
-        appended = []
+        appended, kept = [], len(new_ids)
         for token in new_ids:
             seq.token_ids.append(token)
             appended.append(token)
             if token in stop_ids:
                 seq.finish_reason = "stop"
+                kept = len(appended) - 1
                 break
             if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
                 seq.finish_reason = "length"
@@ -67,8 +70,18 @@ class OutputProcessor:
             if hits:
                 end = min(hits)
                 seq.finish_reason = "stop"
+                kept = self._tokens_before(seq, len(appended), end)
             elif seq.finish_reason is None:
                 end -= held_back(text, params.stop)
         delta = text[state.emitted:end] if end > state.emitted else ""
         state.emitted = max(state.emitted, end)
-        return appended, delta
+        return appended, delta, min(kept, len(appended))
+
+    def _tokens_before(self, seq: Sequence, count: int, end: int) -> int:
+        """Of the last `count` output tokens, how many the first `end` characters of the
+        output need (the text up to a stop string; rare: once a request, at its end)."""
+        output, first = seq.output_ids, seq.num_output_tokens - count
+        for used in range(first, len(output) + 1):
+            if len(self.tokenizer.decode(output[:used])) >= end:
+                return used - first
+        return count

@@ -24,7 +24,9 @@ class RequestOutput:
     num_output_tokens: int      # generated so far (all of them, also those cut by a stop string)
     error: str | None = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when it was first scheduled
-    logprobs: tuple[TokenLogprob, ...] | None = None   # one per token id, when the request asked for them
+    # when the request asked for them: one per token id of the output's text (a prefix of
+    # token_ids: a stop token, and tokens past a stop string, have none)
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
     @property
     def is_finished(self) -> bool:

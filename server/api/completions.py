@@ -66,7 +66,7 @@ async def create_completion(body: CompletionRequest, request: Request, serving: 
     response = CompletionResponse(
         id=batch.request_id, model=model,
         choices=[CompletionChoice(index=i, text=echo[i] + c.text, finish_reason=c.finish_reason,
-                                  logprobs=formatter.completion(c.token_ids, c.logprobs, 0) if formatter else None)
+                                  logprobs=formatter.completion(c.token_ids, c.logprobs) if formatter else None)
                  for i, c in enumerate(batch.choices)],
         usage=batch.usage)
     return JSONResponse(response.model_dump(), headers={"X-Request-Id": batch.request_id})
@@ -76,15 +76,10 @@ async def completion_events(first: tuple[int, RequestOutput], rest: AsyncIterato
                             batch: Batch, model: str, echo: list[str], include_usage: bool,
                             request: Request, formatter: LogprobFormatter | None = None) -> AsyncIterator[str]:
     """SSE: text chunks (the last one of a choice carries finish_reason), usage, [DONE].
-    With logprobs, a chunk carries those of the tokens since the last one (text_offset
-    counting from the choice's first token)."""
-    offsets = [0] * len(batch.choices)
-
+    With logprobs, a chunk carries those of the tokens since the last one (never beside
+    echo: the protocol refuses both)."""
     def chunk(index: int, text: str, finish_reason: str | None = None, logprobs: bool = False) -> str:
-        entries = None
-        if formatter is not None and logprobs:   # (never beside echo: the protocol refuses both)
-            entries = formatter.completion(*batch.choices[index].unsent_logprobs(), offsets[index])
-            offsets[index] += sum(map(len, entries.tokens))
+        entries = formatter.completion(*batch.choices[index].unsent_logprobs()) if formatter and logprobs else None
         choice = CompletionChoice(index=index, text=text, finish_reason=finish_reason, logprobs=entries)
         return sse(CompletionResponse(id=batch.request_id, model=model, choices=[choice]))
 

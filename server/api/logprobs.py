@@ -3,7 +3,9 @@
 The engine gives each token its log-probability under the model (before temperature, top-k
 and top-p) and its row's likeliest alternatives (server/outputs.py TokenLogprob). A token's
 text is its own bytes read as UTF-8: a piece of a multi-byte character reads as U+FFFD, and
-`bytes` (chat) holds the exact bytes.
+`bytes` (chat) holds the exact bytes (for byte-level BPE tokenizers, models/tokenizer.py
+token_bytes; others give the token decoded alone). A choice's entries are formatted from `start` on (a
+stream sends each chunk the ones since the last).
 """
 from __future__ import annotations
 
@@ -19,26 +21,32 @@ class LogprobFormatter:
         raw = self.tokenizer.token_bytes(token_id)
         return raw.decode("utf-8", errors="replace"), list(raw)
 
-    def chat(self, token_ids: list[int], entries: list[TokenLogprob]) -> ChatLogprobs:
+    def chat(self, token_ids: list[int], entries: list[TokenLogprob], start: int = 0) -> ChatLogprobs:
         def top(token_id: int, logprob: float) -> TopLogprob:
             text, raw = self.spelling(token_id)
             return TopLogprob(token=text, logprob=logprob, bytes=raw)
 
         content = []
-        for token_id, entry in zip(token_ids, entries):
+        for token_id, entry in zip(token_ids[start:], entries[start:]):
             text, raw = self.spelling(token_id)
             content.append(ChatTokenLogprob(token=text, logprob=entry.logprob, bytes=raw,
                                             top_logprobs=[top(t, lp) for t, lp in entry.top]))
         return ChatLogprobs(content=content)
 
-    def completion(self, token_ids: list[int], entries: list[TokenLogprob], offset: int) -> CompletionLogprobs:
-        """offset: where the first token's text starts in the choice's text."""
+    def completion(self, token_ids: list[int], entries: list[TokenLogprob], start: int = 0) -> CompletionLogprobs:
+        """The legacy shape: each token's top_logprobs holds the token itself, then its row's
+        likeliest (as OpenAI's do: up to logprobs + 1 entries; a spelling shared by several
+        tokens keeps the likeliest's); text_offset is where the token's text starts in the
+        choice's text (its tokens before it, decoded together)."""
         out = CompletionLogprobs()
-        for token_id, entry in zip(token_ids, entries):
+        for i in range(start, len(entries)):
+            token_id, entry = token_ids[i], entries[i]
             text = self.spelling(token_id)[0]
+            top = {text: entry.logprob}
+            for alternative, logprob in entry.top:
+                top.setdefault(self.spelling(alternative)[0], logprob)
             out.tokens.append(text)
             out.token_logprobs.append(entry.logprob)
-            out.top_logprobs.append({self.spelling(t)[0]: lp for t, lp in entry.top})
-            out.text_offset.append(offset)
-            offset += len(text)
+            out.top_logprobs.append(top)
+            out.text_offset.append(len(self.tokenizer.decode(token_ids[:i])))
         return out

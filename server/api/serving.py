@@ -42,7 +42,7 @@ class Choice:
     def add(self, out: RequestOutput) -> None:
         self.text += out.text
         if out.logprobs is not None:
-            self.token_ids += out.token_ids
+            self.token_ids += out.token_ids[:len(out.logprobs)]
             self.logprobs += out.logprobs
         self.num_prompt_tokens = max(self.num_prompt_tokens, out.num_prompt_tokens)  # an abort output carries 0
         self.num_output_tokens = max(self.num_output_tokens, out.num_output_tokens)
@@ -51,10 +51,11 @@ class Choice:
             self.finish_reason = out.finish_reason
             self.error = out.error
 
-    def unsent_logprobs(self) -> tuple[list[int], list[TokenLogprob]]:
-        """Streaming: the logprobs not sent yet (now marked sent)."""
+    def unsent_logprobs(self) -> tuple[list[int], list[TokenLogprob], int]:
+        """Streaming: the token ids and logprobs so far and the index of the first one not
+        sent yet (all now marked sent)."""
         start, self.logprobs_sent = self.logprobs_sent, len(self.logprobs)
-        return self.token_ids[start:], self.logprobs[start:]
+        return self.token_ids, self.logprobs, start
 
 
 @dataclass

@@ -192,3 +192,22 @@ def test_usage_counts_cached_prompt_tokens_once_per_prompt():
                                            num_cached_tokens=cached))
     assert batch.usage.model_dump() == {"prompt_tokens": 60, "completion_tokens": 4, "total_tokens": 64,
                                         "prompt_tokens_details": {"cached_tokens": 16}}
+
+
+def test_completion_logprobs_shape_with_split_characters(api_tokenizer):
+    """A character split over tokens: each piece spells U+FFFD, text_offset still points into
+    the decoded text, top_logprobs holds the token itself first and, where two alternatives
+    spell alike, the likelier one's value."""
+    from server.api.logprobs import LogprobFormatter
+    from server.outputs import TokenLogprob
+    ids = api_tokenizer.encode("日本 is fine")
+    pieces = [i for i in ids if api_tokenizer.token_bytes(i).decode("utf-8", errors="replace") == "\ufffd"]
+    assert len(pieces) >= 2, "the test needs a character split over tokens"
+    entries = [TokenLogprob(-0.25, ((pieces[0], -0.5), (pieces[1], -0.75))) for _ in ids]
+    out = LogprobFormatter(api_tokenizer).completion(ids, entries)
+    text = api_tokenizer.decode(ids)
+    assert out.text_offset == [len(api_tokenizer.decode(ids[:k])) for k in range(len(ids))]
+    assert text[out.text_offset[-1]:] == " fine" and out.tokens[-1] == " fine"
+    assert out.top_logprobs[-1] == {" fine": -0.25, "\ufffd": -0.5}
+    chat = LogprobFormatter(api_tokenizer).chat(ids, entries)
+    assert b"".join(bytes(t.bytes) for t in chat.content).decode() == text
