@@ -172,12 +172,18 @@ class LLMEngine:
             else:
                 self._record_speculation(seq, item, result)
             seq.draft = result.draft
+            if result.prompt_logprobs:
+                seq.prompt_logprobs += result.prompt_logprobs
             if result.verdicts:
                 self.policy.record_verdicts(seq, item.tree.probes, result.verdicts)
             if not result.new_token_ids:
                 self.scheduler.cache_blocks(seq)
                 continue
-            appended, text, kept = self.output_processor.append(seq, result.new_token_ids)
+            if seq.params.max_tokens == 0:   # a prompt to score: it ends with its prefill
+                appended, text, kept = [], "", 0
+                seq.finish_reason = "length"
+            else:
+                appended, text, kept = self.output_processor.append(seq, result.new_token_ids)
             self.scheduler.cache_blocks(seq)   # before a finished sequence's blocks go
             self.policy.score(seq)
             self._record_timing(seq, len(appended), now)
@@ -186,9 +192,11 @@ class LLMEngine:
             else:
                 self.block_manager.shrink(seq.block_table, seq.num_cached_tokens)
             logprobs = None if result.logprobs is None else tuple(result.logprobs[:kept])
+            prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None   # with the first output only
             outputs.append(RequestOutput(seq.request_id, text, appended, seq.finish_reason,
                                          seq.num_prompt_tokens, seq.num_output_tokens,
-                                         num_cached_tokens=seq.num_prompt_cache_hits, logprobs=logprobs))
+                                         num_cached_tokens=seq.num_prompt_cache_hits, logprobs=logprobs,
+                                         prompt_logprobs=None if prompt_logprobs is None else tuple(prompt_logprobs)))
         self._update_gauges()
         return outputs
 

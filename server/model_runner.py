@@ -38,6 +38,7 @@ class StepResult:
     draft: Draft | None = None    # the heads' guesses for the next tree (server/drafter.py)
     verdicts: list[bool] | None = None  # typical acceptance's verdict on each of the tree's probes
     logprobs: list[TokenLogprob] | None = None  # per new token, when the request asked for them
+    prompt_logprobs: list[TokenLogprob] | None = None  # a prompt chunk's: for the prompt tokens after its rows
 
 
 class ModelRunner:
@@ -59,6 +60,7 @@ class ModelRunner:
         items = batch.prefills + batch.decodes
         input_ids, positions, tree_masks, logits_rows = [], [], [], []
         query_lens, seq_lens, tables, first_logit = [], [], [], []
+        prompt_rows = {}   # item index -> its first logits row, for prompt chunks scored row by row
         for item in items:
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_cached_tokens
@@ -72,10 +74,15 @@ class ModelRunner:
                 positions += [start + d for d in tree.depths]
                 tree_masks.append(list(tree.ancestor_masks))
                 needs_logits = True
-            first_logit.append(len(logits_rows))
-            if needs_logits:
-                row0 = len(positions) - (1 if item.is_prefill else n)
-                logits_rows += range(row0, len(positions))
+            if item.is_prefill and seq.scores_prompt:   # every row: each gives the next prompt token's
+                prompt_rows[len(first_logit)] = len(logits_rows)
+                logits_rows += range(len(positions) - n, len(positions))
+                first_logit.append(len(logits_rows) - 1)   # the last row gives the first new token
+            else:
+                first_logit.append(len(logits_rows))
+                if needs_logits:
+                    row0 = len(positions) - (1 if item.is_prefill else n)
+                    logits_rows += range(row0, len(positions))
             query_lens.append(n)
             seq_lens.append(start + n)
             tables.append(seq.block_table)
@@ -86,6 +93,7 @@ class ModelRunner:
 
         results, moves, head_rows, head_items = [], ([], []), [], []
         scored = []   # (result, the logits rows that chose its new tokens, alternatives) for logprobs
+        prompt_scored = []   # (result, rows, the prompt tokens they give, alternatives)
         offset = 0
         for index, (item, row) in enumerate(zip(items, first_logit)):
             seq, n = item.seq, item.num_new_tokens
@@ -102,6 +110,10 @@ class ModelRunner:
                     if item.draft:
                         head_rows.append(offset + n - 1)
                         head_items.append((len(results) - 1, item.draft))
+                if index in prompt_rows:   # row j (position start + j) gives prompt token start + j + 1
+                    count = min(n, seq.num_prompt_tokens - 1 - start)
+                    prompt_scored.append((results[-1], [prompt_rows[index] + j for j in range(count)],
+                                          seq.prompt_ids[start + 1:start + 1 + count], seq.params.prompt_logprobs))
             else:
                 tree, tokens = item.tree.tree, item.tree.tokens
                 if seq.params.is_greedy:
@@ -133,6 +145,9 @@ class ModelRunner:
             offset += n
         if scored:
             self._score(scored, logits)
+        for result, rows, tokens, top in prompt_scored:
+            result.prompt_logprobs = [TokenLogprob(logprob, tuple(best)) for logprob, best in token_logprobs(
+                logits[torch.tensor(rows, device=logits.device)], tokens, top)] if rows else []
         if moves[0]:
             self.kv_cache.move_slots(torch.tensor(moves[0], device=self.device),
                                      torch.tensor(moves[1], device=self.device))

@@ -27,6 +27,8 @@ class RequestOutput:
     # when the request asked for them: one per token id of the output's text (a prefix of
     # token_ids: a stop token, and tokens past a stop string, have none)
     logprobs: tuple[TokenLogprob, ...] | None = None
+    # the first output of a request that asked for them: one per prompt token (None for the first)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
     @property
     def is_finished(self) -> bool:

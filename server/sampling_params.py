@@ -26,11 +26,12 @@ class SamplingParams:
     speculate: bool = True              # False: one token per step for this request
     cache_salt: str | None = None       # the prefix cache shares blocks only among requests of one salt
     logprobs: int | None = None         # each token's log-probability and this many likeliest alternatives
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (its first token has none)
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):   # 0: score the prompt only
+            raise ValueError(f"max_tokens must be at least 1 (0 only to score a prompt), got {self.max_tokens}")
         if not 0.0 <= self.temperature <= 2.0:
             raise ValueError(f"temperature must be between 0 and 2, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -43,8 +44,10 @@ class SamplingParams:
             raise ValueError("typical_epsilon and typical_delta must be between 0 and 1")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            count = getattr(self, name)
+            if count is not None and not 0 <= count <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be between 0 and {MAX_LOGPROBS}, got {count}")
         if self.cache_salt is not None and not self.cache_salt:
             raise ValueError("cache_salt must not be empty")
 

@@ -183,10 +183,15 @@ class Scheduler:
         return chain_hashes(seq.token_ids, self.block_manager.block_size, seq.prefix_hashes, count,
                             seq.params.cache_salt)
 
+    def _may_share(self, seq: Sequence) -> bool:
+        """A waiting sequence can start from cached blocks: it holds none, and it does not
+        need its prompt's logits (prompt logprobs)."""
+        return self.block_manager.caching and not seq.block_table and not seq.scores_prompt
+
     def _cached_tokens(self, seq: Sequence) -> int:
         """What a waiting sequence would find in the prefix cache now (no block taken)."""
         manager = self.block_manager
-        if not manager.caching or seq.block_table:
+        if not self._may_share(seq):
             return 0
         return manager.count_cached(self._shareable_hashes(seq)) * manager.block_size
 
@@ -194,7 +199,7 @@ class Scheduler:
         """Start a sequence that holds no blocks (new or preempted) from the cached blocks of
         its longest cached prefix, short of its last token; returns the tokens found."""
         manager = self.block_manager
-        if not manager.caching or seq.block_table:
+        if not self._may_share(seq):
             return 0
         seq.registered_blocks = manager.share_cached(seq.block_table, self._shareable_hashes(seq))
         seq.num_cached_tokens = seq.registered_blocks * manager.block_size
@@ -212,7 +217,9 @@ class Scheduler:
         """The prefix hash of the block a sequence admitted now would compute first, if it
         could share it (a full block short of its last token); else None."""
         usable = (seq.num_tokens - 1) // self.block_manager.block_size
-        return seq.prefix_hashes[seq.registered_blocks] if seq.registered_blocks < usable else None
+        if seq.scores_prompt or seq.registered_blocks >= usable:
+            return None
+        return self._hashes(seq, usable)[seq.registered_blocks]
 
     def _unshare(self, seq: Sequence) -> None:
         """Undo _share_cached for a sequence that stays waiting."""

@@ -138,6 +138,9 @@ class Sequence:
     prefix_hashes: list[bytes] = field(default_factory=list)  # of its first full blocks of tokens (chain_hashes)
     registered_blocks: int = 0       # of block_table's first blocks, those in the prefix cache (or offered to it)
     num_prompt_cache_hits: int = 0   # prompt tokens found in the prefix cache at its first admission
+    # params.prompt_logprobs: the prompt's tokens' (None for the first), filled chunk by chunk,
+    # handed out with the first output (then None: a recomputed prompt is not scored again)
+    prompt_logprobs: list | None = None
     draft: Draft | None = None       # the heads' guesses for the next tree (server/drafter.py)
     context_index: ContextIndex = field(default_factory=ContextIndex)  # for context lookup drafts
     spec: SpeculationStats = field(default_factory=SpeculationStats)
@@ -153,6 +156,13 @@ class Sequence:
             raise ValueError("the prompt must hold at least one token")
         if not self.token_ids:
             self.token_ids = list(self.prompt_ids)
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Its prompt's log-probabilities are still to be computed (all its prompt rows get logits)."""
+        return self.prompt_logprobs is not None and self.num_output_tokens == 0
 
     @property
     def num_tokens(self) -> int:
@@ -191,5 +201,7 @@ class Sequence:
         """After preemption: the cache is gone, every token gets recomputed."""
         self.num_cached_tokens = 0
         self.registered_blocks = 0
+        if self.prompt_logprobs is not None:   # not handed out yet: scored again from the start
+            self.prompt_logprobs = [None]
         self.draft = None
         self.status = SequenceStatus.WAITING

@@ -8,7 +8,7 @@ from starlette.responses import JSONResponse, Response
 
 from server.api.errors import bad_request
 from server.api.logprobs import LogprobFormatter
-from server.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Prompt
+from server.api.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Prompt
 from server.api.serving import (ENGINE_ERRORS, Batch, Serving, collect, first_output, new_request_id, record,
                                 to_api_error)
 from server.api.streams import SSE_DONE, SSEResponse, prepend, sse
@@ -48,7 +48,7 @@ async def create_completion(body: CompletionRequest, request: Request, serving: 
         raise bad_request(f"at most {MAX_CHOICES} choices (prompts x n) per request", param="n")
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     for ids in prompts:
-        serving.check_context(len(ids), max_tokens)
+        serving.check_context(len(ids), max_tokens, least=0 if body.requested_prompt_logprobs is not None else 1)
     params = serving.params(body, max_tokens)
     batch = Batch(new_request_id("cmpl"), prompts, body.n)
     record(request, batch)
@@ -66,10 +66,26 @@ async def create_completion(body: CompletionRequest, request: Request, serving: 
     response = CompletionResponse(
         id=batch.request_id, model=model,
         choices=[CompletionChoice(index=i, text=echo[i] + c.text, finish_reason=c.finish_reason,
-                                  logprobs=formatter.completion(c.token_ids, c.logprobs) if formatter else None)
+                                  logprobs=choice_logprobs(formatter, c, prompts[c.prompt_index], echo[i]))
                  for i, c in enumerate(batch.choices)],
         usage=batch.usage)
     return JSONResponse(response.model_dump(), headers={"X-Request-Id": batch.request_id})
+
+
+def choice_logprobs(formatter: LogprobFormatter | None, choice, prompt_ids: list[int],
+                    echo: str) -> CompletionLogprobs | None:
+    """A finished choice's logprobs: its prompt's first when it is echoed, then its tokens'."""
+    if formatter is None:
+        return None
+    generated = formatter.completion(choice.token_ids, choice.logprobs)
+    if not echo or choice.prompt_logprobs is None:
+        return generated
+    out = formatter.completion(prompt_ids, list(choice.prompt_logprobs))
+    out.tokens += generated.tokens
+    out.token_logprobs += generated.token_logprobs
+    out.top_logprobs += generated.top_logprobs
+    out.text_offset += [len(echo) + offset for offset in generated.text_offset]
+    return out
 
 
 async def completion_events(first: tuple[int, RequestOutput], rest: AsyncIterator[tuple[int, RequestOutput]],

@@ -33,20 +33,26 @@ class LogprobFormatter:
                                             top_logprobs=[top(t, lp) for t, lp in entry.top]))
         return ChatLogprobs(content=content)
 
-    def completion(self, token_ids: list[int], entries: list[TokenLogprob], start: int = 0) -> CompletionLogprobs:
+    def completion(self, token_ids: list[int], entries: list[TokenLogprob | None],
+                   start: int = 0) -> CompletionLogprobs:
         """The legacy shape: each token's top_logprobs holds the token itself, then its row's
         likeliest (as OpenAI's do: up to logprobs + 1 entries; a spelling shared by several
         tokens keeps the likeliest's); text_offset is where the token's text starts in the
-        choice's text (its tokens before it, decoded together)."""
+        choice's text (its tokens before it, decoded together). An entry None (a prompt's
+        first token) gives None values."""
         out = CompletionLogprobs()
         for i in range(start, len(entries)):
             token_id, entry = token_ids[i], entries[i]
             text = self.spelling(token_id)[0]
+            out.text_offset.append(len(self.tokenizer.decode(token_ids[:i])))
+            out.tokens.append(text)
+            if entry is None:
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                continue
             top = {text: entry.logprob}
             for alternative, logprob in entry.top:
                 top.setdefault(self.spelling(alternative)[0], logprob)
-            out.tokens.append(text)
             out.token_logprobs.append(entry.logprob)
             out.top_logprobs.append(top)
-            out.text_offset.append(len(self.tokenizer.decode(token_ids[:i])))
         return out

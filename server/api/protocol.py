@@ -71,6 +71,11 @@ class SamplingRequest(APIModel):
         """Alternatives per generated token to report with its log-probability; None: none."""
         return None
 
+    @property
+    def requested_prompt_logprobs(self) -> int | None:
+        """The same for the prompt's tokens."""
+        return None
+
     def sampling_params(self, max_tokens: int, index: int = 0) -> SamplingParams:
         """SamplingParams for choice `index` (a seeded request gets seed + index per choice)."""
         return SamplingParams(
@@ -88,6 +93,7 @@ class SamplingRequest(APIModel):
             speculate=self.speculate,
             cache_salt=self.cache_salt,
             logprobs=self.requested_logprobs,
+            prompt_logprobs=self.requested_prompt_logprobs,
         )
 
 
@@ -96,7 +102,7 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 
 class CompletionRequest(SamplingRequest):
     prompt: Prompt
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16   # 0: score the prompt (with echo and logprobs)
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
     suffix: str | None = None
@@ -106,9 +112,15 @@ class CompletionRequest(SamplingRequest):
     def requested_logprobs(self) -> int | None:
         return self.logprobs
 
+    @property
+    def requested_prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
+
     def unsupported(self) -> tuple[str, str] | None:
-        if self.logprobs is not None and self.echo:
-            return "logprobs", "logprobs of the prompt (logprobs with echo) are not supported by this server"
+        if self.max_tokens == 0 and self.requested_prompt_logprobs is None:
+            return "max_tokens", "max_tokens 0 only scores a prompt: it needs echo and logprobs"
+        if self.requested_prompt_logprobs is not None and self.stream:
+            return "stream", "the prompt's logprobs (echo with logprobs) are not streamed: ask without stream"
         if self.suffix:
             return "suffix", "suffix is not supported by this server"
         if self.best_of is not None and self.best_of != self.n:
@@ -187,8 +199,8 @@ def _now() -> int:
 class CompletionLogprobs(BaseModel):
     """The completions API's (legacy) shape: a list per field, one entry per token."""
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)   # None: a prompt's first token
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 

@@ -38,9 +38,12 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)          # with logprobs: the tokens they are of
     logprobs: list[TokenLogprob] = field(default_factory=list)
     logprobs_sent: int = 0   # streaming: how many of them went out
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.text
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         if out.logprobs is not None:
             self.token_ids += out.token_ids[:len(out.logprobs)]
             self.logprobs += out.logprobs
@@ -123,14 +126,16 @@ class Serving:
             raise bad_request(message, param=param, code="unsupported_parameter")
         return name
 
-    def check_context(self, prompt_len: int, max_tokens: int | None, prompt_param: str = "prompt") -> int:
-        """max_tokens to use; 400 with the numbers when prompt + completion exceed the context."""
+    def check_context(self, prompt_len: int, max_tokens: int | None, prompt_param: str = "prompt",
+                      least: int = 1) -> int:
+        """max_tokens to use; 400 with the numbers when prompt + completion exceed the context.
+        least: the fewest tokens a completion may ask for (0: a prompt to score)."""
         limit = self.llm.max_model_len
         if prompt_len == 0:
             raise bad_request("the prompt must not be empty", param=prompt_param)
         if max_tokens is None:
             max_tokens = limit - prompt_len
-        if prompt_len + max_tokens > limit or max_tokens < 1:
+        if prompt_len + max_tokens > limit or max_tokens < least:
             raise bad_request(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{prompt_len + max(max_tokens, 1)} tokens ({prompt_len} in the prompt, "

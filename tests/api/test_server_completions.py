@@ -86,6 +86,23 @@ def test_completion_logprobs_streamed_equal_plain(client, model_name):
     assert [x for p in parts for x in p.text_offset] == lp.text_offset
 
 
+def test_a_prompt_scored_with_echo_and_max_tokens_0(client, model_name, api_tokenizer):
+    """What an evaluation harness asks: the prompt's own log-probabilities, nothing generated."""
+    ids = api_tokenizer.encode(PROMPT)
+    scored = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1,
+                                       temperature=0)
+    choice, lp = scored.choices[0], scored.choices[0].logprobs
+    assert choice.text == PROMPT and choice.finish_reason == "length" and scored.usage.completion_tokens == 0
+    assert "".join(lp.tokens) == PROMPT and len(lp.tokens) == len(ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x <= 0 for x in lp.token_logprobs[1:]) and all(len(top) <= 2 for top in lp.top_logprobs[1:])
+    both = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=3, echo=True, logprobs=1, **GREEDY)
+    full = both.choices[0].logprobs
+    assert full.token_logprobs[:len(ids)] == lp.token_logprobs and len(full.tokens) == len(ids) + 3
+    assert both.choices[0].text == PROMPT + "".join(full.tokens[len(ids):])
+    assert full.text_offset[len(ids)] == len(PROMPT)
+
+
 def test_chat_logprobs_streamed_equal_plain(client, model_name):
     plain = client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=8, logprobs=True,
                                            top_logprobs=2, **GREEDY)

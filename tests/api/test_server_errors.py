@@ -55,7 +55,7 @@ def test_missing_or_wrong_api_key_is_401(server, model_name, headers, http):
     ("/v1/completions", {"prompt": "Hi", "n": 0}, 400, "n"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "Hi"}]}, 400, "messages"),
-    ("/v1/completions", {"prompt": "Hi", "logprobs": 1, "echo": True}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 0, "logprobs": 1}, 400, "max_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2}, 400,
      "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "logprobs": True,

@@ -99,3 +99,33 @@ def test_logprobs_out_of_range_are_refused():
     for count in (-1, 21):
         with pytest.raises(ValueError, match="logprobs"):
             SamplingParams(logprobs=count)
+
+
+@pytest.mark.parametrize("chunk", [256, 16], ids=["one chunk", "chunks of 16"])
+def test_a_prompts_logprobs_equal_a_full_forwards_and_max_tokens_0_scores_only(random_heads, chunk):
+    """Prompt log-probabilities (what an evaluation harness scores): each prompt token's under
+    the tokens before it, the first one none, computed whole though the prefix cache holds the
+    prompt's blocks, the same in one chunk or many; max_tokens 0 generates nothing."""
+    engine = LLMEngine(EngineConfig(max_num_batched_tokens=chunk, max_tree_nodes=16, kv_cache_memory_gb=0.1),
+                       random_heads)
+    ids = chat_ids(engine.tokenizer, "Repeat this line five times: " + VERSE * 2)
+    run(engine, {"warm": (ids, SamplingParams(max_tokens=2, temperature=0.0))})   # its blocks are cached now
+    score = SamplingParams(max_tokens=0, temperature=0.0, prompt_logprobs=2)
+    both = SamplingParams(max_tokens=3, temperature=0.0, prompt_logprobs=0, logprobs=0)
+    for name, params in (("score", score), ("both", both)):
+        engine.add_request(name, ids, params)
+    firsts, finished = {}, {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            firsts.setdefault(out.request_id, out)
+            if out.is_finished:
+                finished[out.request_id] = out
+    expected = forward_logprobs(engine, ids[:1], ids[1:])
+    for name in ("score", "both"):
+        prompt = firsts[name].prompt_logprobs
+        assert len(prompt) == len(ids) and prompt[0] is None
+        assert torch.allclose(torch.tensor([e.logprob for e in prompt[1:]]), expected, atol=1e-3)
+    assert all(len(e.top) == 2 for e in firsts["score"].prompt_logprobs[1:])
+    assert finished["score"].token_ids == [] and finished["score"].finish_reason == "length"
+    assert finished["score"].num_output_tokens == 0 and firsts["both"].logprobs is not None
+    assert finished["both"].prompt_logprobs is None or finished["both"] is firsts["both"]
