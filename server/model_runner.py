@@ -93,7 +93,7 @@ class ModelRunner:
 
         results, moves, head_rows, head_items = [], ([], []), [], []
         scored = []   # (result, the logits rows that chose its new tokens, alternatives) for logprobs
-        prompt_scored = []   # (result, rows, the prompt tokens they give, alternatives)
+        prompt_scored = []   # (result, its first logits row, the prompt tokens its rows give, alternatives)
         offset = 0
         for index, (item, row) in enumerate(zip(items, first_logit)):
             seq, n = item.seq, item.num_new_tokens
@@ -112,8 +112,8 @@ class ModelRunner:
                         head_items.append((len(results) - 1, item.draft))
                 if index in prompt_rows:   # row j (position start + j) gives prompt token start + j + 1
                     count = min(n, seq.num_prompt_tokens - 1 - start)
-                    prompt_scored.append((results[-1], [prompt_rows[index] + j for j in range(count)],
-                                          seq.prompt_ids[start + 1:start + 1 + count], seq.params.prompt_logprobs))
+                    prompt_scored.append((results[-1], prompt_rows[index], seq.prompt_ids[start + 1:start + 1 + count],
+                                          seq.params.prompt_logprobs))
             else:
                 tree, tokens = item.tree.tree, item.tree.tokens
                 if seq.params.is_greedy:
@@ -145,9 +145,9 @@ class ModelRunner:
             offset += n
         if scored:
             self._score(scored, logits)
-        for result, rows, tokens, top in prompt_scored:
-            result.prompt_logprobs = [TokenLogprob(logprob, tuple(best)) for logprob, best in token_logprobs(
-                logits[torch.tensor(rows, device=logits.device)], tokens, top)] if rows else []
+        for result, first, tokens, top in prompt_scored:   # consecutive rows: a view, no copy
+            result.prompt_logprobs = [TokenLogprob(logprob, tuple(best)) for logprob, best in
+                                      token_logprobs(logits[first:first + len(tokens)], tokens, top)]
         if moves[0]:
             self.kv_cache.move_slots(torch.tensor(moves[0], device=self.device),
                                      torch.tensor(moves[1], device=self.device))

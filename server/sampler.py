@@ -20,16 +20,24 @@ def greedy_tokens(logits: torch.Tensor) -> list[int]:
     return logits.argmax(-1).tolist()
 
 
-def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[tuple[float, list[tuple[int, float]]]]:
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int,
+                   rows_per_call: int = 128) -> list[tuple[float, list[tuple[int, float]]]]:
     """logits [N, vocab] and a token per row -> each token's log-probability under the row's
     own distribution (no temperature, top-k or top-p) and the row's `top` likeliest tokens
-    with theirs, best first."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device).view(-1, 1)).view(-1).tolist()
-    if not top:
-        return [(lp, []) for lp in chosen]
-    best = logprobs.topk(top, dim=-1)
-    return [(lp, list(zip(ids, values))) for lp, ids, values in zip(chosen, best.indices.tolist(), best.values.tolist())]
+    with theirs, best first. In calls of rows_per_call rows: a scored prompt chunk's
+    hundreds of rows would otherwise take a few copies of all its logits at once."""
+    out = []
+    for first in range(0, len(tokens), rows_per_call):
+        logprobs = torch.log_softmax(logits[first:first + rows_per_call].float(), dim=-1)
+        targets = torch.tensor(tokens[first:first + rows_per_call], device=logits.device).view(-1, 1)
+        chosen = logprobs.gather(1, targets).view(-1).tolist()
+        if not top:
+            out += [(lp, []) for lp in chosen]
+            continue
+        best = logprobs.topk(top, dim=-1)
+        out += [(lp, list(zip(ids, values))) for lp, ids, values in
+                zip(chosen, best.indices.tolist(), best.values.tolist())]
+    return out
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

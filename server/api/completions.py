@@ -66,21 +66,23 @@ async def create_completion(body: CompletionRequest, request: Request, serving: 
     response = CompletionResponse(
         id=batch.request_id, model=model,
         choices=[CompletionChoice(index=i, text=echo[i] + c.text, finish_reason=c.finish_reason,
-                                  logprobs=choice_logprobs(formatter, c, prompts[c.prompt_index], echo[i]))
+                                  logprobs=choice_logprobs(formatter, c, prompts[c.prompt_index], echo[i] if body.echo
+                                                           else None))
                  for i, c in enumerate(batch.choices)],
         usage=batch.usage)
     return JSONResponse(response.model_dump(), headers={"X-Request-Id": batch.request_id})
 
 
 def choice_logprobs(formatter: LogprobFormatter | None, choice, prompt_ids: list[int],
-                    echo: str) -> CompletionLogprobs | None:
-    """A finished choice's logprobs: its prompt's first when it is echoed, then its tokens'."""
+                    echo: str | None) -> CompletionLogprobs | None:
+    """A finished choice's logprobs: its prompt's first when it is echoed (echo: the text
+    echoed, None when not), then its tokens'."""
     if formatter is None:
         return None
     generated = formatter.completion(choice.token_ids, choice.logprobs)
-    if not echo or choice.prompt_logprobs is None:
+    if echo is None or choice.prompt_logprobs is None:
         return generated
-    out = formatter.completion(prompt_ids, list(choice.prompt_logprobs))
+    out = formatter.completion(prompt_ids, list(choice.prompt_logprobs), special_text=True)
     out.tokens += generated.tokens
     out.token_logprobs += generated.token_logprobs
     out.top_logprobs += generated.top_logprobs

@@ -12,6 +12,8 @@ from __future__ import annotations
 from server.api.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
 from server.outputs import TokenLogprob
 
+OFFSET_CONTEXT = 6   # tokens decoded before each one to measure the text it adds
+
 
 class LogprobFormatter:
     def __init__(self, tokenizer):
@@ -33,18 +35,18 @@ class LogprobFormatter:
                                             top_logprobs=[top(t, lp) for t, lp in entry.top]))
         return ChatLogprobs(content=content)
 
-    def completion(self, token_ids: list[int], entries: list[TokenLogprob | None],
-                   start: int = 0) -> CompletionLogprobs:
+    def completion(self, token_ids: list[int], entries: list[TokenLogprob | None], start: int = 0,
+                   special_text: bool = False) -> CompletionLogprobs:
         """The legacy shape: each token's top_logprobs holds the token itself, then its row's
         likeliest (as OpenAI's do: up to logprobs + 1 entries; a spelling shared by several
         tokens keeps the likeliest's); text_offset is where the token's text starts in the
-        choice's text (its tokens before it, decoded together). An entry None (a prompt's
-        first token) gives None values."""
-        out = CompletionLogprobs()
+        text of the tokens (with special tokens' text for an echoed prompt, special_text;
+        without it for generated text, as the output is detokenized). An entry None (a
+        prompt's first token) gives None values."""
+        out = CompletionLogprobs(text_offset=self.offsets(token_ids, start, len(entries), special_text))
         for i in range(start, len(entries)):
             token_id, entry = token_ids[i], entries[i]
             text = self.spelling(token_id)[0]
-            out.text_offset.append(len(self.tokenizer.decode(token_ids[:i])))
             out.tokens.append(text)
             if entry is None:
                 out.token_logprobs.append(None)
@@ -56,3 +58,18 @@ class LogprobFormatter:
             out.token_logprobs.append(entry.logprob)
             out.top_logprobs.append(top)
         return out
+
+    def offsets(self, token_ids: list[int], start: int, end: int, special_text: bool) -> list[int]:
+        """len(decode(token_ids[:i])) for i in start..end - 1, without decoding every prefix
+        (a long scored prompt would take seconds): each token adds what it adds to the text
+        of the few tokens before it (a character split over tokens, a space cleaned up, are
+        settled within them)."""
+        def length(ids: list[int]) -> int:
+            return len(self.tokenizer.decode(ids, skip_special_tokens=not special_text))
+
+        offset, offsets = length(token_ids[:start]), []
+        for i in range(start, end):
+            offsets.append(offset)
+            window = token_ids[max(0, i - OFFSET_CONTEXT):i + 1]
+            offset += length(window) - length(window[:-1])
+        return offsets

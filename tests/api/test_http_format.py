@@ -212,3 +212,15 @@ def test_completion_logprobs_shape_with_split_characters(api_tokenizer):
     assert out.top_logprobs[-1] == {" fine": -0.25, "\ufffd": -0.5}
     chat = LogprobFormatter(api_tokenizer).chat(ids, entries)
     assert b"".join(bytes(t.bytes) for t in chat.content).decode() == text
+
+
+def test_an_echoed_prompts_offsets_count_its_special_tokens_text(api_tokenizer):
+    from server.api.logprobs import LogprobFormatter
+    from server.outputs import TokenLogprob
+    text = "<|im_start|>user\nHi there<|im_end|>"
+    ids = api_tokenizer.encode(text)
+    entries = [None] + [TokenLogprob(-1.0)] * (len(ids) - 1)
+    out = LogprobFormatter(api_tokenizer).completion(ids, entries, special_text=True)
+    assert out.tokens[0] == "<|im_start|>" and out.text_offset[1] == len("<|im_start|>")
+    assert [text[o:o + len(t)] for o, t in zip(out.text_offset, out.tokens)] == out.tokens
+    assert out.token_logprobs[0] is None and out.top_logprobs[1] == {out.tokens[1]: -1.0}
