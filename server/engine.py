@@ -125,7 +125,7 @@ class LLMEngine:
         self._update_gauges()
 
     def reset_prefix_cache(self) -> None:
-        """Forget every cached prefix (benchmarks: each variant starts cold)."""
+        """Forget every cached prefix (blocks in use stay): the next requests compute their prompts."""
         self.block_manager.reset_cache()
 
     def has_unfinished_requests(self) -> bool:
