@@ -63,7 +63,7 @@ class LLMEngine:
                                            config.max_num_batched_tokens)
                            + prefill_buckets(config.max_num_seqs, config.max_num_batched_tokens))
         self.runner = ModelRunner(self.model, self.heads if tree_paths else None, self.kv_cache,
-                                  parts.attention_cls, tree_paths, graphs)
+                                  parts.attention_cls, tree_paths, graphs, self.tokenizer.eos_token_ids)
         self.cost_model = measure_step_costs(self.runner, max(config.max_num_batched_tokens, 64))
         self.accuracies = parts.accuracies
         self.skill_prior = 1.0  # moving average of finished-step skills, seeds new sequences
@@ -103,6 +103,8 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(t >= vocab for t, _ in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         seq = Sequence(request_id, list(prompt_ids), params)
         # new requests start from what recent ones achieved, never above the measured
         # accuracies: the sequences that verify trees under load are the best-guessed ones,

@@ -12,6 +12,7 @@ import torch
 
 from models.attention import KVCache, TorchAttention, build_metadata
 from models.llama import LlamaForCausalLM
+from server.logits_processor import TokenCounts, changes_logits, process_logits
 from server.sampler import make_generator, pick
 from server.sampling_params import SamplingParams
 
@@ -37,6 +38,7 @@ def generate_stream(model: LlamaForCausalLM, prompt_ids: list[int], params: Samp
     stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
 
     tokens = list(prompt_ids)
+    counts = TokenCounts() if changes_logits(params) else None
     step_ids = tokens
     for _ in range(params.max_tokens):
         length = len(tokens)
@@ -48,6 +50,9 @@ def generate_stream(model: LlamaForCausalLM, prompt_ids: list[int], params: Samp
         input_ids = torch.tensor(step_ids, device=device)
         logits, _ = model(input_ids, positions, attention(metadata, cache),
                           logits_rows=torch.tensor([q_len - 1], device=device))
+        if counts is not None:
+            counts.update(prompt_ids, tokens)
+            process_logits(logits, [0], [()], params, counts, frozenset(stop_ids))
         token = int(pick(logits, params, generator)[0])
         yield token
         if token in stop_ids:

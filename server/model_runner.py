@@ -19,6 +19,7 @@ from models.heads import MedusaHeads
 from models.llama import LlamaForCausalLM
 from server.acceptance import accept_greedy, accept_rejection, accept_typical, typical_verdicts
 from server.drafter import Draft, Drafter
+from server.logits_processor import changes_logits, process_logits
 from server.outputs import TokenLogprob
 from server.sampler import greedy_tokens, pick, probabilities, sample, token_logprobs
 from server.scheduler import SchedulerOutput, ScheduledSequence
@@ -43,8 +44,11 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, heads: MedusaHeads | None, kv_cache: KVCache,
-                 attention_cls, tree_paths: tuple[Path, ...], graphs: StepGraphs | None = None):
+                 attention_cls, tree_paths: tuple[Path, ...], graphs: StepGraphs | None = None,
+                 eos_token_ids: frozenset[int] = frozenset()):
+        """eos_token_ids: what `min_tokens` holds back besides a request's stop_token_ids."""
         self.model = model
+        self.eos_token_ids = eos_token_ids
         self.graphs = graphs
         self.kv_cache = kv_cache
         self.attention_cls = attention_cls
@@ -88,6 +92,7 @@ class ModelRunner:
             tables.append(seq.block_table)
         logits, hidden = self.forward(input_ids, positions, query_lens, seq_lens, tables, len(batch.prefills),
                                       tree_masks, logits_rows)
+        self._process_logits(items, first_logit, logits)
         argmax = greedy_tokens(logits)
         distributions, drawn = self._distributions(items, first_logit, logits)
 
@@ -159,6 +164,27 @@ class ModelRunner:
             for result, draft in zip(drafted, drafts):
                 result.draft = draft
         return list(zip(items, results))
+
+    def _process_logits(self, items: list[ScheduledSequence], first_logit: list[int], logits: torch.Tensor) -> None:
+        """Each request's logit_bias, min_tokens and penalties (server/logits_processor.py) on
+        the rows that choose its tokens: a tree node's from its own path."""
+        for item, row in zip(items, first_logit):
+            seq, n = item.seq, item.num_new_tokens
+            if not changes_logits(seq.params):
+                continue
+            if item.is_prefill:
+                if seq.num_cached_tokens + n < seq.num_tokens:   # mid-prompt: no token chosen
+                    continue
+                rows, paths = [row], [()]
+            else:
+                tree, tokens = item.tree.tree, item.tree.tokens
+                rows, paths = list(range(row, row + n)), [()]
+                for node in range(1, n):   # parents come first
+                    paths.append(paths[tree.parents[node]] + (tokens[node],))
+            seq.token_counts.update(seq.prompt_ids, seq.token_ids)
+            params = seq.params
+            stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+            process_logits(logits, rows, paths, params, seq.token_counts, stop_ids)
 
     @staticmethod
     def _score(scored: list[tuple[StepResult, list[int], int]], logits: torch.Tensor) -> None:

@@ -8,6 +8,7 @@ TYPICAL_EPSILON = 0.09
 TYPICAL_DELTA = 0.3
 ACCEPTANCE_RULES = ("typical", "rejection")
 MAX_LOGPROBS = 20   # alternatives per token (OpenAI's chat limit)
+MAX_REPETITION_PENALTY = 10.0
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,12 @@ class SamplingParams:
     cache_salt: str | None = None       # the prefix cache shares blocks only among requests of one salt
     logprobs: int | None = None         # each token's log-probability and this many likeliest alternatives
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (its first token has none)
+    # the logits' changes (server/logits_processor.py)
+    presence_penalty: float = 0.0       # OpenAI's: minus this from each token in the output so far
+    frequency_penalty: float = 0.0      # OpenAI's: minus this times the token's count in the output so far
+    repetition_penalty: float = 1.0     # Hugging Face's, over prompt and output: 1 is off
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit)
+    min_tokens: int = 0                 # no EOS or stop token id before this many output tokens
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -50,6 +57,18 @@ class SamplingParams:
                 raise ValueError(f"{name} must be between 0 and {MAX_LOGPROBS}, got {count}")
         if self.cache_salt is not None and not self.cache_salt:
             raise ValueError("cache_salt must not be empty")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}], got {self.repetition_penalty}")
+        if len({token for token, _ in self.logit_bias}) != len(self.logit_bias):
+            raise ValueError("logit_bias names a token twice")
+        for token, bias in self.logit_bias:
+            if token < 0 or not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias maps token ids (>= 0) to biases between -100 and 100, got {token}: {bias}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got {self.min_tokens}")
 
     @property
     def is_greedy(self) -> bool:

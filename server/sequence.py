@@ -7,6 +7,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from server.logits_processor import TokenCounts
 from server.lookup import ContextIndex
 from server.sampling_params import SamplingParams
 
@@ -144,6 +145,7 @@ class Sequence:
     draft: Draft | None = None       # the heads' guesses for the next tree (server/drafter.py)
     context_index: ContextIndex = field(default_factory=ContextIndex)  # for context lookup drafts
     spec: SpeculationStats = field(default_factory=SpeculationStats)
+    token_counts: TokenCounts = field(default_factory=TokenCounts)   # the penalties' context
     finish_reason: str | None = None
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from server.sampling_params import MAX_LOGPROBS, TYPICAL_DELTA, TYPICAL_EPSILON, SamplingParams
+from server.sampling_params import MAX_LOGPROBS, MAX_REPETITION_PENALTY, TYPICAL_DELTA, TYPICAL_EPSILON, SamplingParams
 
 MAX_N = 16          # choices per request
 MAX_STOP = 8        # stop strings per request
@@ -32,11 +32,13 @@ class SamplingRequest(APIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None   # token id (a string in JSON)
     # extensions
     top_k: int | None = None                 # 0 or -1: off
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=MAX_REPETITION_PENALTY)] | None = None   # 1: off
+    min_tokens: Annotated[int, Field(ge=0)] = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     acceptance: Literal["typical", "rejection"] = "typical"
@@ -47,11 +49,6 @@ class SamplingRequest(APIModel):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for a field we accept in the schema but cannot honour."""
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                return name, f"{name} is not supported by this server"
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported by this server"
         if len(self.stop_list) > MAX_STOP:
             return "stop", f"at most {MAX_STOP} stop strings are allowed"
         return None
@@ -94,6 +91,11 @@ class SamplingRequest(APIModel):
             cache_salt=self.cache_salt,
             logprobs=self.requested_logprobs,
             prompt_logprobs=self.requested_prompt_logprobs,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=tuple(sorted((self.logit_bias or {}).items())),
+            min_tokens=self.min_tokens,
         )
 
 

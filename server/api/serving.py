@@ -124,6 +124,10 @@ class Serving:
         if unsupported is not None:
             param, message = unsupported
             raise bad_request(message, param=param, code="unsupported_parameter")
+        vocab = self.llm.tokenizer.vocab_size   # as prompt token ids are checked
+        bad = [t for t in body.logit_bias or () if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"logit_bias token ids must be in [0, {vocab}), got {bad[:5]}", param="logit_bias")
         return name
 
     def check_context(self, prompt_len: int, max_tokens: int | None, prompt_param: str = "prompt",
@@ -144,6 +148,9 @@ class Serving:
         return max_tokens
 
     def params(self, body: SamplingRequest, max_tokens: int) -> list[SamplingParams]:
+        if body.min_tokens > max_tokens:
+            raise bad_request(f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens})",
+                              param="min_tokens")
         try:
             return [body.sampling_params(max_tokens, j) for j in range(body.n)]
         except ValueError as e:

@@ -172,7 +172,6 @@ def test_chat_content_parts_and_n_streams(client):
 @pytest.mark.parametrize("body, param", [
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"stop": [str(i) for i in range(9)]}, "stop"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
 ])
 def test_unsupported_chat_parameters_are_400(client, body, param):
@@ -180,6 +179,21 @@ def test_unsupported_chat_parameters_are_400(client, body, param):
                     json={"messages": [{"role": "user", "content": "one"}], "max_tokens": 1, **body})
     assert r.status_code == 400 and r.json()["error"]["param"] == param
     assert r.json()["error"]["code"] == "unsupported_parameter"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"logit_bias": {"one": 5}}, "logit_bias"),
+    ({"logit_bias": {"999999": 5}}, "logit_bias"),
+    ({"logit_bias": {"1": 101}}, "logit_bias"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"min_tokens": 2}, "min_tokens"),
+])
+def test_out_of_range_logit_changes_are_400(client, body, param):
+    r = client.post("/v1/chat/completions", headers=AUTH,
+                    json={"messages": [{"role": "user", "content": "one"}], "max_tokens": 1, **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
 def test_usage_counts_cached_prompt_tokens_once_per_prompt():

@@ -136,6 +136,22 @@ def test_stop_string_straddling_tokens_never_leaks(client, model_name, api_token
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_logit_bias_and_penalties(client, model_name, api_tokenizer):
+    forced = api_tokenizer.encode(" zebra")
+    assert len(forced) == 1
+    out = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=3, temperature=0,
+                                    logit_bias={str(forced[0]): 100})
+    assert out.choices[0].text == " zebra" * 3
+    plain = client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=64, temperature=0)
+    penalized = client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=64, temperature=0,
+                                               frequency_penalty=2.0, presence_penalty=2.0)
+    assert penalized.choices[0].message.content != plain.choices[0].message.content
+    longer = client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=64, temperature=0,
+                                            extra_body={"min_tokens": 40})
+    assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 40
+    assert longer.usage.completion_tokens >= 40
+
+
 def test_n_choices_and_seed(client, model_name):
     kwargs = dict(model=model_name, prompt="Once upon a time", max_tokens=4, n=2, seed=1234, temperature=1.0,
                   extra_body={"ignore_eos": True})

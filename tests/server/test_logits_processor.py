@@ -1,0 +1,135 @@
+"""logit_bias, min_tokens and the penalties: each row changed from its own context, so that
+speculation with them stays exactly plain decoding."""
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from engine_helpers import chat_ids, reference, run_to_completion
+from server import metrics
+from server.config import EngineConfig
+from server.engine import LLMEngine
+from server.logits_processor import TokenCounts, changes_logits, process_logits
+from server.sampling_params import SamplingParams
+
+VOCAB = 40
+STOP = frozenset({0, 7})
+
+
+def brute_force(row: torch.Tensor, prompt: list[int], context: list[int], params: SamplingParams) -> torch.Tensor:
+    """One row changed token by token, straight from the definitions."""
+    out, counts = row.clone(), Counter(context)
+    for token, bias in params.logit_bias:
+        out[token] += bias
+    if len(context) < params.min_tokens:
+        for token in STOP:
+            out[token] = float("-inf")
+    for token in range(len(out)):
+        value = out[token]
+        if token in counts or token in prompt:
+            value = value / params.repetition_penalty if value > 0 else value * params.repetition_penalty
+        out[token] = value - params.frequency_penalty * counts[token] - params.presence_penalty * (counts[token] > 0)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_every_row_is_changed_as_its_own_context_says(seed):
+    rng = random.Random(seed)
+    params = SamplingParams(
+        max_tokens=64, presence_penalty=rng.choice([0.0, 0.7, -0.4]), frequency_penalty=rng.choice([0.0, 0.5, 1.5]),
+        repetition_penalty=rng.choice([1.0, 1.3, 0.8]), min_tokens=rng.choice([0, 5, 9]),
+        logit_bias=tuple((t, rng.uniform(-100, 100)) for t in rng.sample(range(VOCAB), rng.randint(0, 3))))
+    prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 12))]
+    output = [rng.randrange(VOCAB) for _ in range(rng.randint(0, 10))]
+    # a tree: node 0 the root, each later node below an earlier one
+    parents, tokens, paths = [-1], [None], [()]
+    for node in range(1, rng.randint(1, 9)):
+        parents.append(rng.randrange(node))
+        tokens.append(rng.randrange(VOCAB))
+        paths.append(paths[parents[node]] + (tokens[node],))
+    logits = torch.randn(len(paths) + 3, VOCAB) * 5
+    rows = rng.sample(range(len(logits)), len(paths))
+    counts = TokenCounts()
+    counts.update(prompt, prompt + output[:3])   # counted as they come
+    counts.update(prompt, prompt + output)
+    expected = logits.clone()
+    for row, path in zip(rows, paths):
+        expected[row] = brute_force(logits[row], prompt, output + list(path), params)
+    process_logits(logits, rows, paths, params, counts, STOP)
+    assert torch.allclose(logits, expected, rtol=1e-6, atol=1e-5) and torch.equal(logits.isinf(), expected.isinf())
+
+
+def test_untouched_rows_and_a_plain_row_equal_the_same_row_in_a_tree():
+    """A plain step's row and a tree's root row with the same context get the same bits,
+    whatever tokens the tree's other rows add to the columns touched."""
+    params = SamplingParams(max_tokens=8, frequency_penalty=0.3, presence_penalty=0.2, repetition_penalty=1.1)
+    counts = TokenCounts()
+    counts.update([1, 2, 3], [1, 2, 3, 4, 4, 5])
+    base = torch.randn(3, VOCAB)
+    plain, tree = base.clone(), base.clone()
+    process_logits(plain, [0], [()], params, counts, STOP)
+    process_logits(tree, [0, 1], [(), (9,)], params, counts, STOP)
+    assert torch.equal(plain[0], tree[0]) and torch.equal(tree[2], base[2])
+    assert not changes_logits(SamplingParams()) and changes_logits(SamplingParams(min_tokens=1))
+
+
+@pytest.mark.parametrize("field, value", [("presence_penalty", 2.5), ("frequency_penalty", -3.0),
+                                          ("repetition_penalty", 0.0), ("min_tokens", 9),
+                                          ("logit_bias", ((5, 101.0),)), ("logit_bias", ((-1, 1.0),)),
+                                          ("logit_bias", ((5, 1.0), (5, 2.0)))])
+def test_out_of_range_values_are_refused(field, value):
+    with pytest.raises(ValueError, match=field.split("_")[0]):
+        SamplingParams(max_tokens=8, **{field: value})
+
+
+@pytest.fixture(scope="module")
+def tree_engine(random_heads):
+    return LLMEngine(EngineConfig(max_num_batched_tokens=256, kv_cache_memory_gb=0.1, tree_budget=8), random_heads)
+
+
+VERSE = "Repeat this line five times: " + "one two three four five six seven eight nine ten. " * 2
+LAUGH = "Laugh: ha ha ha ha ha ha ha ha"
+CHANGES = [(LAUGH, dict(frequency_penalty=0.4, presence_penalty=0.3)), (LAUGH, dict(frequency_penalty=1.0)),
+           (VERSE, dict(repetition_penalty=1.3)), (VERSE, dict(frequency_penalty=-0.5, logit_bias=((11, 3.0), (30, -2.0)))),
+           (VERSE, dict(min_tokens=40, ignore_eos=False))]
+
+
+def test_speculation_with_changed_logits_is_plain_decoding(tree_engine):
+    """Greedy trees verified with penalties, biases and min_tokens keep exactly what plain
+    decoding with them gives (which the reference loop computes row by row). The laughs'
+    trees keep repeats of drafted tokens only where the penalties of the path's own tokens
+    allow (a tree that scored its rows from the output alone parts from plain decoding)."""
+    requests, prompts = {}, {name: chat_ids(tree_engine.tokenizer, name) for name in (VERSE, LAUGH)}
+    for name, ids in zip("vl", prompts.values()):
+        requests[f"none-{name}"] = (ids, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+    for i, (prompt, change) in enumerate(CHANGES):
+        change = {"ignore_eos": True, **change}
+        requests[f"spec{i}"] = (prompts[prompt], SamplingParams(max_tokens=40, temperature=0.0, **change))
+        requests[f"plain{i}"] = (prompts[prompt], SamplingParams(max_tokens=40, temperature=0.0, speculate=False,
+                                                                 **change))
+    accepted = metrics.spec_accepted_tokens._value.get()
+    outputs = run_to_completion(tree_engine, requests)
+    assert metrics.spec_accepted_tokens._value.get() - accepted >= 40, "the test meant trees to keep tokens"
+    for i, (prompt, change) in enumerate(CHANGES):
+        expected = reference(tree_engine, prompts[prompt], requests[f"spec{i}"][1])
+        assert outputs[f"spec{i}"] == outputs[f"plain{i}"] == expected, change
+        unchanged = outputs["none-v" if prompt == VERSE else "none-l"]
+        assert expected != unchanged, f"{change} changed nothing in this test"
+
+
+def test_logit_bias_and_min_tokens_do_what_they_say(tree_engine):
+    tokenizer = tree_engine.tokenizer
+    ids = chat_ids(tokenizer, "What is the capital of Japan?")
+    free = run_to_completion(tree_engine, {"free": (ids, SamplingParams(max_tokens=64, temperature=0.0))})["free"]
+    assert free[-1] in tokenizer.eos_token_ids and len(free) < 30
+    forced = tokenizer.encode(" banana")[0]
+    outputs = run_to_completion(tree_engine, {
+        "banned": (ids, SamplingParams(max_tokens=8, temperature=0.0, logit_bias=((free[0], -100.0),))),
+        "forced": (ids, SamplingParams(max_tokens=4, temperature=0.7, seed=3, logit_bias=((forced, 100.0),))),
+        "long": (ids, SamplingParams(max_tokens=64, temperature=0.0, min_tokens=30))})
+    assert outputs["banned"][0] != free[0]
+    assert outputs["forced"] == [forced] * 4
+    long = outputs["long"]
+    assert len(long) >= 30 and not set(long[:30]) & tokenizer.eos_token_ids
+    assert long[:len(free) - 1] == free[:-1]   # the same text until the EOS it may not pick yet
