@@ -22,6 +22,7 @@ from server.sampling_params import SamplingParams
 from server.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from server.sequence import Sequence, SequenceStatus
 from server.speculation_policy import SpeculationPolicy
+from server.structured import StructuredOutputs
 from server.step_graphs import StepGraphs, prefill_buckets, warm_up_buckets
 from server.loading import load_components, measure_step_costs
 
@@ -71,6 +72,7 @@ class LLMEngine:
                                    policy=None)
         self.set_tree_budget(config.tree_budget)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
+        self.structured = StructuredOutputs(self.tokenizer, model_config.vocab_size)
         self.sequences: dict[str, Sequence] = {}
         logger.info("engine ready: model %s, %d KV blocks of %d tokens, speculation %s",
                     self.model_name, num_blocks, config.block_size,
@@ -106,6 +108,8 @@ class LLMEngine:
         if any(t >= vocab for t, _ in params.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         seq = Sequence(request_id, list(prompt_ids), params)
+        if params.grammar is not None:
+            seq.grammar = self.structured.grammar(params.grammar)
         # new requests start from what recent ones achieved, never above the measured
         # accuracies: the sequences that verify trees under load are the best-guessed ones,
         # and seeding every newcomer with their skill made a busy batch plan trees for all

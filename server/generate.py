@@ -15,6 +15,7 @@ from models.llama import LlamaForCausalLM
 from server.logits_processor import TokenCounts, changes_logits, process_logits
 from server.sampler import make_generator, pick
 from server.sampling_params import SamplingParams
+from server.structured import Grammar
 
 BLOCK_SIZE = 16
 
@@ -22,8 +23,9 @@ BLOCK_SIZE = 16
 @torch.inference_mode()
 def generate_stream(model: LlamaForCausalLM, prompt_ids: list[int], params: SamplingParams,
                     eos_token_ids: frozenset[int] = frozenset(), attention=TorchAttention,
-                    kv_cache_dtype: torch.dtype | None = None) -> Iterator[int]:
-    """Yield generated token ids until EOS (unless ignored) or max_tokens (the KV cache in
+                    kv_cache_dtype: torch.dtype | None = None, grammar: Grammar | None = None) -> Iterator[int]:
+    """Yield generated token ids until EOS (unless ignored), max_tokens or, with a grammar
+    (server/structured.py, for params.grammar), its completion (the KV cache in
     kv_cache_dtype, default the model's)."""
     if not prompt_ids:
         raise ValueError("the prompt must hold at least one token")
@@ -53,9 +55,11 @@ def generate_stream(model: LlamaForCausalLM, prompt_ids: list[int], params: Samp
         if counts is not None:
             counts.update(prompt_ids, tokens)
             process_logits(logits, [0], [()], params, counts, frozenset(stop_ids))
+        if grammar is not None:
+            grammar.mask(logits, [0], [()])
         token = int(pick(logits, params, generator)[0])
         yield token
-        if token in stop_ids:
+        if token in stop_ids or (grammar is not None and grammar.advance(token)):
             return
         tokens.append(token)
         step_ids = [token]
@@ -63,5 +67,5 @@ def generate_stream(model: LlamaForCausalLM, prompt_ids: list[int], params: Samp
 
 def generate(model: LlamaForCausalLM, prompt_ids: list[int], params: SamplingParams,
              eos_token_ids: frozenset[int] = frozenset(), attention=TorchAttention,
-             kv_cache_dtype: torch.dtype | None = None) -> list[int]:
-    return list(generate_stream(model, prompt_ids, params, eos_token_ids, attention, kv_cache_dtype))
+             kv_cache_dtype: torch.dtype | None = None, grammar: Grammar | None = None) -> list[int]:
+    return list(generate_stream(model, prompt_ids, params, eos_token_ids, attention, kv_cache_dtype, grammar))

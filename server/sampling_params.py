@@ -34,6 +34,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0     # Hugging Face's, over prompt and output: 1 is off
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit)
     min_tokens: int = 0                 # no EOS or stop token id before this many output tokens
+    grammar: str | None = None          # structured outputs: llguidance's grammar text (server/structured.py)
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):

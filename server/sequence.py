@@ -13,6 +13,7 @@ from server.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from server.drafter import Draft
+    from server.structured import Grammar
 
 
 SKILL_FLOOR = 0.02
@@ -146,6 +147,7 @@ class Sequence:
     context_index: ContextIndex = field(default_factory=ContextIndex)  # for context lookup drafts
     spec: SpeculationStats = field(default_factory=SpeculationStats)
     token_counts: TokenCounts = field(default_factory=TokenCounts)   # the penalties' context
+    grammar: Grammar | None = None   # structured outputs: where its output is in its grammar
     finish_reason: str | None = None
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

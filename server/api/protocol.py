@@ -21,6 +21,19 @@ class StreamOptions(APIModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(APIModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")   # `schema` is a BaseModel method
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(APIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingRequest(APIModel):
     """The sampling fields shared by completions and chat (Gorgon's extensions last)."""
     model: str | None = None
@@ -46,9 +59,38 @@ class SamplingRequest(APIModel):
     typical_delta: Annotated[float, Field(ge=0.0, le=1.0)] = TYPICAL_DELTA
     speculate: bool = True
     cache_salt: Annotated[str, Field(min_length=1, max_length=256)] | None = None  # prefix cache: share only within a salt
+    response_format: ResponseFormat | None = None
+    # structured outputs besides response_format (vLLM's names): a JSON schema, a regular
+    # expression, one of some strings, a Lark grammar
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: str | None = None
+
+    def constraint(self) -> tuple[str, str, Any] | None:
+        """The structured-output constraint asked for, as (param, kind, value) for
+        server/structured.py's grammar_from, or None."""
+        asked = [(name, kind, value) for name, kind, value in (
+            ("guided_json", "json_schema", self.guided_json), ("guided_regex", "regex", self.guided_regex),
+            ("guided_choice", "choice", self.guided_choice), ("guided_grammar", "grammar", self.guided_grammar))
+            if value is not None]
+        fmt = self.response_format
+        if fmt is not None and fmt.type != "text":
+            schema = fmt.json_schema.json_schema if fmt.json_schema is not None else None
+            asked.insert(0, ("response_format", fmt.type, schema))
+        return asked[0] if asked else None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for a field we accept in the schema but cannot honour."""
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_schema" and (fmt.json_schema is None or fmt.json_schema.json_schema is None):
+            return "response_format", "response_format json_schema needs json_schema.schema"
+        constraints = [name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                       if getattr(self, name) is not None]
+        if fmt is not None and fmt.type != "text":
+            constraints.insert(0, "response_format")
+        if len(constraints) > 1:
+            return constraints[1], f"ask for one structured output at a time, not {' and '.join(constraints)}"
         if len(self.stop_list) > MAX_STOP:
             return "stop", f"at most {MAX_STOP} stop strings are allowed"
         return None
@@ -73,8 +115,9 @@ class SamplingRequest(APIModel):
         """The same for the prompt's tokens."""
         return None
 
-    def sampling_params(self, max_tokens: int, index: int = 0) -> SamplingParams:
-        """SamplingParams for choice `index` (a seeded request gets seed + index per choice)."""
+    def sampling_params(self, max_tokens: int, index: int = 0, grammar: str | None = None) -> SamplingParams:
+        """SamplingParams for choice `index` (a seeded request gets seed + index per choice);
+        grammar: the constraint's, compiled (server/structured.py)."""
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -96,6 +139,7 @@ class SamplingRequest(APIModel):
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logit_bias=tuple(sorted((self.logit_bias or {}).items())),
             min_tokens=self.min_tokens,
+            grammar=grammar,
         )
 
 
@@ -155,7 +199,6 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
 
     @property
     def requested_logprobs(self) -> int | None:
@@ -166,8 +209,6 @@ class ChatCompletionRequest(SamplingRequest):
             return "top_logprobs", "top_logprobs needs logprobs set to true"
         if self.tools:
             return "tools", "tools are not supported by this server"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format", "only response_format type 'text' is supported"
         return super().unsupported()
 
     @property

@@ -17,6 +17,7 @@ from server.api.streams import merge, until_disconnect
 from server.async_engine import AsyncEngine, EngineNotReadyError, QueueFullError
 from server.outputs import RequestOutput, TokenLogprob
 from server.sampling_params import SamplingParams
+from server.structured import grammar_from
 
 RETRY_AFTER_S = "1"
 
@@ -151,10 +152,27 @@ class Serving:
         if body.min_tokens > max_tokens:
             raise bad_request(f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens})",
                               param="min_tokens")
+        grammar = self.grammar(body)
         try:
-            return [body.sampling_params(max_tokens, j) for j in range(body.n)]
+            return [body.sampling_params(max_tokens, j, grammar) for j in range(body.n)]
         except ValueError as e:
             raise bad_request(str(e)) from e
+
+    def grammar(self, body: SamplingRequest) -> str | None:
+        """The structured-output constraint compiled for the engine; 400 naming the field when
+        it is malformed or does not compile."""
+        constraint = body.constraint()
+        if constraint is None:
+            return None
+        param, kind, value = constraint
+        try:
+            grammar = grammar_from(kind, value)
+        except ValueError as e:
+            raise bad_request(f"{param}: {e}", param=param) from e
+        error = self.llm.structured.check(grammar)
+        if error is not None:
+            raise bad_request(f"{param}: {error}", param=param)
+        return grammar
 
     def submit(self, batch: Batch, params: list[SamplingParams]) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Start every choice; yields (choice index, output). Admission errors surface on first await."""

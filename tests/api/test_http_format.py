@@ -172,7 +172,8 @@ def test_chat_content_parts_and_n_streams(client):
 @pytest.mark.parametrize("body, param", [
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"stop": [str(i) for i in range(9)]}, "stop"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_object"}, "guided_choice": ["a"]}, "guided_choice"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
 ])
 def test_unsupported_chat_parameters_are_400(client, body, param):
     r = client.post("/v1/chat/completions", headers=AUTH,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import openai
 import pytest
@@ -150,6 +151,22 @@ def test_logit_bias_and_penalties(client, model_name, api_tokenizer):
                                             extra_body={"min_tokens": 40})
     assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 40
     assert longer.usage.completion_tokens >= 40
+
+
+def test_structured_outputs(client, model_name):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "population": {"type": "integer"}},
+              "required": ["city", "population"], "additionalProperties": False}
+    reply = client.chat.completions.create(
+        model=model_name, messages=[{"role": "user", "content": "Give me a city and its population as JSON."}],
+        max_tokens=100, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}})
+    parsed = json.loads(reply.choices[0].message.content)
+    assert set(parsed) == {"city", "population"} and isinstance(parsed["population"], int)
+    assert reply.choices[0].finish_reason == "stop"
+    text, chunks = streamed_completion(client, model_name, prompt="Is water wet? Answer:", max_tokens=8, temperature=0,
+                                       extra_body={"guided_choice": [" yes", " no", " maybe"]})
+    assert text in (" yes", " no", " maybe") and chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_n_choices_and_seed(client, model_name):

@@ -61,6 +61,10 @@ def test_missing_or_wrong_api_key_is_401(server, model_name, headers, http):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "logprobs": True,
                               "top_logprobs": 21}, 400, "top_logprobs"),
     ("/v1/completions", {"prompt": "Hi", "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "Hi", "guided_regex": "(("}, 400, "guided_regex"),
+    ("/v1/completions", {"prompt": "Hi", "guided_json": "[1]"}, 400, "guided_json"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wizard"}}}}, 400, "response_format"),
 ])
 def test_invalid_requests(http, model_name, route, body, status, param):
     assert_error(http.post(route, json=body), status, param)
