@@ -107,6 +107,8 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(t >= vocab for t, _ in params.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
         seq = Sequence(request_id, list(prompt_ids), params)
         if params.grammar is not None:
             seq.grammar = self.structured.grammar(params.grammar)
@@ -201,7 +203,7 @@ class LLMEngine:
             prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None   # with the first output only
             outputs.append(RequestOutput(seq.request_id, text, appended, seq.finish_reason,
                                          seq.num_prompt_tokens, seq.num_output_tokens,
-                                         num_cached_tokens=seq.num_prompt_cache_hits, logprobs=logprobs,
+                                         error=seq.error, num_cached_tokens=seq.num_prompt_cache_hits, logprobs=logprobs,
                                          prompt_logprobs=None if prompt_logprobs is None else tuple(prompt_logprobs)))
         self._update_gauges()
         return outputs
@@ -238,7 +240,7 @@ class LLMEngine:
         self.scheduler.remove(seq)
         self.sequences.pop(seq.request_id, None)
         seq.status = SequenceStatus.FINISHED
-        metrics.requests.labels(seq.finish_reason, "ok").inc()
+        metrics.requests.labels(seq.finish_reason, "ok" if seq.error is None else "error").inc()
         metrics.e2e_request_latency.observe(now - seq.arrival_time)
 
     def _fail(self, batch: SchedulerOutput, message: str) -> list[RequestOutput]:

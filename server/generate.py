@@ -52,11 +52,11 @@ def generate_stream(model: LlamaForCausalLM, prompt_ids: list[int], params: Samp
         input_ids = torch.tensor(step_ids, device=device)
         logits, _ = model(input_ids, positions, attention(metadata, cache),
                           logits_rows=torch.tensor([q_len - 1], device=device))
-        if counts is not None:
-            counts.update(prompt_ids, tokens)
-            process_logits(logits, [0], [()], params, counts, frozenset(stop_ids))
         if grammar is not None:
             grammar.mask(logits, [0], [()])
+        if counts is not None:
+            counts.update(prompt_ids, tokens, logits.shape[1], device)
+            process_logits(logits, [0], [()], params, counts, frozenset(stop_ids))
         token = int(pick(logits, params, generator)[0])
         yield token
         if token in stop_ids or (grammar is not None and grammar.advance(token)):

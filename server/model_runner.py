@@ -166,8 +166,8 @@ class ModelRunner:
         return list(zip(items, results))
 
     def _process_logits(self, items: list[ScheduledSequence], first_logit: list[int], logits: torch.Tensor) -> None:
-        """Each request's logit_bias, min_tokens and penalties (server/logits_processor.py), then
-        its grammar's mask (server/structured.py), on the rows that choose its tokens: a tree
+        """Each request's grammar mask (server/structured.py), then its logit_bias, min_tokens
+        and penalties (server/logits_processor.py), on the rows that choose its tokens: a tree
         node's from its own path."""
         for item, row in zip(items, first_logit):
             seq, n = item.seq, item.num_new_tokens
@@ -183,12 +183,12 @@ class ModelRunner:
                 for node in range(1, n):   # parents come first
                     paths.append(paths[tree.parents[node]] + (tokens[node],))
             params = seq.params
-            if changes_logits(params):
-                seq.token_counts.update(seq.prompt_ids, seq.token_ids)
-                stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
-                process_logits(logits, rows, paths, params, seq.token_counts, stop_ids)
             if seq.grammar is not None:
                 seq.grammar.mask(logits, rows, paths)
+            if changes_logits(params):
+                seq.token_counts.update(seq.prompt_ids, seq.token_ids, logits.shape[1], logits.device)
+                stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+                process_logits(logits, rows, paths, params, seq.token_counts, stop_ids)
 
     @staticmethod
     def _score(scored: list[tuple[StepResult, list[int], int]], logits: torch.Tensor) -> None:

@@ -57,8 +57,9 @@ class OutputProcessor:
                 seq.finish_reason = "stop"
                 kept = len(appended) - 1
                 break
-            if seq.grammar is not None and seq.grammar.advance(token):   # complete: only EOS could follow
-                seq.finish_reason = "stop"
+            if seq.grammar is not None and seq.grammar.advance(token):   # only EOS could follow
+                seq.error = seq.grammar.error
+                seq.finish_reason = "stop" if seq.error is None else "error"
                 break
             if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
                 seq.finish_reason = "length"

@@ -7,6 +7,7 @@ from models.cpu_kernels import cpu_kernels
 from server.sampling_params import SamplingParams
 
 TOP_P_CANDIDATES = 256
+MIN_LOGPROB = -9999.0   # reported for impossible tokens
 
 
 def greedy_tokens(logits: torch.Tensor) -> list[int]:
@@ -28,7 +29,8 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int,
     hundreds of rows would otherwise take a few copies of all its logits at once."""
     out = []
     for first in range(0, len(tokens), rows_per_call):
-        logprobs = torch.log_softmax(logits[first:first + rows_per_call].float(), dim=-1)
+        # clamped as vLLM does: a token a grammar forbids has -inf, which JSON cannot carry
+        logprobs = torch.log_softmax(logits[first:first + rows_per_call].float(), dim=-1).clamp_(min=MIN_LOGPROB)
         targets = torch.tensor(tokens[first:first + rows_per_call], device=logits.device).view(-1, 1)
         chosen = logprobs.gather(1, targets).view(-1).tolist()
         if not top:
@@ -102,7 +104,8 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     # strictly below the total: the first running sum above the draw is then a token of
     # non-zero probability (its sum rose past the draw)
     draw = torch.minimum(draw, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cumulative, draw, right=True).squeeze(-1)
+    # a row with no probability left (NaN) must still give a token id, never one past the vocabulary
+    return torch.searchsorted(cumulative, draw, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 def pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:

@@ -52,6 +52,8 @@ class SamplingParams:
             raise ValueError("typical_epsilon and typical_delta must be between 0 and 1")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must not be negative")
         for name in ("logprobs", "prompt_logprobs"):
             count = getattr(self, name)
             if count is not None and not 0 <= count <= MAX_LOGPROBS:

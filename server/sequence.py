@@ -149,6 +149,7 @@ class Sequence:
     token_counts: TokenCounts = field(default_factory=TokenCounts)   # the penalties' context
     grammar: Grammar | None = None   # structured outputs: where its output is in its grammar
     finish_reason: str | None = None
+    error: str | None = None         # why it finished with "error"
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None

@@ -23,7 +23,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     except ValueError as e:
         raise bad_request(str(e), param="messages") from e
     max_tokens = serving.check_context(len(prompt_ids), body.requested_max_tokens, "messages")
-    params = serving.params(body, max_tokens)
+    params = await serving.params(body, max_tokens)
     batch = Batch(new_request_id("chatcmpl"), [prompt_ids], body.n)
     record(request, batch)
 

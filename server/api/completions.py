@@ -49,7 +49,7 @@ async def create_completion(body: CompletionRequest, request: Request, serving: 
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     for ids in prompts:
         serving.check_context(len(ids), max_tokens, least=0 if body.requested_prompt_logprobs is not None else 1)
-    params = serving.params(body, max_tokens)
+    params = await serving.params(body, max_tokens)
     batch = Batch(new_request_id("cmpl"), prompts, body.n)
     record(request, batch)
     echo = [prompt_texts[c.prompt_index] if body.echo else "" for c in batch.choices]

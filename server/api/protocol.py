@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from server.sampling_params import MAX_LOGPROBS, MAX_REPETITION_PENALTY, TYPICAL_DELTA, TYPICAL_EPSILON, SamplingParams
 
@@ -47,7 +47,7 @@ class SamplingRequest(APIModel):
     user: str | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None   # token id (a string in JSON)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None   # token id (as a string) -> bias
     # extensions
     top_k: int | None = None                 # 0 or -1: off
     repetition_penalty: Annotated[float, Field(gt=0.0, le=MAX_REPETITION_PENALTY)] | None = None   # 1: off
@@ -66,6 +66,19 @@ class SamplingRequest(APIModel):
     guided_regex: str | None = None
     guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
     guided_grammar: str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias: dict[str, float] | None) -> dict[int, float] | None:
+        """Keys are token ids written in decimal digits, each id once ("01" and "1" collide)."""
+        if bias is None:
+            return None
+        if not all(key.isascii() and key.isdigit() for key in bias):
+            raise ValueError("logit_bias keys must be token ids (decimal digits)")
+        ids = {int(key): value for key, value in bias.items()}
+        if len(ids) != len(bias):
+            raise ValueError("logit_bias names a token id twice")
+        return ids
 
     def constraint(self) -> tuple[str, str, Any] | None:
         """The structured-output constraint asked for, as (param, kind, value) for

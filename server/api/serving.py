@@ -4,6 +4,7 @@ HTTP request -> (prompt token ids, SamplingParams) per choice -> AsyncEngine str
 """
 from __future__ import annotations
 
+import asyncio
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -126,9 +127,10 @@ class Serving:
             param, message = unsupported
             raise bad_request(message, param=param, code="unsupported_parameter")
         vocab = self.llm.tokenizer.vocab_size   # as prompt token ids are checked
-        bad = [t for t in body.logit_bias or () if not 0 <= t < vocab]
-        if bad:
-            raise bad_request(f"logit_bias token ids must be in [0, {vocab}), got {bad[:5]}", param="logit_bias")
+        for param, ids in (("logit_bias", body.logit_bias or ()), ("stop_token_ids", body.stop_token_ids or ())):
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise bad_request(f"{param} token ids must be in [0, {vocab}), got {bad[:5]}", param=param)
         return name
 
     def check_context(self, prompt_len: int, max_tokens: int | None, prompt_param: str = "prompt",
@@ -148,19 +150,19 @@ class Serving:
                 param="max_tokens" if prompt_len < limit else prompt_param, code="context_length_exceeded")
         return max_tokens
 
-    def params(self, body: SamplingRequest, max_tokens: int) -> list[SamplingParams]:
+    async def params(self, body: SamplingRequest, max_tokens: int) -> list[SamplingParams]:
         if body.min_tokens > max_tokens:
             raise bad_request(f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens})",
                               param="min_tokens")
-        grammar = self.grammar(body)
+        grammar = await asyncio.to_thread(self.grammar, body)   # a large one takes a while to compile
         try:
             return [body.sampling_params(max_tokens, j, grammar) for j in range(body.n)]
         except ValueError as e:
             raise bad_request(str(e)) from e
 
     def grammar(self, body: SamplingRequest) -> str | None:
-        """The structured-output constraint compiled for the engine; 400 naming the field when
-        it is malformed or does not compile."""
+        """The structured-output constraint's grammar, compiled (and kept for the engine:
+        server/structured.py); 400 naming the field when it is malformed or does not compile."""
         constraint = body.constraint()
         if constraint is None:
             return None

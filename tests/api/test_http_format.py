@@ -184,6 +184,10 @@ def test_unsupported_chat_parameters_are_400(client, body, param):
 
 @pytest.mark.parametrize("body, param", [
     ({"logit_bias": {"one": 5}}, "logit_bias"),
+    ({"logit_bias": {"01": 5, "1": 6}}, "logit_bias"),
+    ({"logit_bias": {"1.0": 5}}, "logit_bias"),
+    ({"stop_token_ids": [999999], "min_tokens": 1, "max_tokens": 2}, "stop_token_ids"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"),
     ({"logit_bias": {"999999": 5}}, "logit_bias"),
     ({"logit_bias": {"1": 101}}, "logit_bias"),
     ({"presence_penalty": 2.5}, "presence_penalty"),

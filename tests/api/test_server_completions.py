@@ -167,6 +167,10 @@ def test_structured_outputs(client, model_name):
     text, chunks = streamed_completion(client, model_name, prompt="Is water wet? Answer:", max_tokens=8, temperature=0,
                                        extra_body={"guided_choice": [" yes", " no", " maybe"]})
     assert text in (" yes", " no", " maybe") and chunks[-1].choices[0].finish_reason == "stop"
+    scored = client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=4, temperature=0,
+                                            logprobs=True, top_logprobs=20, extra_body={"guided_choice": ["red", "blue"]})
+    assert scored.choices[0].message.content in ("red", "blue")
+    assert min(alt.logprob for entry in scored.choices[0].logprobs.content for alt in entry.top_logprobs) == -9999.0
 
 
 def test_n_choices_and_seed(client, model_name):

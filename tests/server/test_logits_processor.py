@@ -51,8 +51,8 @@ def test_every_row_is_changed_as_its_own_context_says(seed):
     logits = torch.randn(len(paths) + 3, VOCAB) * 5
     rows = rng.sample(range(len(logits)), len(paths))
     counts = TokenCounts()
-    counts.update(prompt, prompt + output[:3])   # counted as they come
-    counts.update(prompt, prompt + output)
+    counts.update(prompt, prompt + output[:3], VOCAB, "cpu")   # counted as they come
+    counts.update(prompt, prompt + output, VOCAB, "cpu")
     expected = logits.clone()
     for row, path in zip(rows, paths):
         expected[row] = brute_force(logits[row], prompt, output + list(path), params)
@@ -65,7 +65,7 @@ def test_untouched_rows_and_a_plain_row_equal_the_same_row_in_a_tree():
     whatever tokens the tree's other rows add to the columns touched."""
     params = SamplingParams(max_tokens=8, frequency_penalty=0.3, presence_penalty=0.2, repetition_penalty=1.1)
     counts = TokenCounts()
-    counts.update([1, 2, 3], [1, 2, 3, 4, 4, 5])
+    counts.update([1, 2, 3], [1, 2, 3, 4, 4, 5], VOCAB, "cpu")
     base = torch.randn(3, VOCAB)
     plain, tree = base.clone(), base.clone()
     process_logits(plain, [0], [()], params, counts, STOP)
@@ -91,31 +91,39 @@ def tree_engine(random_heads):
 VERSE = "Repeat this line five times: " + "one two three four five six seven eight nine ten. " * 2
 LAUGH = "Laugh: ha ha ha ha ha ha ha ha"
 CHANGES = [(LAUGH, dict(frequency_penalty=0.4, presence_penalty=0.3)), (LAUGH, dict(frequency_penalty=1.0)),
-           (VERSE, dict(repetition_penalty=1.3)), (VERSE, dict(frequency_penalty=-0.5, logit_bias=((11, 3.0), (30, -2.0)))),
-           (VERSE, dict(min_tokens=40, ignore_eos=False))]
+           (VERSE, dict(repetition_penalty=1.05)), (VERSE, dict(frequency_penalty=-0.5, logit_bias=((11, 3.0), (30, -2.0)))),
+           (VERSE, dict(min_tokens=20, ignore_eos=False))]
 
 
-def test_speculation_with_changed_logits_is_plain_decoding(tree_engine):
+@pytest.mark.parametrize("prompt, change", CHANGES)
+def test_speculation_with_changed_logits_is_plain_decoding(tree_engine, prompt, change):
     """Greedy trees verified with penalties, biases and min_tokens keep exactly what plain
-    decoding with them gives (which the reference loop computes row by row). The laughs'
-    trees keep repeats of drafted tokens only where the penalties of the path's own tokens
-    allow (a tree that scored its rows from the output alone parts from plain decoding)."""
-    requests, prompts = {}, {name: chat_ids(tree_engine.tokenizer, name) for name in (VERSE, LAUGH)}
-    for name, ids in zip("vl", prompts.values()):
-        requests[f"none-{name}"] = (ids, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
-    for i, (prompt, change) in enumerate(CHANGES):
-        change = {"ignore_eos": True, **change}
-        requests[f"spec{i}"] = (prompts[prompt], SamplingParams(max_tokens=40, temperature=0.0, **change))
-        requests[f"plain{i}"] = (prompts[prompt], SamplingParams(max_tokens=40, temperature=0.0, speculate=False,
-                                                                 **change))
+    decoding with them gives (which the reference loop computes row by row), and keep some
+    drafted tokens. The laughs' trees keep repeats of drafted tokens only where the
+    penalties of the path's own tokens allow (a tree that scored its rows from the output
+    alone parts from plain decoding); min_tokens falls inside a tree."""
+    ids = chat_ids(tree_engine.tokenizer, prompt)
+    change = {"ignore_eos": True, **change}
+    spec = SamplingParams(max_tokens=40, temperature=0.0, **change)
     accepted = metrics.spec_accepted_tokens._value.get()
-    outputs = run_to_completion(tree_engine, requests)
-    assert metrics.spec_accepted_tokens._value.get() - accepted >= 40, "the test meant trees to keep tokens"
-    for i, (prompt, change) in enumerate(CHANGES):
-        expected = reference(tree_engine, prompts[prompt], requests[f"spec{i}"][1])
-        assert outputs[f"spec{i}"] == outputs[f"plain{i}"] == expected, change
-        unchanged = outputs["none-v" if prompt == VERSE else "none-l"]
-        assert expected != unchanged, f"{change} changed nothing in this test"
+    outputs = run_to_completion(tree_engine, {"spec": (ids, spec),
+                                              "plain": (ids, SamplingParams(max_tokens=40, temperature=0.0,
+                                                                            speculate=False, **change))})
+    assert metrics.spec_accepted_tokens._value.get() - accepted >= 3, "the test meant trees to keep tokens"
+    expected = reference(tree_engine, ids, spec)
+    assert outputs["spec"] == outputs["plain"] == expected
+    unchanged = run_to_completion(tree_engine, {"none": (ids, SamplingParams(max_tokens=40, temperature=0.0,
+                                                                             ignore_eos=change["ignore_eos"]))})
+    assert expected != unchanged["none"], "the change changed nothing in this test"
+
+
+def test_token_ids_out_of_the_vocabulary_are_refused(tree_engine):
+    vocab = tree_engine.model.config.vocab_size
+    for params in (SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=(vocab,)),
+                   SamplingParams(max_tokens=4, logit_bias=((vocab + 5, 1.0),))):
+        with pytest.raises(ValueError, match="must be in"):
+            tree_engine.add_request("bad", [1, 2, 3], params)
+    assert not tree_engine.has_unfinished_requests()
 
 
 def test_logit_bias_and_min_tokens_do_what_they_say(tree_engine):

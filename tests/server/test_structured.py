@@ -133,3 +133,44 @@ def test_sampled_choices_follow_the_schema(tree_engine):
                 for seed in range(4)}
     for name, tokens in run_to_completion(tree_engine, requests).items():
         assert follows("json_schema", PERSON, tree_engine.tokenizer.decode(tokens)), name
+
+
+def test_a_grammar_with_min_tokens_logprobs_or_a_failure_ends_only_its_request(tree_engine):
+    """A grammar complete before min_tokens may still end (its rows are never left empty,
+    also when a tree path completes it, sampled or greedy); logprobs of tokens the grammar
+    forbids read -9999, not -inf; a grammar that fails mid-way finishes its request with
+    "error" and its reason. Beside them, an ordinary request runs on unharmed."""
+    tokenizer = tree_engine.tokenizer
+    phone, ids = grammar_from("regex", PHONE), chat_ids(tokenizer, "What is the phone number of the library?")
+    bystander = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    requests = {"bystander": (ids, bystander),
+                "greedy": (ids, SamplingParams(max_tokens=40, temperature=0.0, min_tokens=40, grammar=phone)),
+                "empty": (ids, SamplingParams(max_tokens=8, temperature=0.0, min_tokens=5,
+                                              grammar=grammar_from("regex", ""))),
+                "choice": (ids, SamplingParams(max_tokens=8, temperature=0.0, logprobs=5,
+                                               grammar=grammar_from("choice", ["yes", "no"]))),
+                "endless": (ids, SamplingParams(max_tokens=64, temperature=0.0,
+                                                grammar=grammar_from("grammar", 'start: x\nx: "a" x')))}
+    requests.update({f"sampled{seed}": (ids, SamplingParams(max_tokens=40, temperature=1.0, seed=seed, min_tokens=40,
+                                                            grammar=phone)) for seed in range(3)})
+    for name, (prompt, params) in requests.items():
+        tree_engine.add_request(name, prompt, params)
+    outputs = {name: [] for name in requests}
+    while tree_engine.has_unfinished_requests():
+        for out in tree_engine.step():
+            outputs[out.request_id].append(out)
+    finish = {name: outs[-1].finish_reason for name, outs in outputs.items()}
+    tokens = {name: [t for out in outs for t in out.token_ids] for name, outs in outputs.items()}
+    assert finish["bystander"] == "length" and tokens["bystander"] == reference_tokens(tree_engine, ids, bystander)
+    for name in ["greedy", "sampled0", "sampled1", "sampled2"]:
+        text = tokenizer.decode(tokens[name])
+        assert finish[name] == "stop" and re.fullmatch(PHONE, text), (name, text)
+    assert finish["empty"] == "stop" and tokens["empty"] == [next(iter(tokenizer.eos_token_ids))]
+    logprobs = [entry for out in outputs["choice"] for entry in out.logprobs or ()]
+    assert logprobs and all(value >= -9999.0 for entry in logprobs for _, value in entry.top)
+    assert min(value for entry in logprobs for _, value in entry.top) == -9999.0
+    assert finish["endless"] == "error" and outputs["endless"][-1].error
+
+
+def reference_tokens(engine, ids, params):
+    return generate(engine.model, ids, params, engine.tokenizer.eos_token_ids)
