@@ -1,6 +1,7 @@
 """Speculation under penalties and grammars: does it still pay, and what do they cost a step?
 
-    python -m benchmarks.constrained [--prompts 8] [--max-tokens 128] [--int8-linear]
+    python -m benchmarks.constrained [--prompts 8] [--max-tokens 128] [--variants none,penalties,json]
+                                     [--int8-linear]
 
 One engine (the server's defaults: adaptive speculation; the prefix cache off, so every
 variant computes its prompts), requests one at a time, greedy. Per variant, the same
@@ -9,7 +10,7 @@ prompt by prompt:
 
 - none: the evaluation prompts, EOS ignored;
 - penalties: the same with frequency 0.5, presence 0.5 and repetition 1.1;
-- json schema: requests for a JSON record (a bounded schema of strings, numbers and a list),
+- json: requests for a JSON record (a bounded schema of strings, numbers and a list),
   ending when the object is complete.
 
 Columns: generated tokens per second, tokens per step, milliseconds per step, and of them
@@ -68,6 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--variants", default="none,penalties,json")
     parser.add_argument("--int8-linear", action="store_true")
     args = parser.parse_args()
     engine = LLMEngine(EngineConfig(int8_linear=args.int8_linear, prefix_caching=False))
@@ -76,7 +78,8 @@ def main() -> None:
     records = [engine.tokenizer.apply_chat_template([{"role": "user", "content": f"Describe {subject} as a JSON record."}])
                for subject in (SUBJECTS * 4)[:args.prompts]]
     variants = {"none": (chat, {"ignore_eos": True}), "penalties": (chat, {"ignore_eos": True, **PENALTIES}),
-                "json schema": (records, {"grammar": grammar})}
+                "json": (records, {"grammar": grammar})}
+    variants = {name: variants[name] for name in args.variants.split(",")}
     totals = {(name, spec): [0, 0, 0.0, 0.0] for name in variants for spec in (True, False)}
     run(engine, chat[0], SamplingParams(max_tokens=8, temperature=0.0))   # warm-up
     for i in range(args.prompts):

@@ -67,7 +67,16 @@ HOPE_FLOOR = 0.2    # hope_yield never drops below this: hopeful drafts are its 
 TRUST_WEIGHT = 0.05  # of each verified tree in the moving averages behind `trust`
 PAUSE_STEPS = 8      # plain steps, unplanned, when trees would save less than planning costs
 OWN_WEIGHT = 0.1     # of each plan's own time in its moving average, `own_time`
-# a lookup chain's tokens and, for a datastore chain, their vote confidences (else None)
+FORCED_CHANCE = 0.95   # per token of a grammar-forced chain: another tokenization of its text may be picked
+
+
+class Forced(list):
+    """A chain's chances when its tokens are what the request's grammar forces next (server/
+    structured.py): near-certain, whatever the sequence's record, and never scored."""
+
+
+# a lookup chain's tokens and, for a datastore chain, their vote confidences (a forced
+# chain: Forced chances; a chain copied from the sequence's own text: None)
 Chain = tuple[list[int], "list[float] | None"]
 PRICES = (0.0,) + tuple(0.001 * 1.4 ** k for k in range(21))  # a node's chance, 0.001 .. 0.84
 
@@ -254,6 +263,8 @@ class SpeculationPolicy:
         pending, verdicts = seq.spec.pending_lookups, seq.spec.probe_verdicts
         while pending and (seq.num_tokens >= pending[0][1] + 1 + len(pending[0][0]) or seq.is_finished):
             chain, root, confidences = pending.popleft()
+            if isinstance(confidences, Forced):   # the grammar's, not a guess
+                continue
             known, kept = chain_kept(chain, root, seq.token_ids[root + 1: root + 1 + len(chain)], verdicts)
             if confidences is None:
                 seq.spec.record_lookup(known, kept)
@@ -396,8 +407,9 @@ class SpeculationPolicy:
         return bigger[0] if bigger else size
 
     def _chain(self, seq: Sequence) -> Chain:
-        """The sequence's lookup chain at its longest: copied from its own text
-        (server/lookup.py; no confidences), else voted by the datastore (server/datastore.py)
+        """The sequence's lookup chain at its longest: the tokens its grammar forces next
+        (structured outputs: a JSON schema's keys and punctuation), else copied from its own
+        text (server/lookup.py; no confidences), else voted by the datastore (server/datastore.py)
         for a sequence that drafted for this step. Datastore chains extend the trees the
         policy already plans and start none of their own: under load, where most sequences
         decode plainly, a lookup per sequence and step (~0.2 ms) and the chain-only trees it
@@ -406,6 +418,10 @@ class SpeculationPolicy:
         if not self.lookup_tokens or self.fixed_size == 1 or not seq.params.speculate:
             return [], None
         longest = min(self.lookup_tokens, self.max_nodes - 1, seq.remaining_tokens - 1)
+        if seq.grammar is not None:
+            forced = seq.grammar.forced(longest)
+            if forced:
+                return forced, Forced(FORCED_CHANCE ** (k + 1) for k in range(len(forced)))
         chain = seq.context_index.continuation(seq.token_ids, longest)
         if chain or self.datastore is None or seq.draft is None:
             return chain, None
@@ -425,12 +441,15 @@ class SpeculationPolicy:
                                                       [len(self.tree_paths[j]) for j in nodes])
             head_part = self._prior_parts[reach]
         chain, confidences = lookup
+        voted = confidences is not None and not isinstance(confidences, Forced)   # a datastore chain
         if confidences is None:
             chain_chances = list(accumulate((seq.spec.lookup_value(i) for i in range(len(chain))), min))
-        else:
+        elif voted:
             chain_chances = [min(1.0, seq.spec.datastore_calibration * c) for c in confidences]
+        else:
+            chain_chances = list(confidences)
         return _candidates(nodes, [chances[j] for j in nodes], chain, chain_chances,
-                           [len(self.tree_paths[j]) for j in nodes], confidences is not None, head_part)
+                           [len(self.tree_paths[j]) for j in nodes], voted, head_part)
 
     def _step_tree(self, seq: Sequence, candidates: _Candidates, heads: int, chain: int) -> StepTree:
         """The tree of the sequence's `heads` - 1 likeliest drafted nodes (none without a

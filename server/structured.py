@@ -114,6 +114,10 @@ class Grammar:
         """Why the grammar cannot go on (a token it forbids, a resource limit), or None."""
         return self.matcher.get_error() or "the grammar failed" if self.matcher.is_error() else None
 
+    def forced(self, limit: int) -> list[int]:
+        """The tokens the grammar forces next (at most limit): drafts that cost no guess."""
+        return self.matcher.compute_ff_tokens()[:limit] if limit > 0 else []
+
     def advance(self, token: int) -> bool:
         """Follow a generated token; True when nothing but EOS could follow: the grammar is
         complete, or failed (`error`)."""

@@ -174,3 +174,19 @@ def test_a_grammar_with_min_tokens_logprobs_or_a_failure_ends_only_its_request(t
 
 def reference_tokens(engine, ids, params):
     return generate(engine.model, ids, params, engine.tokenizer.eos_token_ids)
+
+
+def test_tokens_the_grammar_forces_are_drafted_and_kept(tree_engine):
+    """A schema's key is forced once its quote opens: the policy drafts it as a chain, and
+    trees keep it, where random heads and the prompt's text could not guess it."""
+    key = "the_quick_brown_fox_jumps_over_the_lazy_dog"
+    schema = {"type": "object", "properties": {key: {"type": "integer"}}, "required": [key],
+              "additionalProperties": False}
+    ids = chat_ids(tree_engine.tokenizer, "Give me a number as JSON.")
+    params = SamplingParams(max_tokens=60, temperature=0.0, grammar=grammar_from("json_schema", schema))
+    accepted = metrics.spec_accepted_tokens._value.get()
+    tokens = run_to_completion(tree_engine, {"forced": (ids, params)})["forced"]
+    assert key in tree_engine.tokenizer.decode(tokens)
+    assert metrics.spec_accepted_tokens._value.get() - accepted >= len(tree_engine.tokenizer.encode(key)) - 2
+    assert tokens == generate(tree_engine.model, ids, params, tree_engine.tokenizer.eos_token_ids,
+                              grammar=tree_engine.structured.grammar(params.grammar))
