@@ -22,6 +22,10 @@ from models.tokenizer import Tokenizer
 
 KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
 MAX_GRAMMAR_CHARS = 256 * 1024   # of compiled grammar text a request may bring
+# JSON's whitespace between tokens: spaces, or one line break and an indentation of at most
+# 32. Free whitespace lets a small model emit line breaks until max_tokens (seen: thousands
+# at temperature 0.8); a schema's own "x-guidance" options may say otherwise.
+JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x09]+|\x0D?\x0A[\x20\x09]{0,32}"}
 
 
 def grammar_from(kind: str, value: Any) -> str:
@@ -30,13 +34,13 @@ def grammar_from(kind: str, value: Any) -> str:
     from llguidance import LLMatcher
 
     if kind == "json_object":
-        return LLMatcher.grammar_from_json_schema({"type": "object"})
+        return LLMatcher.grammar_from_json_schema({"type": "object"}, JSON_OPTIONS)
     if kind == "json_schema":
         if isinstance(value, str):
             value = json.loads(value)
         if not isinstance(value, dict):
             raise ValueError("a JSON schema must be an object")
-        return LLMatcher.grammar_from_json_schema(value)
+        return LLMatcher.grammar_from_json_schema(value, JSON_OPTIONS)
     if kind == "regex":
         return LLMatcher.grammar_from_regex(value)
     if kind == "choice":
@@ -112,7 +116,9 @@ class Grammar:
     @property
     def error(self) -> str | None:
         """Why the grammar cannot go on (a token it forbids, a resource limit), or None."""
-        return self.matcher.get_error() or "the grammar failed" if self.matcher.is_error() else None
+        if not self.matcher.is_error():
+            return None
+        return (self.matcher.get_error() or "the grammar failed").splitlines()[0]   # not llguidance's state dump
 
     def forced(self, limit: int) -> list[int]:
         """The tokens the grammar forces next (at most limit): drafts that cost no guess."""

@@ -78,6 +78,12 @@ def test_constraints_compile_or_say_why(tree_engine):
         grammar_from("json_schema", "[1, 2]")
     with pytest.raises(ValueError, match="grammar"):
         tree_engine.structured.grammar(grammar_from("grammar", "start: ("))
+    tokenizer = tree_engine.tokenizer
+    for text, ok in [('{\n  "a": 1,\n  "b": [1, 2]\n}', True), ('{"a":1,"b":[]}', True), ('{ "a" : 1 }', True),
+                     ('{\n\n  "a": 1}', False), ('{\n' + ' ' * 40 + '"a": 1}', False)]:   # no runaway whitespace
+        ids = tokenizer.encode(text)
+        matcher = tree_engine.structured.grammar(grammar_from("json_object", None)).matcher
+        assert (matcher.validate_tokens(ids) == len(ids)) == ok, text
 
 
 CASES = [("Describe a person as JSON.", "json_schema", PERSON),
