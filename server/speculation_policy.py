@@ -287,7 +287,9 @@ class SpeculationPolicy:
                     break
             else:
                 tokens.update(dict.fromkeys(children.get(node, ())))
-        for chain, root, _ in seq.spec.pending_lookups:
+        for chain, root, confidences in seq.spec.pending_lookups:
+            if isinstance(confidences, Forced):   # never scored: nothing to test
+                continue
             i = index - root - 1
             if i < len(chain) and seq.token_ids[root + 1: index] == chain[:i]:
                 tokens[chain[i]] = None

@@ -22,10 +22,12 @@ from models.tokenizer import Tokenizer
 
 KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
 MAX_GRAMMAR_CHARS = 256 * 1024   # of compiled grammar text a request may bring
-# JSON's whitespace between tokens: spaces, or one line break and an indentation of at most
-# 32. Free whitespace lets a small model emit line breaks until max_tokens (seen: thousands
-# at temperature 0.8); a schema's own "x-guidance" options may say otherwise.
-JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x09]+|\x0D?\x0A[\x20\x09]{0,32}"}
+# JSON's whitespace between tokens: up to 32 spaces or tabs, or one line break and an
+# indentation of at most 32. Free whitespace lets a small model emit line breaks until
+# max_tokens (seen: thousands at temperature 0.8). A schema whose own "x-guidance" options
+# set its whitespace keeps them.
+JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x09]{1,32}|\x0D?\x0A[\x20\x09]{0,32}"}
+WHITESPACE_OPTIONS = ("whitespace_flexible", "whitespace_pattern", "item_separator", "key_separator")
 
 
 def grammar_from(kind: str, value: Any) -> str:
@@ -40,6 +42,9 @@ def grammar_from(kind: str, value: Any) -> str:
             value = json.loads(value)
         if not isinstance(value, dict):
             raise ValueError("a JSON schema must be an object")
+        own = value.get("x-guidance")
+        if isinstance(own, dict) and any(key in own for key in WHITESPACE_OPTIONS):
+            return LLMatcher.grammar_from_json_schema(value)
         return LLMatcher.grammar_from_json_schema(value, JSON_OPTIONS)
     if kind == "regex":
         return LLMatcher.grammar_from_regex(value)

@@ -80,10 +80,15 @@ def test_constraints_compile_or_say_why(tree_engine):
         tree_engine.structured.grammar(grammar_from("grammar", "start: ("))
     tokenizer = tree_engine.tokenizer
     for text, ok in [('{\n  "a": 1,\n  "b": [1, 2]\n}', True), ('{"a":1,"b":[]}', True), ('{ "a" : 1 }', True),
-                     ('{\n\n  "a": 1}', False), ('{\n' + ' ' * 40 + '"a": 1}', False)]:   # no runaway whitespace
+                     ('{\n\n  "a": 1}', False), ('{\n' + ' ' * 40 + '"a": 1}', False),   # no runaway whitespace
+                     ('{' + ' ' * 40 + '"a": 1}', False), ('{' + ' ' * 32 + '"a": 1}', True)]:
         ids = tokenizer.encode(text)
         matcher = tree_engine.structured.grammar(grammar_from("json_object", None)).matcher
         assert (matcher.validate_tokens(ids) == len(ids)) == ok, text
+    compact = grammar_from("json_schema", {"type": "object", "x-guidance": {"whitespace_flexible": False}})
+    for text, ok in [('{"a":1}', True), ('{"a": 1}', False)]:   # a schema's own whitespace options hold
+        ids = tokenizer.encode(text)
+        assert (tree_engine.structured.grammar(compact).matcher.validate_tokens(ids) == len(ids)) == ok, text
 
 
 CASES = [("Describe a person as JSON.", "json_schema", PERSON),
