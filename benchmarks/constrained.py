@@ -1,12 +1,12 @@
 """Speculation under penalties and grammars: does it still pay, and what do they cost a step?
 
     python -m benchmarks.constrained [--prompts 8] [--max-tokens 128] [--variants none,penalties,json]
-                                     [--int8-linear]
+                                     [--concurrency 1] [--int8-linear]
 
 One engine (the server's defaults: adaptive speculation; the prefix cache off, so every
-variant computes its prompts), requests one at a time, greedy. Per variant, the same
-requests with speculation on and off (`speculate: false`, one token a step), alternated
-prompt by prompt:
+variant computes its prompts), greedy, --concurrency requests at a time (a group of that
+many prompts submitted together). Per variant, the same requests with speculation on and off
+(`speculate: false`, one token a step), alternated group by group:
 
 - none: the evaluation prompts, EOS ignored;
 - penalties: the same with frequency 0.5, presence 0.5 and repetition 1.1;
@@ -42,8 +42,8 @@ RECORD = {"type": "object", "additionalProperties": False, "required": ["name", 
 PENALTIES = dict(frequency_penalty=0.5, presence_penalty=0.5, repetition_penalty=1.1)
 
 
-def run(engine: LLMEngine, ids: list[int], params: SamplingParams) -> tuple[int, int, float, float]:
-    """(tokens, steps, seconds, seconds changing logits) for one request alone."""
+def run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> tuple[int, int, float, float]:
+    """(tokens, steps, seconds, seconds changing logits) for the prompts submitted together."""
     runner, spent = engine.runner, [0.0]
     process = runner._process_logits
 
@@ -54,7 +54,8 @@ def run(engine: LLMEngine, ids: list[int], params: SamplingParams) -> tuple[int,
 
     runner._process_logits = timed
     try:
-        engine.add_request("r", ids, params)
+        for i, ids in enumerate(prompts):
+            engine.add_request(f"r{i}", ids, params)
         tokens = steps = 0
         started = time.perf_counter()
         while engine.has_unfinished_requests():
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--variants", default="none,penalties,json")
+    parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--int8-linear", action="store_true")
     args = parser.parse_args()
     engine = LLMEngine(EngineConfig(int8_linear=args.int8_linear, prefix_caching=False))
@@ -81,16 +83,16 @@ def main() -> None:
                 "json": (records, {"grammar": grammar})}
     variants = {name: variants[name] for name in args.variants.split(",")}
     totals = {(name, spec): [0, 0, 0.0, 0.0] for name in variants for spec in (True, False)}
-    run(engine, chat[0], SamplingParams(max_tokens=8, temperature=0.0))   # warm-up
-    for i in range(args.prompts):
+    run(engine, chat[:1], SamplingParams(max_tokens=8, temperature=0.0))   # warm-up
+    for g, first in enumerate(range(0, args.prompts, args.concurrency)):
         for name, (prompts, extra) in variants.items():
-            for spec in ((True, False) if i % 2 == 0 else (False, True)):
+            for spec in ((True, False) if g % 2 == 0 else (False, True)):
                 params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, speculate=spec, **extra)
-                result = run(engine, prompts[i], params)
+                result = run(engine, prompts[first:first + args.concurrency], params)
                 totals[name, spec] = [a + b for a, b in zip(totals[name, spec], result)]
     print(f"# {date.today()} {platform.node()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{'int8' if args.int8_linear else 'exact'} linear layers, {args.prompts} prompts x up to {args.max_tokens} "
-          f"tokens, greedy, 1 at a time")
+          f"tokens, greedy, {args.concurrency} at a time")
     print("| requests | speculation | tokens/s | tokens a step | ms a step | logits changes ms a step | spec / plain |")
     print("|---|---|---|---|---|---|---|")
     for name in variants:

@@ -12,7 +12,7 @@ import torch
 
 from models.attention import KVCache, TorchAttention, build_metadata
 from models.llama import LlamaForCausalLM
-from server.logits_processor import TokenCounts, changes_logits, process_logits
+from server.logits_processor import Job, TokenCounts, changes_logits, process_logits
 from server.sampler import make_generator, pick
 from server.sampling_params import SamplingParams
 from server.structured import Grammar
@@ -56,7 +56,7 @@ def generate_stream(model: LlamaForCausalLM, prompt_ids: list[int], params: Samp
             grammar.mask(logits, [0], [()])
         if counts is not None:
             counts.update(prompt_ids, tokens, logits.shape[1], device)
-            process_logits(logits, [0], [()], params, counts, frozenset(stop_ids))
+            process_logits(logits, [Job([0], [()], params, counts, frozenset(stop_ids))])
         token = int(pick(logits, params, generator)[0])
         yield token
         if token in stop_ids or (grammar is not None and grammar.advance(token)):

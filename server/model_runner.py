@@ -19,7 +19,7 @@ from models.heads import MedusaHeads
 from models.llama import LlamaForCausalLM
 from server.acceptance import accept_greedy, accept_rejection, accept_typical, typical_verdicts
 from server.drafter import Draft, Drafter
-from server.logits_processor import changes_logits, process_logits
+from server.logits_processor import Job, changes_logits, process_logits
 from server.outputs import TokenLogprob
 from server.sampler import greedy_tokens, pick, probabilities, sample, token_logprobs
 from server.scheduler import SchedulerOutput, ScheduledSequence
@@ -169,6 +169,7 @@ class ModelRunner:
         """Each request's grammar mask (server/structured.py), then its logit_bias, min_tokens
         and penalties (server/logits_processor.py), on the rows that choose its tokens: a tree
         node's from its own path."""
+        jobs = []
         for item, row in zip(items, first_logit):
             seq, n = item.seq, item.num_new_tokens
             if seq.grammar is None and not changes_logits(seq.params):
@@ -188,7 +189,9 @@ class ModelRunner:
             if changes_logits(params):
                 seq.token_counts.update(seq.prompt_ids, seq.token_ids, logits.shape[1], logits.device)
                 stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
-                process_logits(logits, rows, paths, params, seq.token_counts, stop_ids)
+                jobs.append(Job(rows, paths, params, seq.token_counts, stop_ids))
+        if jobs:
+            process_logits(logits, jobs)
 
     @staticmethod
     def _score(scored: list[tuple[StepResult, list[int], int]], logits: torch.Tensor) -> None:

@@ -10,7 +10,7 @@ from engine_helpers import chat_ids, reference, run_to_completion
 from server import metrics
 from server.config import EngineConfig
 from server.engine import LLMEngine
-from server.logits_processor import TokenCounts, changes_logits, process_logits
+from server.logits_processor import Job, TokenCounts, changes_logits, process_logits
 from server.sampling_params import SamplingParams
 
 VOCAB = 40
@@ -56,7 +56,7 @@ def test_every_row_is_changed_as_its_own_context_says(seed):
     expected = logits.clone()
     for row, path in zip(rows, paths):
         expected[row] = brute_force(logits[row], prompt, output + list(path), params)
-    process_logits(logits, rows, paths, params, counts, STOP)
+    process_logits(logits, [Job(rows, paths, params, counts, STOP)])
     assert torch.allclose(logits, expected, rtol=1e-6, atol=1e-5) and torch.equal(logits.isinf(), expected.isinf())
 
 
@@ -68,10 +68,33 @@ def test_untouched_rows_and_a_plain_row_equal_the_same_row_in_a_tree():
     counts.update([1, 2, 3], [1, 2, 3, 4, 4, 5], VOCAB, "cpu")
     base = torch.randn(3, VOCAB)
     plain, tree = base.clone(), base.clone()
-    process_logits(plain, [0], [()], params, counts, STOP)
-    process_logits(tree, [0, 1], [(), (9,)], params, counts, STOP)
+    process_logits(plain, [Job([0], [()], params, counts, STOP)])
+    process_logits(tree, [Job([0, 1], [(), (9,)], params, counts, STOP)])
     assert torch.equal(plain[0], tree[0]) and torch.equal(tree[2], base[2])
     assert not changes_logits(SamplingParams()) and changes_logits(SamplingParams(min_tokens=1))
+
+
+def test_requests_changed_together_get_the_bits_they_get_alone():
+    """A step changes all its requests' rows at once: each row as it would be alone, whatever
+    the others ask (a penalty of 0, or 1 for repetition, changes no bit of theirs)."""
+    rng = random.Random(7)
+    jobs = []
+    for k, params in enumerate([SamplingParams(max_tokens=64, frequency_penalty=0.8),
+                                SamplingParams(max_tokens=64, repetition_penalty=1.4, presence_penalty=-0.3),
+                                SamplingParams(max_tokens=64, logit_bias=((3, 2.0),), min_tokens=20)]):
+        counts = TokenCounts()
+        prompt = [rng.randrange(VOCAB) for _ in range(6)]
+        counts.update(prompt, prompt + [rng.randrange(VOCAB) for _ in range(8)], VOCAB, "cpu")
+        paths = [(), (rng.randrange(VOCAB),)]
+        paths.append(paths[1] + (rng.randrange(VOCAB),))
+        jobs.append(Job([3 * k, 3 * k + 1, 3 * k + 2], paths, params, counts, STOP))
+    logits = torch.randn(9, VOCAB) * 4
+    together = logits.clone()
+    process_logits(together, jobs)
+    for job in jobs:
+        alone = logits.clone()
+        process_logits(alone, [job])
+        assert torch.equal(together[job.rows], alone[job.rows])
 
 
 @pytest.mark.parametrize("field, value", [("presence_penalty", 2.5), ("frequency_penalty", -3.0),
