@@ -20,6 +20,7 @@ from models.llama import LlamaForCausalLM
 from server.acceptance import accept_greedy, accept_rejection, accept_typical, typical_verdicts
 from server.drafter import Draft, Drafter
 from server.logits_processor import Job, changes_logits, process_logits
+from server.structured import apply_masks, masks
 from server.outputs import TokenLogprob
 from server.sampler import greedy_tokens, pick, probabilities, sample, token_logprobs
 from server.scheduler import SchedulerOutput, ScheduledSequence
@@ -169,7 +170,7 @@ class ModelRunner:
         """Each request's grammar mask (server/structured.py), then its logit_bias, min_tokens
         and penalties (server/logits_processor.py), on the rows that choose its tokens: a tree
         node's from its own path."""
-        jobs = []
+        jobs, masked, grammars = [], [], []   # grammars: (grammar, its paths, its first row in masked)
         for item, row in zip(items, first_logit):
             seq, n = item.seq, item.num_new_tokens
             if seq.grammar is None and not changes_logits(seq.params):
@@ -185,11 +186,17 @@ class ModelRunner:
                     paths.append(paths[tree.parents[node]] + (tokens[node],))
             params = seq.params
             if seq.grammar is not None:
-                seq.grammar.mask(logits, rows, paths)
+                grammars.append((seq.grammar, paths, len(masked)))
+                masked += rows
             if changes_logits(params):
                 seq.token_counts.update(seq.prompt_ids, seq.token_ids, logits.shape[1], logits.device)
                 stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
                 jobs.append(Job(rows, paths, params, seq.token_counts, stop_ids))
+        if grammars:   # first: min_tokens reads what a grammar left
+            bits = masks(len(masked), logits.shape[1])
+            for grammar, paths, start in grammars:
+                grammar.fill(bits[start:start + len(paths)], paths)
+            apply_masks(logits, masked, bits)
         if jobs:
             process_logits(logits, jobs)
 

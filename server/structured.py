@@ -137,26 +137,42 @@ class Grammar:
 
     def mask(self, logits: torch.Tensor, rows: list[int], paths: list[tuple[int, ...]]) -> None:
         """Forbid, on logits row rows[j], what the grammar forbids after the output and then
-        paths[j] (drafted tokens). A row whose path the grammar already forbids keeps its
-        logits: its node cannot be kept (its parent's row forbids it), so the row is never
-        read. A row the grammar leaves nothing to (it failed) keeps them too: the token it
-        gives ends the request with the grammar's error."""
-        bits = torch.full((len(rows), self.words), -1, dtype=torch.int32)   # -1: every token allowed
+        paths[j] (drafted tokens)."""
+        bits = masks(len(rows), logits.shape[1])
+        self.fill(bits, paths)
+        apply_masks(logits, rows, bits)
+
+    def fill(self, bits: torch.Tensor, paths: list[tuple[int, ...]]) -> None:
+        """bits[j] (from `masks`): the tokens the grammar allows after the output and then
+        paths[j]. A row whose path the grammar already forbids allows everything: its node
+        cannot be kept (its parent's row forbids it), so the row is never read."""
         for j, path in enumerate(paths):
             followed = self.matcher.try_consume_tokens(list(path)) if path else 0
             if followed == len(path):
                 self.matcher.unsafe_compute_mask_ptr(bits[j].data_ptr(), self.words * 4)
             if followed:
                 self.matcher.rollback(followed)
-        bits[(bits == 0).all(dim=1)] = -1
-        allowed = _unpack(bits, logits.shape[1], logits.device)
-        first = rows[0]
-        if rows == list(range(first, first + len(rows))):   # a tree's rows: a view
-            view = logits[first:first + len(rows)]
-            torch.where(allowed, view, _NEG_INF.to(view.device, view.dtype), out=view)
-        else:
-            index = torch.tensor(rows, device=logits.device)
-            logits[index] = torch.where(allowed, logits[index], _NEG_INF.to(logits.device, logits.dtype))
+
+
+def masks(rows: int, vocab_size: int) -> torch.Tensor:
+    """Packed masks for `rows` rows, every token allowed: bit t % 32 of word t // 32 is token t."""
+    return torch.full((rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
+
+
+def apply_masks(logits: torch.Tensor, rows: list[int], bits: torch.Tensor) -> None:
+    """Forbid on logits row rows[j] the tokens bits[j] does not allow (the step's grammar rows
+    at once: one unpacking, one `torch.where`). A row a grammar leaves nothing to (it failed)
+    keeps its logits: the token it gives ends the request with the grammar's error."""
+    bits[(bits == 0).all(dim=1)] = -1
+    allowed = _unpack(bits, logits.shape[1], logits.device)
+    neg_inf = _NEG_INF.to(logits.device, logits.dtype)
+    first = rows[0]
+    if rows == list(range(first, first + len(rows))):   # a tree's rows, or consecutive ones: a view
+        view = logits[first:first + len(rows)]
+        torch.where(allowed, view, neg_inf, out=view)
+    else:
+        index = torch.tensor(rows, device=logits.device)
+        logits[index] = torch.where(allowed, logits[index], neg_inf)
 
 
 _NEG_INF = torch.tensor(float("-inf"))
