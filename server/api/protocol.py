@@ -82,7 +82,11 @@ class SamplingRequest(APIModel):
 
     def constraint(self) -> tuple[str, str, Any] | None:
         """The structured-output constraint asked for, as (param, kind, value) for
-        server/structured.py's grammar_from, or None."""
+        server/structured.py's grammar_from, or None (more than one is `unsupported`)."""
+        asked = self._constraints()
+        return asked[0] if asked else None
+
+    def _constraints(self) -> list[tuple[str, str, Any]]:
         asked = [(name, kind, value) for name, kind, value in (
             ("guided_json", "json_schema", self.guided_json), ("guided_regex", "regex", self.guided_regex),
             ("guided_choice", "choice", self.guided_choice), ("guided_grammar", "grammar", self.guided_grammar))
@@ -91,17 +95,14 @@ class SamplingRequest(APIModel):
         if fmt is not None and fmt.type != "text":
             schema = fmt.json_schema.json_schema if fmt.json_schema is not None else None
             asked.insert(0, ("response_format", fmt.type, schema))
-        return asked[0] if asked else None
+        return asked
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for a field we accept in the schema but cannot honour."""
         fmt = self.response_format
         if fmt is not None and fmt.type == "json_schema" and (fmt.json_schema is None or fmt.json_schema.json_schema is None):
             return "response_format", "response_format json_schema needs json_schema.schema"
-        constraints = [name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
-                       if getattr(self, name) is not None]
-        if fmt is not None and fmt.type != "text":
-            constraints.insert(0, "response_format")
+        constraints = [name for name, _, _ in self._constraints()]
         if len(constraints) > 1:
             return constraints[1], f"ask for one structured output at a time, not {' and '.join(constraints)}"
         if len(self.stop_list) > MAX_STOP:
