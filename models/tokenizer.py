@@ -52,11 +52,22 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(self.hf.chat_template)
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        """Token ids of the conversation followed by the assistant's turn opening."""
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template shows the model a `tools` list (else server/api/tools.py
+        describes them in a system message)."""
+        return "tools" in str(self.hf.chat_template or "")
+
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of the conversation followed by the assistant's turn opening. A template
+        that refuses the conversation (its own checks, a missing field) raises ValueError."""
+        from jinja2 import TemplateError
         if not self.has_chat_template:
             raise ValueError("this model has no chat template; use /v1/completions instead")
-        out = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        try:
+            out = self.hf.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
+        except (TemplateError, TypeError, KeyError) as e:
+            raise ValueError(f"the chat template cannot render these messages: {e}") from e
         return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 

@@ -13,13 +13,15 @@ from server.api.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChun
 from server.api.serving import (ENGINE_ERRORS, Batch, Serving, collect, first_output, new_request_id, record,
                                 to_api_error)
 from server.api.streams import SSE_DONE, SSEResponse, prepend, sse
+from server.api.tools import ChoiceStream, finish_reason, parse_calls, template_messages
 from server.outputs import RequestOutput
 
 
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, serving: Serving) -> Response:
     model = serving.check_model(body)
+    tokenizer = serving.llm.tokenizer
     try:
-        prompt_ids = serving.llm.tokenizer.apply_chat_template([m.as_template_message() for m in body.messages])
+        prompt_ids = tokenizer.apply_chat_template(*template_messages(body, tokenizer.renders_tools))
     except ValueError as e:
         raise bad_request(str(e), param="messages") from e
     max_tokens = serving.check_context(len(prompt_ids), body.requested_max_tokens, "messages")
@@ -32,30 +34,33 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     outputs = serving.submit(batch, params)
     if body.stream:
         first = await first_output(request, outputs)
-        events = chat_events(first, outputs, batch, model, body.include_usage, request, formatter)
+        events = chat_events(first, outputs, batch, model, body, request, formatter)
         return SSEResponse(events, headers={"X-Request-Id": batch.request_id})
 
     await collect(request, batch, outputs)
-    response = ChatCompletionResponse(
-        id=batch.request_id, model=model,
-        choices=[ChatChoice(index=i, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason,
-                            logprobs=formatter.chat(c.token_ids, c.logprobs) if formatter else None)
-                 for i, c in enumerate(batch.choices)],
-        usage=batch.usage)
+    choices = []
+    for i, c in enumerate(batch.choices):
+        content, calls = parse_calls(body, c.text)
+        choices.append(ChatChoice(index=i, message=ChatResponseMessage(content=content, tool_calls=calls or None),
+                                  finish_reason=finish_reason(c.finish_reason, calls),
+                                  logprobs=formatter.chat(c.token_ids, c.logprobs) if formatter else None))
+    response = ChatCompletionResponse(id=batch.request_id, model=model, choices=choices, usage=batch.usage)
     return JSONResponse(response.model_dump(), headers={"X-Request-Id": batch.request_id})
 
 
 async def chat_events(first: tuple[int, RequestOutput], rest: AsyncIterator[tuple[int, RequestOutput]],
-                      batch: Batch, model: str, include_usage: bool, request: Request,
+                      batch: Batch, model: str, body: ChatCompletionRequest, request: Request,
                       formatter: LogprobFormatter | None = None) -> AsyncIterator[str]:
-    """SSE: a role chunk per choice, content deltas, a finish chunk per choice, usage, [DONE].
-    With logprobs, a content or finish chunk carries those of the tokens since the last one."""
+    """SSE: a role chunk per choice, content (or tool call) deltas, a finish chunk per choice,
+    usage, [DONE]. With logprobs, a delta or finish chunk carries those of the tokens since the
+    last one."""
     def chunk(index: int, delta: DeltaMessage, finish_reason: str | None = None, logprobs: bool = False) -> str:
         choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason,
                                  logprobs=formatter.chat(*batch.choices[index].unsent_logprobs())
                                  if formatter and logprobs else None)
         return sse(ChatCompletionChunk(id=batch.request_id, model=model, choices=[choice]))
 
+    streams = [ChoiceStream(body) for _ in batch.choices]
     try:
         for i in range(len(batch.choices)):
             yield chunk(i, DeltaMessage(role="assistant", content=""))
@@ -66,12 +71,16 @@ async def chat_events(first: tuple[int, RequestOutput], rest: AsyncIterator[tupl
             if failure is not None:
                 yield sse(failure.body())
                 break
-            if out.text:
-                yield chunk(i, DeltaMessage(content=out.text), logprobs=True)
+            delta = streams[i].add(out.text)
+            if delta is not None:
+                yield chunk(i, delta, logprobs=True)
             if out.is_finished:
-                yield chunk(i, DeltaMessage(), out.finish_reason, logprobs=True)
+                delta = streams[i].finish()
+                if delta is not None:
+                    yield chunk(i, delta, logprobs=True)
+                yield chunk(i, DeltaMessage(), streams[i].finish_reason(out.finish_reason), logprobs=True)
         else:
-            if include_usage:
+            if body.include_usage:
                 usage = batch.usage
                 yield sse(ChatCompletionChunk(id=batch.request_id, model=model, choices=[], usage=usage))
         yield SSE_DONE

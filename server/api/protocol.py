@@ -193,17 +193,58 @@ class TextPart(APIModel):
     text: str
 
 
+class FunctionDefinition(APIModel):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None   # a JSON schema; none: no arguments
+    strict: bool | None = None
+
+
+class ChatTool(APIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        """Its arguments' schema; without one the function takes no arguments (OpenAI's rule)."""
+        if self.function.parameters is None:
+            return {"type": "object", "properties": {}, "additionalProperties": False}
+        return self.function.parameters
+
+
+class FunctionName(APIModel):
+    name: str
+
+
+class NamedToolChoice(APIModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(APIModel):
+    name: str
+    arguments: str   # JSON text, as the model wrote it
+
+
+class ToolCall(APIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(APIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None   # an assistant's earlier calls
+    tool_call_id: str | None = None            # a tool's result: the call it answers
 
-    def as_template_message(self) -> dict[str, str]:
+    @property
+    def text(self) -> str:
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
-        role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        return content or ""
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -212,17 +253,56 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @property
     def requested_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    @property
+    def tool_mode(self) -> str:
+        """"none", "auto", "required" or "named" (server/api/tools.py)."""
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return "named"
+        return choice or ("auto" if self.tools else "none")
+
+    @property
+    def called_tools(self) -> list[ChatTool]:
+        """The tools the model may call: all, the named one, or none."""
+        mode = self.tool_mode
+        if mode == "none":
+            return []
+        if mode == "named":
+            return [t for t in self.tools or () if t.function.name == self.tool_choice.function.name]
+        return list(self.tools or ())
+
+    def _constraints(self) -> list[tuple[str, str, Any]]:
+        asked = super()._constraints()
+        mode = self.tool_mode
+        if mode == "named" and self.called_tools:   # the output is the function's arguments
+            asked.insert(0, ("tool_choice", "json_schema", self.called_tools[0].parameters))
+        elif mode == "required" and self.tools:   # the output is a list of calls
+            calls = {"type": "array", "minItems": 1, "items": {"anyOf": [
+                {"type": "object", "properties": {"name": {"const": t.function.name}, "arguments": t.parameters},
+                 "required": ["name", "arguments"], "additionalProperties": False} for t in self.tools]}}
+            if not self.parallel_tool_calls:
+                calls["maxItems"] = 1
+            asked.insert(0, ("tool_choice", "json_schema", calls))
+        return asked
+
     def unsupported(self) -> tuple[str, str] | None:
         if self.top_logprobs and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs set to true"
-        if self.tools:
-            return "tools", "tools are not supported by this server"
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) < len(names):
+            return "tools", "tools name a function twice"
+        if self.tool_mode in ("required", "named") and not self.tools:
+            return "tool_choice", f"tool_choice {self.tool_mode!r} needs tools"
+        if self.tool_mode == "named" and not self.called_tools:
+            return "tool_choice", f"tool_choice names {self.tool_choice.function.name!r}, which is not among the tools"
         return super().unsupported()
 
     @property
@@ -279,7 +359,15 @@ class CompletionResponse(BaseModel):
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _calls_only_when_made(self, handler) -> dict[str, Any]:
+        out = handler(self)
+        if self.tool_calls is None:
+            out.pop("tool_calls", None)
+        return out
 
 
 class TopLogprob(BaseModel):
@@ -313,14 +401,35 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
+class DeltaFunction(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A streamed call: its first delta carries the id, type and name, later ones more arguments."""
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+
+    @model_serializer(mode="wrap")
+    def _without_nones(self, handler) -> dict[str, Any]:
+        out = {k: v for k, v in handler(self).items() if v is not None}
+        out["function"] = {k: v for k, v in out["function"].items() if v is not None}
+        return out
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
-    @model_serializer
-    def _without_nones(self) -> dict[str, str]:
-        # A chunk's delta carries only what changed: {"role": ...} first, then {"content": ...}, then {}.
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+    @model_serializer(mode="wrap")
+    def _without_nones(self, handler) -> dict[str, Any]:
+        # A chunk's delta carries only what changed: {"role": ...} first, then {"content": ...}
+        # or {"tool_calls": [...]}, then {}.
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatChunkChoice(BaseModel):

@@ -21,6 +21,7 @@ class FakeTokenizer:
     vocab_size = len(WORDS)
     eos_token_ids = frozenset({0})
     has_chat_template = True
+    renders_tools = False
 
     def encode(self, text: str) -> list[int]:
         return [self.WORDS.index(w) if w in self.WORDS else 1 for w in text.split()]
@@ -28,7 +29,7 @@ class FakeTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return "".join(" " + self.WORDS[i] for i in ids)
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         return self.encode(" ".join(m["content"] for m in messages)) or [1]
 
 

@@ -1,0 +1,219 @@
+"""Tool (function) calling on /v1/chat/completions: OpenAI's `tools`, `tool_choice` and
+`parallel_tool_calls`.
+
+- **What the model sees.** A chat template that renders `tools` (Qwen2.5's, Hermes',
+  Llama 3.1's...) gets them, and the conversation's earlier calls and results in Hugging
+  Face's message format. A template without (SmolLM2's) gets a system message instead: the
+  functions' schemas and how to call one, in the format below; earlier calls are written
+  into their assistant turns in that format. With tool_choice "none" the model sees no tools.
+- **How a call is written.** `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
+  (Hermes' format, which Qwen2.5 and many other models are trained to write).
+- **"auto"** (the default with tools): the model decides; its text is parsed for calls
+  afterwards. A stream sends text until a call may begin (a `<tool_call>` or a piece of one
+  at the end) and the calls when the answer is done.
+- **"required" and a named function**: the output is constrained by a JSON-schema grammar
+  (server/structured.py; built in protocol.ChatCompletionRequest._constraints): a named
+  function's arguments, or a list of `{"name", "arguments"}` calls. The calls then always
+  parse and follow their functions' parameter schemas. A named call's arguments stream as
+  they are written.
+
+A message that carries calls finishes with "tool_calls" (or "length" when cut short).
+"""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+from server.api.protocol import (ChatCompletionRequest, ChatMessage, ChatTool, DeltaFunction, DeltaMessage, DeltaToolCall,
+                                 FunctionCall, ToolCall)
+
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+_CALL = re.compile(re.escape(CALL_OPEN) + r"(.*?)(?:" + re.escape(CALL_CLOSE) + r"|$)", re.DOTALL)
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _arguments(text: str) -> Any:
+    """A call's arguments as the template expects them: a JSON object where they are one."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    return value if isinstance(value, dict) else text
+
+
+def _written_call(call: ToolCall) -> str:
+    body = {"name": call.function.name, "arguments": _arguments(call.function.arguments)}
+    return f"{CALL_OPEN}{json.dumps(body, ensure_ascii=False)}{CALL_CLOSE}"
+
+
+def tools_prompt(tools: list[ChatTool]) -> str:
+    """The system message that tells a model whose template cannot show tools what it may call."""
+    schemas = "\n".join(json.dumps(t.function.model_dump(exclude_none=True), ensure_ascii=False) for t in tools)
+    return ("You may call functions to help with the user's request. The functions, as JSON schemas:\n"
+            f"{schemas}\n"
+            f'To call a function, reply with {CALL_OPEN}{{"name": <the function\'s name>, "arguments": '
+            f"<its arguments as a JSON object>}}{CALL_CLOSE}, one such line per call. Each call's result "
+            "comes back in a message from the tool.")
+
+
+def template_messages(body: ChatCompletionRequest, renders_tools: bool) -> tuple[list[dict[str, Any]], list | None]:
+    """The conversation as the chat template takes it, and the tools to pass the template
+    (None: none, or written into a system message because the template cannot show them)."""
+    tools = body.called_tools if body.tool_mode != "none" else []
+    messages = [_template_message(m, renders_tools) for m in body.messages]
+    if not tools:
+        return messages, None
+    if renders_tools:
+        return messages, [t.model_dump(exclude_none=True) for t in tools]
+    prompt = tools_prompt(tools)
+    if messages[0]["role"] == "system":
+        messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n\n{prompt}"}
+    else:
+        messages.insert(0, {"role": "system", "content": prompt})
+    return messages, None
+
+
+def _template_message(message: ChatMessage, renders_tools: bool) -> dict[str, Any]:
+    role = "system" if message.role == "developer" else message.role
+    out: dict[str, Any] = {"role": role, "content": message.text}
+    if message.tool_calls:
+        if renders_tools:
+            out["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in message.tool_calls]
+        else:
+            out["content"] = "\n".join([message.text] * bool(message.text) + [_written_call(c) for c in message.tool_calls])
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        out["name"] = message.name
+    return out
+
+
+def parse_calls(body: ChatCompletionRequest, text: str) -> tuple[str | None, list[ToolCall]]:
+    """A finished answer -> (its content, the calls it makes); content None when the answer
+    is only calls. Text that holds no well-formed call is all content."""
+    mode = body.tool_mode
+    if mode == "none":
+        return text, []
+    if mode == "named":   # the constrained output is the arguments
+        return None, [ToolCall(id=new_call_id(), function=FunctionCall(name=body.called_tools[0].function.name,
+                                                                        arguments=text.strip()))]
+    if mode == "required":   # a constrained list of calls
+        try:
+            written = json.loads(text)
+        except json.JSONDecodeError:   # cut short by max_tokens
+            return text, []
+        return (None, [_call(c) for c in written]) if isinstance(written, list) else (text, [])
+    calls, content = [], []
+    last = 0
+    for match in _CALL.finditer(text):
+        try:
+            written = json.loads(match.group(1))
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(written, dict) or not isinstance(written.get("name"), str):
+            continue
+        calls.append(_call(written))
+        content.append(text[last:match.start()])
+        last = match.end()
+    if not calls:
+        return text, []
+    if not body.parallel_tool_calls:
+        calls = calls[:1]
+    content = ("".join(content) + text[last:]).strip()
+    return content or None, calls
+
+
+def _call(written: dict[str, Any]) -> ToolCall:
+    arguments = written.get("arguments", written.get("parameters", {}))
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return ToolCall(id=new_call_id(), function=FunctionCall(name=written["name"], arguments=arguments))
+
+
+def finish_reason(reason: str | None, calls: list[ToolCall]) -> str | None:
+    """A message that makes calls finishes with "tool_calls", unless cut short."""
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
+class HeldText:
+    """Streaming under tool_choice "auto": passes text on until a call may begin, then holds
+    the rest for parse_calls at the end."""
+
+    def __init__(self):
+        self.text = ""
+        self.sent = 0   # text[:sent] went out as content
+        self.holding = False
+
+    def add(self, delta: str) -> str:
+        """The next text -> the part that can go out as content now."""
+        self.text += delta
+        if self.holding:
+            return ""
+        start = self.text.find(CALL_OPEN, self.sent)
+        if start >= 0:
+            self.holding = True
+            end = start
+        else:   # keep back an end that may be the start of a call
+            end = len(self.text) - next((n for n in range(len(CALL_OPEN) - 1, 0, -1)
+                                         if self.text.endswith(CALL_OPEN[:n])), 0)
+        end = max(end, self.sent)
+        out, self.sent = self.text[self.sent:end], end
+        return out
+
+    def rest(self) -> str:
+        """What was held back (at the end of the answer)."""
+        return self.text[self.sent:]
+
+
+class ChoiceStream:
+    """One streamed choice's deltas under its request's tool mode: content as it comes
+    ("none"), a named call's arguments as they are written, or ("auto", "required") content
+    up to where calls may begin and the calls at the end."""
+
+    def __init__(self, body: ChatCompletionRequest):
+        self.body = body
+        self.mode = body.tool_mode
+        self.held = HeldText()
+        self.held.holding = self.mode == "required"   # all of it is calls: nothing streams before the end
+        self.named_id: str | None = None
+        self.made_calls = False
+
+    def add(self, text: str) -> DeltaMessage | None:
+        if self.mode == "none":
+            return DeltaMessage(content=text) if text else None
+        if self.mode == "named":
+            return self._named(text) if text or self.named_id is None else None
+        out = self.held.add(text)
+        return DeltaMessage(content=out) if out else None
+
+    def _named(self, arguments: str) -> DeltaMessage:
+        if self.named_id is None:   # the call's first delta: its id and name
+            self.named_id, self.made_calls = new_call_id(), True
+            name = self.body.called_tools[0].function.name
+            return DeltaMessage(tool_calls=[DeltaToolCall(index=0, id=self.named_id, type="function",
+                                                          function=DeltaFunction(name=name, arguments=arguments))])
+        return DeltaMessage(tool_calls=[DeltaToolCall(index=0, function=DeltaFunction(arguments=arguments))])
+
+    def finish(self) -> DeltaMessage | None:
+        """What was held back, at the end of the answer: content and the calls it makes."""
+        if self.mode == "none" or (self.mode == "named" and self.named_id is not None):
+            return None
+        if self.mode == "named":   # no text came at all
+            return self._named("")
+        content, calls = parse_calls(self.body, self.held.rest())
+        if not calls:
+            return DeltaMessage(content=content) if content else None
+        self.made_calls = True
+        return DeltaMessage(content=content, tool_calls=[
+            DeltaToolCall(index=k, id=c.id, type="function",
+                          function=DeltaFunction(name=c.function.name, arguments=c.function.arguments))
+            for k, c in enumerate(calls)])
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        return "tool_calls" if self.made_calls and reason == "stop" else reason
