@@ -62,8 +62,8 @@ async def chat_events(first: tuple[int, RequestOutput], rest: AsyncIterator[tupl
 
     streams = [ChoiceStream(body) for _ in batch.choices]
     try:
-        for i in range(len(batch.choices)):
-            yield chunk(i, DeltaMessage(role="assistant", content=""))
+        for i, stream in enumerate(streams):
+            yield chunk(i, stream.opening())
         async for i, out in prepend(first, rest):
             batch.choices[i].add(out)
             record(request, batch)

@@ -255,7 +255,7 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: bool | None = None   # None: true
 
     @property
     def requested_logprobs(self) -> int | None:
@@ -267,7 +267,14 @@ class ChatCompletionRequest(SamplingRequest):
         choice = self.tool_choice
         if isinstance(choice, NamedToolChoice):
             return "named"
-        return choice or ("auto" if self.tools else "none")
+        if choice == "required":
+            return choice
+        return "auto" if self.tools and choice != "none" else "none"
+
+    @property
+    def parallel(self) -> bool:
+        """Whether one answer may make several calls."""
+        return self.parallel_tool_calls is not False
 
     @property
     def called_tools(self) -> list[ChatTool]:
@@ -285,10 +292,13 @@ class ChatCompletionRequest(SamplingRequest):
         if mode == "named" and self.called_tools:   # the output is the function's arguments
             asked.insert(0, ("tool_choice", "json_schema", self.called_tools[0].parameters))
         elif mode == "required" and self.tools:   # the output is a list of calls
+            # each function's schema keeps its own root for its "#/$defs/..." references (its $id)
             calls = {"type": "array", "minItems": 1, "items": {"anyOf": [
-                {"type": "object", "properties": {"name": {"const": t.function.name}, "arguments": t.parameters},
+                {"type": "object", "properties": {"name": {"const": t.function.name},
+                                                  "arguments": {"$id": f"urn:gorgon:tool:{t.function.name}",
+                                                                **t.parameters}},
                  "required": ["name", "arguments"], "additionalProperties": False} for t in self.tools]}}
-            if not self.parallel_tool_calls:
+            if not self.parallel:
                 calls["maxItems"] = 1
             asked.insert(0, ("tool_choice", "json_schema", calls))
         return asked

@@ -53,7 +53,8 @@ def _written_call(call: ToolCall) -> str:
 
 def tools_prompt(tools: list[ChatTool]) -> str:
     """The system message that tells a model whose template cannot show tools what it may call."""
-    schemas = "\n".join(json.dumps(t.function.model_dump(exclude_none=True), ensure_ascii=False) for t in tools)
+    schemas = "\n".join(json.dumps({**t.function.model_dump(exclude_none=True), "parameters": t.parameters},
+                                   ensure_ascii=False) for t in tools)
     return ("You may call functions to help with the user's request. The functions, as JSON schemas:\n"
             f"{schemas}\n"
             f'To call a function, reply with {CALL_OPEN}{{"name": <the function\'s name>, "arguments": '
@@ -68,8 +69,9 @@ def template_messages(body: ChatCompletionRequest, renders_tools: bool) -> tuple
     messages = [_template_message(m, renders_tools) for m in body.messages]
     if not tools:
         return messages, None
-    if renders_tools:
-        return messages, [t.model_dump(exclude_none=True) for t in tools]
+    if renders_tools:   # (a function without parameters takes an empty object: templates read its properties)
+        return messages, [{"type": "function", "function": {**t.function.model_dump(exclude_none=True),
+                                                             "parameters": t.parameters}} for t in tools]
     prompt = tools_prompt(tools)
     if messages[0]["role"] == "system":
         messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n\n{prompt}"}
@@ -87,53 +89,85 @@ def _template_message(message: ChatMessage, renders_tools: bool) -> dict[str, An
                 "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in message.tool_calls]
         else:
             out["content"] = "\n".join([message.text] * bool(message.text) + [_written_call(c) for c in message.tool_calls])
-    if message.tool_call_id is not None:
-        out["tool_call_id"] = message.tool_call_id
-    if message.name is not None:
-        out["name"] = message.name
+    if role == "tool":   # the call it answers (templates may print either)
+        out.update({k: v for k, v in (("tool_call_id", message.tool_call_id), ("name", message.name)) if v})
     return out
 
 
 def parse_calls(body: ChatCompletionRequest, text: str) -> tuple[str | None, list[ToolCall]]:
     """A finished answer -> (its content, the calls it makes); content None when the answer
-    is only calls. Text that holds no well-formed call is all content."""
+    is only calls. Text that holds no well-formed call of a known function is all content."""
     mode = body.tool_mode
     if mode == "none":
         return text, []
     if mode == "named":   # the constrained output is the arguments
         return None, [ToolCall(id=new_call_id(), function=FunctionCall(name=body.called_tools[0].function.name,
                                                                         arguments=text.strip()))]
+    known = {t.function.name for t in body.called_tools}
     if mode == "required":   # a constrained list of calls
         try:
             written = json.loads(text)
         except json.JSONDecodeError:   # cut short by max_tokens
             return text, []
-        return (None, [_call(c) for c in written]) if isinstance(written, list) else (text, [])
-    calls, content = [], []
-    last = 0
-    for match in _CALL.finditer(text):
-        try:
-            written = json.loads(match.group(1))
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(written, dict) or not isinstance(written.get("name"), str):
-            continue
-        calls.append(_call(written))
-        content.append(text[last:match.start()])
-        last = match.end()
-    if not calls:
-        return text, []
-    if not body.parallel_tool_calls:
+        calls = [_call(c, known) for c in written] if isinstance(written, list) else [None]
+        return (None, calls) if calls and None not in calls else (text, [])
+    calls, parts, last = [], [], 0
+    for start, end, call in _written_calls(text, known):
+        parts.append(text[last:start].rstrip() if not calls else text[last:start].strip())
+        calls.append(call)
+        last = end
+    if not calls:   # a model that answers with a bare call (Llama 3.1's format)
+        call = _bare_call(text, known)
+        return (None, [call]) if call is not None else (text, [])
+    if not body.parallel:
         calls = calls[:1]
-    content = ("".join(content) + text[last:]).strip()
+    content = "".join(parts) + text[last:].lstrip()
     return content or None, calls
 
 
-def _call(written: dict[str, Any]) -> ToolCall:
+def _written_calls(text: str, known: set[str]):
+    """(start, end, call) of each well-formed `<tool_call>{...}</tool_call>` of a known
+    function in text (the closing tag may be missing at the end); the JSON is read as JSON,
+    so a `</tool_call>` inside a string argument does not end it."""
+    decoder, at = json.JSONDecoder(), 0
+    while (start := text.find(CALL_OPEN, at)) >= 0:
+        body = start + len(CALL_OPEN)
+        body += len(text[body:]) - len(text[body:].lstrip())
+        try:
+            written, end = decoder.raw_decode(text, body)
+        except json.JSONDecodeError:
+            at = body
+            continue
+        call = _call(written, known)
+        if call is None:
+            at = end
+            continue
+        rest = text[end:].lstrip()
+        end = len(text) - len(rest) + (len(CALL_CLOSE) if rest.startswith(CALL_CLOSE) else 0)
+        yield start, end, call
+        at = end
+
+
+def _bare_call(text: str, known: set[str]) -> ToolCall | None:
+    try:
+        written = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return _call(written, known)
+
+
+def _call(written: Any, known: set[str]) -> ToolCall | None:
+    """A call as written ({"name", "arguments" or "parameters"}) -> a ToolCall, or None when it
+    names no known function or its arguments are not a JSON object."""
+    if not isinstance(written, dict) or written.get("name") not in known:
+        return None
     arguments = written.get("arguments", written.get("parameters", {}))
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments, ensure_ascii=False)
-    return ToolCall(id=new_call_id(), function=FunctionCall(name=written["name"], arguments=arguments))
+    if isinstance(arguments, str):
+        arguments = _arguments(arguments)
+    if not isinstance(arguments, dict):
+        return None
+    return ToolCall(id=new_call_id(), function=FunctionCall(name=written["name"],
+                                                            arguments=json.dumps(arguments, ensure_ascii=False)))
 
 
 def finish_reason(reason: str | None, calls: list[ToolCall]) -> str | None:
@@ -143,7 +177,9 @@ def finish_reason(reason: str | None, calls: list[ToolCall]) -> str | None:
 
 class HeldText:
     """Streaming under tool_choice "auto": passes text on until a call may begin, then holds
-    the rest for parse_calls at the end."""
+    the rest for parse_calls at the end (an answer that opens with "{" may be a bare call: all
+    of it). Trailing whitespace waits for what follows it, so that the content streamed is
+    the content parse_calls gives the whole answer."""
 
     def __init__(self):
         self.text = ""
@@ -153,6 +189,8 @@ class HeldText:
     def add(self, delta: str) -> str:
         """The next text -> the part that can go out as content now."""
         self.text += delta
+        if not self.sent and self.text.lstrip().startswith("{"):   # the whole answer may be a bare call
+            self.holding = True
         if self.holding:
             return ""
         start = self.text.find(CALL_OPEN, self.sent)
@@ -162,7 +200,8 @@ class HeldText:
         else:   # keep back an end that may be the start of a call
             end = len(self.text) - next((n for n in range(len(CALL_OPEN) - 1, 0, -1)
                                          if self.text.endswith(CALL_OPEN[:n])), 0)
-        end = max(end, self.sent)
+        # and the whitespace before it: parse_calls drops whitespace next to a call
+        end = max(len(self.text[:end].rstrip()), self.sent)
         out, self.sent = self.text[self.sent:end], end
         return out
 
@@ -183,6 +222,10 @@ class ChoiceStream:
         self.held.holding = self.mode == "required"   # all of it is calls: nothing streams before the end
         self.named_id: str | None = None
         self.made_calls = False
+
+    def opening(self) -> DeltaMessage:
+        """The role's delta: content "" where the answer may be text, none where it is calls."""
+        return DeltaMessage(role="assistant", content=None if self.mode in ("named", "required") else "")
 
     def add(self, text: str) -> DeltaMessage | None:
         if self.mode == "none":

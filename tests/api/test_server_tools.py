@@ -62,6 +62,22 @@ def test_required_makes_at_least_one_call(client, model_name):
     assert streamed(client, **kwargs) == (None, calls, "tool_calls")
 
 
+def test_required_follows_a_schemas_own_definitions(client, model_name):
+    """Pydantic writes nested models as "$defs" with "#/$defs/..." references."""
+    book = {"type": "function", "function": {"name": "book_trip", "parameters": {
+        "$defs": {"Place": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                            "required": ["city"], "additionalProperties": False}},
+        "type": "object", "properties": {"to": {"$ref": "#/$defs/Place"}}, "required": ["to"],
+        "additionalProperties": False}}}
+    reply = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Book Rome."}],
+                                           tools=[book], tool_choice="required", parallel_tool_calls=False,
+                                           max_tokens=60, temperature=0)
+    calls = reply.choices[0].message.tool_calls
+    assert len(calls) == 1 and reply.choices[0].finish_reason == "tool_calls"
+    arguments = json.loads(calls[0].function.arguments)
+    assert calls[0].function.name == "book_trip" and list(arguments) == ["to"] and list(arguments["to"]) == ["city"]
+
+
 def test_auto_streams_what_it_answers_whole(client, model_name):
     """Whether the small model calls is its own choice; streamed or not, the answer is the same."""
     kwargs = dict(model=model_name, messages=ASK, tools=[WEATHER], max_tokens=48, temperature=0)

@@ -71,10 +71,72 @@ def test_held_text_streams_everything_before_a_call():
     held, sent = HeldText(), []
     for piece in ["Sure", ". <", "tool", "_ca", "ll>{\"name\"", ": 1}</tool_call>"]:
         sent.append(held.add(piece))
-    assert "".join(sent) == "Sure. " and held.rest() == '<tool_call>{"name": 1}</tool_call>'
-    held = HeldText()   # a "<" that starts no call goes out once it is clear
-    assert [held.add(p) for p in ["a <", "b", " <tool"]] == ["a ", "<b", " "]
-    assert held.rest() == "<tool"
+    assert "".join(sent) == "Sure." and held.rest() == ' <tool_call>{"name": 1}</tool_call>'
+    held = HeldText()   # a "<" that starts no call goes out once it is clear; whitespace waits for what follows
+    assert [held.add(p) for p in ["a <", "b", " <tool"]] == ["a", " <b", ""]
+    assert held.rest() == " <tool"
+
+
+TEXTS = [
+    'Let me check.\n<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>\n'
+    '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\nDone.',
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "</tool_call>"}}\n</tool_call>',
+    '<tool_call>{"name": "get_time", "arguments": {}}\n<tool_call>{"name": "get_weather", "arguments": {"city": "X"}}',
+    'A <tool_call>{"name": "nope", "arguments": {}}</tool_call> B <tool_call>{"name": "get_time"}</tool_call>  ',
+    "  Just text, < tool_call > and <tool_call> without JSON.\n",
+    '{"name": "get_weather", "parameters": {"city": "Oslo"}}',
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_streamed_answers_equal_whole_ones_however_split(text):
+    import random
+    rng = random.Random(0)
+    body = request()
+    content, calls = parse_calls(body, text)
+    whole = (content, [(c.function.name, c.function.arguments) for c in calls])
+    for _ in range(50):
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(0, min(8, len(text) - 1))))
+        pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+        deltas, _ = stream(body, pieces)
+        streamed = "".join(d.get("content") or "" for d in deltas) or None
+        made = [(c["function"]["name"], c["function"]["arguments"]) for d in deltas for c in d.get("tool_calls", ())]
+        assert (streamed, made) == whole, pieces
+
+
+def test_only_known_functions_with_object_arguments_are_calls():
+    content, calls = parse_calls(request(), TEXTS[3])
+    assert [c.function.name for c in calls] == ["get_time"] and calls[0].function.arguments == "{}"
+    assert content == 'A <tool_call>{"name": "nope", "arguments": {}}</tool_call> B'
+    for arguments in ('"Paris"', "null", "[1]", '"not json"'):
+        text = f'<tool_call>{{"name": "get_weather", "arguments": {arguments}}}</tool_call>'
+        assert parse_calls(request(), text) == (text, [])
+    no_tools = ChatCompletionRequest(messages=[{"role": "user", "content": "Hi"}], tool_choice="auto")
+    assert no_tools.tool_mode == "none" and parse_calls(no_tools, TEXTS[0]) == (TEXTS[0], [])
+
+
+def test_a_string_argument_may_hold_the_closing_tag_and_a_bare_call_counts():
+    content, calls = parse_calls(request(), TEXTS[1])
+    assert content is None and json.loads(calls[0].function.arguments) == {"city": "</tool_call>"}
+    content, calls = parse_calls(request(), TEXTS[2])   # the first call's closing tag is missing
+    assert content is None and [c.function.name for c in calls] == ["get_time", "get_weather"]
+    content, calls = parse_calls(request(), TEXTS[5])
+    assert content is None and json.loads(calls[0].function.arguments) == {"city": "Oslo"}
+
+
+def test_parallel_tool_calls_null_means_true():
+    assert request(parallel_tool_calls=None).parallel and not request(parallel_tool_calls=False).parallel
+
+
+def test_required_keeps_each_functions_own_references(api_tokenizer):
+    from server.structured import StructuredOutputs, grammar_from
+    nested = {"type": "function", "function": {"name": "book", "parameters": {
+        "$defs": {"Place": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+        "type": "object", "properties": {"to": {"$ref": "#/$defs/Place"}}, "required": ["to"]}}}
+    body = ChatCompletionRequest(messages=[{"role": "user", "content": "Hi"}], tools=[nested, TIME],
+                                 tool_choice="required")
+    structured = StructuredOutputs(api_tokenizer, api_tokenizer.vocab_size)
+    assert structured.check(grammar_from(*body.constraint()[1:])) is None
 
 
 def stream(body: ChatCompletionRequest, pieces: list[str], reason: str = "stop") -> tuple[list[dict], str]:
@@ -96,12 +158,12 @@ def test_a_named_call_streams_its_arguments_as_written():
 
 def test_auto_streams_content_then_the_calls_at_the_end():
     deltas, reason = stream(request(), ["Checking. ", '<tool_call>{"name": "get_time", ', '"arguments": {}}</tool_call>'])
-    assert deltas[0] == {"content": "Checking. "}
+    assert deltas[0] == {"content": "Checking."}
     calls = deltas[1]["tool_calls"]
     assert len(deltas) == 2 and "content" not in deltas[1] and reason == "tool_calls"
     assert [(c["index"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == [(0, "get_time", "{}")]
     deltas, reason = stream(request(), ["No calls, ", "just <tool"])   # held back, then sent as content
-    assert [d["content"] for d in deltas] == ["No calls, ", "just ", "<tool"] and reason == "stop"
+    assert [d["content"] for d in deltas] == ["No calls,", " just", " <tool"] and reason == "stop"
     deltas, reason = stream(request(tool_choice="none"), ["<tool_call>{}"])
     assert deltas == [{"content": "<tool_call>{}"}] and reason == "stop"
 
