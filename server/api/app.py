@@ -13,10 +13,11 @@ from server.api.access_log import CLIENT_CLOSED, AccessLogMiddleware
 from server.api.chat import create_chat_completion
 from server.api.completions import create_completion
 from server.api.errors import APIError, install_error_handlers
-from server.api.protocol import (ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard,
-                                 ModelList)
+from server.api.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
+                                 ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
 from server.api.serving import Serving
 from server.api.streams import ClientDisconnected
+from server.api.tokenize import detokenize, tokenize
 from server.async_engine import AsyncEngine
 
 ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 500, 503)}
@@ -74,6 +75,21 @@ def create_app(engine: AsyncEngine, api_key: str | None = None, shutdown_timeout
     async def list_models():
         llm = serving.llm
         return ModelList(data=[ModelCard(id=llm.model_name, max_model_len=llm.max_model_len)])
+
+    @app.get("/v1/models/{model_id:path}", dependencies=auth, response_model=ModelCard, responses=ERROR_RESPONSES)
+    async def retrieve_model(model_id: str):
+        llm = serving.llm
+        return ModelCard(id=serving.served_model(model_id), max_model_len=llm.max_model_len)
+
+    @app.post("/tokenize", dependencies=auth, response_model=TokenizeResponse, responses=ERROR_RESPONSES)
+    async def tokenize_route(body: TokenizeRequest):
+        """A prompt's token ids as completions encode it, or messages' as chat renders them."""
+        return tokenize(body, serving)
+
+    @app.post("/detokenize", dependencies=auth, response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
+    async def detokenize_route(body: DetokenizeRequest):
+        """Token ids -> text (special tokens kept)."""
+        return detokenize(body, serving)
 
     @app.post("/v1/completions", dependencies=auth, responses=ERROR_RESPONSES)
     async def completions(body: CompletionRequest, request: Request):

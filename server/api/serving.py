@@ -116,12 +116,17 @@ class Serving:
                            headers={"Retry-After": RETRY_AFTER_S})
         return self.engine.engine
 
-    def check_model(self, body: SamplingRequest) -> str:
+    def served_model(self, asked: str | None) -> str:
         """The served model's name; 404 for any other model."""
         name = self.llm.model_name
-        if body.model is not None and body.model != name:
-            raise APIError(404, f"The model `{body.model}` does not exist; this server serves `{name}`.",
+        if asked is not None and asked != name:
+            raise APIError(404, f"The model `{asked}` does not exist; this server serves `{name}`.",
                            param="model", code="model_not_found")
+        return name
+
+    def check_model(self, body: SamplingRequest) -> str:
+        """The served model's name (404 for any other model); 400 for what it cannot honour."""
+        name = self.served_model(body.model)
         unsupported = body.unsupported()
         if unsupported is not None:
             param, message = unsupported
