@@ -309,6 +309,9 @@ class ChatCompletionRequest(SamplingRequest):
         names = [t.function.name for t in self.tools or ()]
         if len(set(names)) < len(names):
             return "tools", "tools name a function twice"
+        ids = [t.function.parameters["$id"] for t in self.tools or () if "$id" in (t.function.parameters or {})]
+        if len(set(map(str, ids))) < len(ids):   # one would resolve its references in the other
+            return "tools", "two functions' parameter schemas share one $id"
         if self.tool_mode in ("required", "named") and not self.tools:
             return "tool_choice", f"tool_choice {self.tool_mode!r} needs tools"
         if self.tool_mode == "named" and not self.called_tools:

@@ -41,7 +41,7 @@ def _arguments(text: str) -> Any:
     """A call's arguments as the template expects them: a JSON object where they are one."""
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):   # (JSON nested past Python's recursion limit)
         return text
     return value if isinstance(value, dict) else text
 
@@ -107,22 +107,33 @@ def parse_calls(body: ChatCompletionRequest, text: str) -> tuple[str | None, lis
     if mode == "required":   # a constrained list of calls
         try:
             written = json.loads(text)
-        except json.JSONDecodeError:   # cut short by max_tokens
+        except (json.JSONDecodeError, RecursionError):   # cut short by max_tokens
             return text, []
         calls = [_call(c, known) for c in written] if isinstance(written, list) else [None]
         return (None, calls) if calls and None not in calls else (text, [])
-    calls, parts, last = [], [], 0
-    for start, end, call in _written_calls(text, known):
-        parts.append(text[last:start].rstrip() if not calls else text[last:start].strip())
-        calls.append(call)
-        last = end
+    pieces, calls = _split(text, known)
     if not calls:   # a model that answers with a bare call (Llama 3.1's format)
         call = _bare_call(text, known)
         return (None, [call]) if call is not None else (text, [])
-    if not body.parallel:
-        calls = calls[:1]
-    content = "".join(parts) + text[last:].lstrip()
-    return content or None, calls
+    return _joined(pieces), calls if body.parallel else calls[:1]
+
+
+def _split(text: str, known: set[str]) -> tuple[list[str], list[ToolCall]]:
+    """Text with `<tool_call>`s -> (the text around the calls, the calls): the pieces before,
+    between and after them, whitespace next to a call dropped (so the first piece is the text
+    before the first call, right-stripped)."""
+    pieces, calls, last = [], [], 0
+    for start, end, call in _written_calls(text, known):
+        pieces.append(text[last:start].strip() if calls else text[last:start].rstrip())
+        calls.append(call)
+        last = end
+    pieces.append(text[last:].lstrip() if calls else text)
+    return pieces, calls
+
+
+def _joined(pieces: list[str]) -> str | None:
+    """The content of an answer with calls: its text pieces, a line apart."""
+    return "\n".join(p for p in pieces if p) or None
 
 
 def _written_calls(text: str, known: set[str]):
@@ -135,7 +146,7 @@ def _written_calls(text: str, known: set[str]):
         body += len(text[body:]) - len(text[body:].lstrip())
         try:
             written, end = decoder.raw_decode(text, body)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             at = body
             continue
         call = _call(written, known)
@@ -151,7 +162,7 @@ def _written_calls(text: str, known: set[str]):
 def _bare_call(text: str, known: set[str]) -> ToolCall | None:
     try:
         written = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return None
     return _call(written, known)
 
@@ -159,7 +170,7 @@ def _bare_call(text: str, known: set[str]) -> ToolCall | None:
 def _call(written: Any, known: set[str]) -> ToolCall | None:
     """A call as written ({"name", "arguments" or "parameters"}) -> a ToolCall, or None when it
     names no known function or its arguments are not a JSON object."""
-    if not isinstance(written, dict) or written.get("name") not in known:
+    if not isinstance(written, dict) or not isinstance(written.get("name"), str) or written["name"] not in known:
         return None
     arguments = written.get("arguments", written.get("parameters", {}))
     if isinstance(arguments, str):
@@ -249,7 +260,17 @@ class ChoiceStream:
             return None
         if self.mode == "named":   # no text came at all
             return self._named("")
-        content, calls = parse_calls(self.body, self.held.rest())
+        rest = self.held.rest()
+        if self.mode == "required":
+            content, calls = parse_calls(self.body, rest)
+        else:   # the content parse_calls gives the whole answer, less what went out already
+            sent = self.held.text[:self.held.sent]
+            pieces, calls = _split(rest, {t.function.name for t in self.body.called_tools})
+            if calls:
+                content = (_joined([sent + pieces[0], *pieces[1:]]) or "")[len(sent):] or None
+                calls = calls if self.body.parallel else calls[:1]
+            else:   # a bare call is a whole answer; else all of it is content
+                content, calls = parse_calls(self.body, rest) if not sent else (rest, [])
         if not calls:
             return DeltaMessage(content=content) if content else None
         self.made_calls = True

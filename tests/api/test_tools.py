@@ -85,6 +85,10 @@ TEXTS = [
     'A <tool_call>{"name": "nope", "arguments": {}}</tool_call> B <tool_call>{"name": "get_time"}</tool_call>  ',
     "  Just text, < tool_call > and <tool_call> without JSON.\n",
     '{"name": "get_weather", "parameters": {"city": "Oslo"}}',
+    'First. <tool_call>{"name": "get_time"}</tool_call> Then. <tool_call>{"name": "get_time"}</tool_call> Done.',
+    'Hi <tool_call>{"name": "nope"}</tool_call> <tool_call>{"name": "get_time"}</tool_call> {"name": "get_time"}',
+    '{"name": {"first": "Ann"}, "arguments": {}} <tool_call>{"name": ["get_time"]}</tool_call>',
+    '<tool_call>' + '[' * 5000,
 ]
 
 
@@ -122,6 +126,22 @@ def test_a_string_argument_may_hold_the_closing_tag_and_a_bare_call_counts():
     assert content is None and [c.function.name for c in calls] == ["get_time", "get_weather"]
     content, calls = parse_calls(request(), TEXTS[5])
     assert content is None and json.loads(calls[0].function.arguments) == {"city": "Oslo"}
+
+
+def test_text_between_calls_is_kept_a_line_apart_and_odd_json_is_content():
+    assert parse_calls(request(), TEXTS[6])[0] == "First.\nThen.\nDone."
+    for text in TEXTS[8:]:   # a name that is no string, JSON nested past Python's recursion limit
+        assert parse_calls(request(), text) == (text, [])
+    deep = ChatCompletionRequest(tools=[WEATHER], messages=[{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "[" * 5000}}]}])
+    assert template_messages(deep, renders_tools=True)[0][0]["tool_calls"][0]["function"]["arguments"] == "[" * 5000
+
+
+def test_two_schemas_with_one_id_are_refused():
+    tools = [{"type": "function", "function": {"name": n, "parameters": {"$id": "urn:x", "type": "object"}}}
+             for n in ("a", "b")]
+    body = ChatCompletionRequest(messages=[{"role": "user", "content": "Hi"}], tools=tools)
+    assert body.unsupported() == ("tools", "two functions' parameter schemas share one $id")
 
 
 def test_parallel_tool_calls_null_means_true():
