@@ -41,7 +41,11 @@ def build_revision(revision: str):
                             capture_output=True, text=True).stdout.strip()
     into = Path(tempfile.gettempdir()) / f"gorgon_kernels_{commit}"
     into.mkdir(exist_ok=True)
-    for name in ck.SOURCES + ck.HEADERS:
+    listed = subprocess.run(["git", "ls-tree", "--name-only", f"{commit}:models/csrc"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout.split()
+    sources = tuple(n for n in listed if n.endswith(".cpp"))   # the revision's own files
+    headers = tuple(sorted(n for n in listed if n.endswith(".h")))
+    for name in sources + headers:
         text = subprocess.run(["git", "show", f"{commit}:models/csrc/{name}"], cwd=ROOT, check=True,
                               capture_output=True, text=True).stdout
         if name == "cpu_decoder.cpp" and "py::module_local()" not in text:   # older revisions: two
@@ -49,7 +53,7 @@ def build_revision(revision: str):
         source = into / name
         if not source.exists() or source.read_text() != text:   # unchanged files keep ninja's build
             source.write_text(text)
-    return ck.build(f"gorgon_kernels_{commit}", into), commit
+    return ck.build(f"gorgon_kernels_{commit}", into, sources, headers), commit
 
 
 @contextlib.contextmanager

@@ -53,3 +53,23 @@ def build_cpu_decoder(model):
     if hidden % 8 or head_dim % 16 or gate_up % 16:
         return None
     return kernels.CpuDecoder(specs, norms, eps, heads, kv_heads, head_dim, QUANTIZED_MAX_ROWS, head_dim ** -0.5)
+
+
+def build_cpu_heads(heads, base_lm_head):
+    """heads: independent MedusaHeads with a draft vocabulary, packed for Gorgon's kernels ->
+    the kernels' CpuHeads (their draft in one C++ call: models/csrc/cpu_heads.cpp) and the
+    draft vocabulary its indices point into; None where the Python heads must draft (chained
+    or full-vocabulary heads, weights not all on the kernels, kernels without CpuHeads, or
+    GORGON_CPU_DECODER=off)."""
+    kernels = cpu_kernels()
+    if (os.environ.get("GORGON_CPU_DECODER", "auto") == "off" or kernels is None or not hasattr(kernels, "CpuHeads")
+            or heads.config.chained or heads.draft_vocab is None):
+        return None
+    unembedding, vocab = heads.draft_unembedding(base_lm_head)
+    linears = [unembedding, *(heads.token_proj or ()), *(block.linear for head in heads.blocks for block in head)]
+    specs = [linear.kernel_spec() if isinstance(linear, PackedLinear) else None for linear in linears]
+    if None in specs:
+        return None
+    projections = len(heads.token_proj or ())
+    return kernels.CpuHeads(specs[1:1 + projections], specs[1 + projections:], heads.config.num_layers, specs[0],
+                            QUANTIZED_MAX_ROWS), vocab

@@ -37,8 +37,8 @@ import torch
 logger = logging.getLogger("gorgon.cpu_kernels")
 _CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("panel_linear.cpp", "int8_linear.cpp", "layer_ops.cpp", "tree_attention.cpp", "cpu_decoder.cpp",
-           "bindings.cpp")
-HEADERS = ("panels.h", "simd.h", "kernels.h")
+           "cpu_heads.cpp", "bindings.cpp")
+HEADERS = ("panels.h", "simd.h", "kernels.h", "linear_spec.h")
 _NAME = "gorgon_cpu_kernels"
 
 
@@ -72,20 +72,21 @@ def _exclusive_build(build_dir: Path):
                 fcntl.flock(held, fcntl.LOCK_UN)
 
 
-def build(name: str = _NAME, csrc: Path = _CSRC):
+def build(name: str = _NAME, csrc: Path = _CSRC, sources: tuple[str, ...] = SOURCES,
+          headers: tuple[str, ...] = HEADERS):
     """Compile the kernels' sources in csrc (or load their cached build) as module `name`
-    (benchmarks.kernels_ab builds another revision's beside these)."""
+    (benchmarks.kernels_ab builds another revision's beside these, with its own file list)."""
     from torch.utils.cpp_extension import _get_build_directory, load
     # -fopenmp compiles ATen's parallel_for into OpenMP regions without linking an
     # OpenMP runtime of our own: they run on the one torch has loaded (its thread pool);
     # -ffp-contract=off: a product then a sum stays two roundings where the code says so
     # (the 4-bit panels' dequantization must match GGUF's to the bit)
     # torch rebuilds when a source or a flag changes, not a header: the headers' hash is a flag
-    headers = hashlib.sha256(b"".join((csrc / h).read_bytes() for h in HEADERS)).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join((csrc / h).read_bytes() for h in headers)).hexdigest()[:16]
     with _exclusive_build(Path(_get_build_directory(name, verbose=False))):
-        return load(name, [str(csrc / s) for s in SOURCES],
+        return load(name, [str(csrc / s) for s in sources],
                     extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off",
-                                  f"-DGORGON_HEADERS={headers}"])
+                                  f"-DGORGON_HEADERS={digest}"])
 
 
 @functools.cache

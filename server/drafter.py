@@ -60,6 +60,7 @@ class Drafter:
         index = {path: j for j, path in enumerate(tree_paths)}
         self._steps = [(j, index[path[:-1]] if len(path) > 1 else -1, len(path) - 1, path[-1])
                        for j, path in sorted(enumerate(tree_paths), key=lambda item: len(item[1]))]
+        self._cpu_heads = None   # (the draft unembedding it was built for, (CpuHeads, draft vocabulary) or None)
         self.graphs = None
         if graph_rows and not self.chained:
             self.graphs = DraftGraphs(self._guesses, self._weights, model.config.hidden_size,
@@ -78,11 +79,27 @@ class Drafter:
         return self._draft_chained(hidden, next_embeds, sizes)
 
     def _guesses(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Independent heads: (probabilities, token ids) of each head's top-k [N, heads, k]."""
+        """Independent heads: (probabilities, token ids) of each head's top-k [N, heads, k];
+        on the CPU kernels in one C++ call (the same bits)."""
         next_embeds = None
         if self.heads.config.token_input:
             next_embeds = self.model.model.embed_tokens(next_ids).to(hidden.dtype)
+        cpu_heads = self._cpu_draft() if hidden.device.type == "cpu" else None
+        if cpu_heads is not None:
+            heads, vocab = cpu_heads
+            probs, indices = heads.top_guesses(hidden, next_embeds, self.top_k)
+            return probs, vocab[indices]
         return self.heads.top_guesses(self.heads(hidden, next_embeds), self.model.lm_head, self.top_k)
+
+    def _cpu_draft(self):
+        """(CpuHeads, draft vocabulary) for these heads as they are now, or None (models/cpu_decoder.py)."""
+        if self.heads.draft_vocab is None or self.heads.config.chained:
+            return None
+        unembedding = self.heads.draft_unembedding(self.model.lm_head)[0]
+        if self._cpu_heads is None or self._cpu_heads[0] is not unembedding:
+            from models.cpu_decoder import build_cpu_heads
+            self._cpu_heads = (unembedding, build_cpu_heads(self.heads, self.model.lm_head))
+        return self._cpu_heads[1]
 
     def _weights(self) -> list[torch.Tensor]:
         """Every tensor `_guesses` reads besides its inputs."""

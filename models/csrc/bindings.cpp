@@ -4,6 +4,7 @@
 #include "kernels.h"
 
 void register_cpu_decoder(py::module& m);  // cpu_decoder.cpp
+void register_cpu_heads(py::module& m);    // cpu_heads.cpp
 
 // The long kernels run without the GIL (the server's HTTP thread runs meanwhile); they touch
 // no Python object.
@@ -29,4 +30,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tree_attention", &tree_attention, "paged decode/tree attention, written into out's tree rows",
         py::call_guard<py::gil_scoped_release>());
   register_cpu_decoder(m);
+  register_cpu_heads(m);
 }

@@ -7,10 +7,12 @@ import torch
 from models.attention import KVCache, build_metadata
 from models.cpu_attention import BatchInvariantCpuAttention, CpuAttention
 from models.config import ModelConfig
+from models.cpu_decoder import build_cpu_heads
 from models.cpu_kernels import cpu_kernels
+from models.heads import HeadsConfig, MedusaHeads
 from models.llama import LlamaForCausalLM
 from models.loader import load_model
-from models.packed_linear import PackedLinear, int8_supported, pack_linears
+from models.packed_linear import PackedLinear, int8_supported, pack_linears, round_to_q8_0
 
 pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="the C++ decoder needs Gorgon's CPU kernels")
 
@@ -155,3 +157,43 @@ def test_off_switch_and_unpacked_models(model_dir, monkeypatch):
     monkeypatch.setenv("GORGON_CPU_DECODER", "sometimes")
     with pytest.raises(ValueError, match="GORGON_CPU_DECODER"):
         load_model(model_dir, "float32")
+
+
+def packed_heads(model, token_input: bool, int8: bool) -> MedusaHeads:
+    """Random 2-layer heads with a draft vocabulary, packed as the server packs them."""
+    torch.manual_seed(11)
+    heads = MedusaHeads(HeadsConfig(hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size,
+                                    num_layers=2, token_input=token_input)).eval().requires_grad_(False)
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    heads.set_draft_vocab(torch.arange(3, model.config.vocab_size, 7))
+    if int8:
+        for linear in (m for m in heads.modules() if isinstance(m, torch.nn.Linear)):
+            linear.weight.copy_(round_to_q8_0(linear.weight))
+    pack_linears(heads, int8=int8)
+    return heads
+
+
+@pytest.mark.parametrize("token_input", [True, False])
+@pytest.mark.parametrize("int8", [False, True])
+def test_heads_draft_in_one_call(request, model, token_input, int8):
+    """CpuHeads gives MedusaHeads.top_guesses's probabilities and ids, bit for bit."""
+    base = request.getfixturevalue("int8_model") if int8 else model
+    heads = packed_heads(base, token_input, int8)
+    built = build_cpu_heads(heads, base.lm_head)
+    assert built is not None
+    cpu_heads, vocab = built
+    for rows in (1, 3):
+        hidden = torch.randn(rows, base.config.hidden_size) * 3
+        embeds = base.model.embed_tokens(torch.randint(0, base.config.vocab_size, (rows,))) if token_input else None
+        with torch.inference_mode():
+            want_probs, want_ids = heads.top_guesses(heads(hidden, embeds), base.lm_head, 10)
+            probs, indices = cpu_heads.top_guesses(hidden, embeds, 10)
+        assert torch.equal(probs, want_probs) and torch.equal(vocab[indices], want_ids)
+
+
+def test_heads_left_to_python(model, monkeypatch):
+    assert build_cpu_heads(MedusaHeads(HeadsConfig(hidden_size=model.config.hidden_size,
+                                                   vocab_size=model.config.vocab_size)), model.lm_head) is None
+    monkeypatch.setenv("GORGON_CPU_DECODER", "off")
+    assert build_cpu_heads(packed_heads(model, True, False), model.lm_head) is None
