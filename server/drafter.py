@@ -20,6 +20,7 @@ from functools import lru_cache
 
 import torch
 
+from models.cpu_decoder import build_cpu_heads
 from models.heads import MedusaHeads
 from models.llama import LlamaForCausalLM
 from server.step_graphs import DraftGraphs
@@ -97,7 +98,6 @@ class Drafter:
             return None
         unembedding = self.heads.draft_unembedding(self.model.lm_head)[0]
         if self._cpu_heads is None or self._cpu_heads[0] is not unembedding:
-            from models.cpu_decoder import build_cpu_heads
             self._cpu_heads = (unembedding, build_cpu_heads(self.heads, self.model.lm_head))
         return self._cpu_heads[1]
 
