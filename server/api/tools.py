@@ -9,8 +9,10 @@
 - **How a call is written.** `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
   (Hermes' format, which Qwen2.5 and many other models are trained to write).
 - **"auto"** (the default with tools): the model decides; its text is parsed for calls
-  afterwards. A stream sends text until a call may begin (a `<tool_call>` or a piece of one
-  at the end) and the calls when the answer is done.
+  afterwards: the JSON after each `<tool_call>`, or an answer that is one bare call, of the
+  request's own functions with object arguments. A stream sends text until a call may begin
+  (a `<tool_call>` or a piece of one at the end) and the calls when the answer is done: the
+  same content and calls as the whole answer's.
 - **"required" and a named function**: the output is constrained by a JSON-schema grammar
   (server/structured.py; built in protocol.ChatCompletionRequest._constraints): a named
   function's arguments, or a list of `{"name", "arguments"}` calls. The calls then always
@@ -22,7 +24,6 @@ A message that carries calls finishes with "tool_calls" (or "length" when cut sh
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from typing import Any
 
@@ -30,7 +31,6 @@ from server.api.protocol import (ChatCompletionRequest, ChatMessage, ChatTool, D
                                  FunctionCall, ToolCall)
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-_CALL = re.compile(re.escape(CALL_OPEN) + r"(.*?)(?:" + re.escape(CALL_CLOSE) + r"|$)", re.DOTALL)
 
 
 def new_call_id() -> str:
@@ -65,7 +65,7 @@ def tools_prompt(tools: list[ChatTool]) -> str:
 def template_messages(body: ChatCompletionRequest, renders_tools: bool) -> tuple[list[dict[str, Any]], list | None]:
     """The conversation as the chat template takes it, and the tools to pass the template
     (None: none, or written into a system message because the template cannot show them)."""
-    tools = body.called_tools if body.tool_mode != "none" else []
+    tools = body.called_tools   # (the named function alone; none for "none")
     messages = [_template_message(m, renders_tools) for m in body.messages]
     if not tools:
         return messages, None
