@@ -41,16 +41,17 @@ class CpuHeads {
     TORCH_CHECK(hidden.dim() == 2, "expected hidden [N, H]");
     TORCH_CHECK(token_proj_.empty() == !next_embeds.has_value(), "next_embeds go with a token projection");
     const torch::Tensor state = hidden.contiguous();
+    const torch::Tensor embeds = next_embeds.has_value() ? next_embeds->contiguous() : torch::Tensor();
     std::vector<torch::Tensor> outputs;
     for (int64_t h = 0; h < heads_; ++h) {
-      torch::Tensor x = token_proj_.empty() ? state : state + token_proj_[h](*next_embeds, max_quantized_rows_);
+      torch::Tensor x = token_proj_.empty() ? state : state + token_proj_[h](embeds, max_quantized_rows_);
       for (int64_t l = 0; l < layers_; ++l)   // a residual block: x + SiLU(W x + b)
         x = x + at::silu(blocks_[h * layers_ + l](x, max_quantized_rows_));
       outputs.push_back(x);
     }
     const torch::Tensor guesses = at::stack(outputs, 1);   // [N, heads, H]
     const torch::Tensor logits = unembedding_(guesses.reshape({-1, hidden.size(1)}), max_quantized_rows_)
-                                     .view({hidden.size(0), heads_, -1});
+                                     .view({hidden.size(0), heads_, unembedding_.N});
     auto [values, indices] = logits.softmax(-1).topk(std::min(k, logits.size(-1)), -1);
     return {values, indices};
   }

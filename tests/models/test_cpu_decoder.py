@@ -183,9 +183,10 @@ def test_heads_draft_in_one_call(request, model, token_input, int8):
     built = build_cpu_heads(heads, base.lm_head)
     assert built is not None
     cpu_heads, vocab = built
-    for rows in (1, 3):
+    for rows in (1, 3, 0):
         hidden = torch.randn(rows, base.config.hidden_size) * 3
-        embeds = base.model.embed_tokens(torch.randint(0, base.config.vocab_size, (rows,))) if token_input else None
+        embeds = base.model.embed_tokens(torch.randint(0, base.config.vocab_size, (rows, 2)))[:, 1] \
+            if token_input else None   # (not contiguous)
         with torch.inference_mode():
             want_probs, want_ids = heads.top_guesses(heads(hidden, embeds), base.lm_head, 10)
             probs, indices = cpu_heads.top_guesses(hidden, embeds, 10)

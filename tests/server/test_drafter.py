@@ -95,3 +95,20 @@ def test_chained_heads_need_token_input_and_the_shared_unembedding():
         HeadsConfig(token_input=False, chained=True)
     with pytest.raises(ValueError):
         HeadsConfig(token_input=True, shared_unembedding=False, chained=True)
+
+
+@torch.inference_mode()
+def test_packed_heads_draft_through_one_cpu_call_with_the_same_drafts(model):
+    from models.cpu_kernels import cpu_kernels
+    from models.packed_linear import pack_linears
+    if cpu_kernels() is None:
+        pytest.skip("needs Gorgon's CPU kernels")
+    heads = make_heads(model, chained=False)
+    pack_linears(heads)
+    fused, python = Drafter(heads, model, PATHS), Drafter(heads, model, PATHS)
+    python._cpu_heads = (heads.draft_unembedding(model.lm_head)[0], None)   # as where CpuHeads cannot run
+    assert fused._cpu_draft() is not None and python._cpu_draft() is None
+    for rows in (1, 3):
+        hidden = torch.randn(rows, model.config.hidden_size)
+        roots = list(range(5, 5 + rows))
+        assert fused.draft(hidden, roots, [8] * rows) == python.draft(hidden, roots, [8] * rows)
