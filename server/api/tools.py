@@ -9,8 +9,8 @@
 - **How a call is written.** `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
   (Hermes' format, which Qwen2.5 and many other models are trained to write).
 - **"auto"** (the default with tools): the model decides; its text is parsed for calls
-  afterwards: the JSON after each `<tool_call>`, or an answer that is one bare call, of the
-  request's own functions with object arguments. A stream sends text until a call may begin
+  afterwards: the JSON after each `<tool_call>`, or an answer that is one bare call or a
+  JSON list of them, of the request's own functions with object arguments. A stream sends text until a call may begin
   (a `<tool_call>` or a piece of one at the end) and the calls when the answer is done: the
   same content and calls as the whole answer's.
 - **"required" and a named function**: the output is constrained by a JSON-schema grammar
@@ -105,16 +105,12 @@ def parse_calls(body: ChatCompletionRequest, text: str) -> tuple[str | None, lis
                                                                         arguments=text.strip()))]
     known = {t.function.name for t in body.called_tools}
     if mode == "required":   # a constrained list of calls
-        try:
-            written = json.loads(text)
-        except (json.JSONDecodeError, RecursionError):   # cut short by max_tokens
-            return text, []
-        calls = [_call(c, known) for c in written] if isinstance(written, list) else [None]
-        return (None, calls) if calls and None not in calls else (text, [])
+        calls = _bare_calls(text, known)   # (not a list when cut short by max_tokens)
+        return (None, calls) if calls else (text, [])
     pieces, calls = _split(text, known)
-    if not calls:   # a model that answers with a bare call (Llama 3.1's format)
-        call = _bare_call(text, known)
-        return (None, [call]) if call is not None else (text, [])
+    if not calls:   # a model that answers with bare calls (Llama 3.1's format, Mistral's after [TOOL_CALLS])
+        calls = _bare_calls(text, known)
+        return (None, calls if body.parallel else calls[:1]) if calls else (text, [])
     return _joined(pieces), calls if body.parallel else calls[:1]
 
 
@@ -159,12 +155,15 @@ def _written_calls(text: str, known: set[str]):
         at = end
 
 
-def _bare_call(text: str, known: set[str]) -> ToolCall | None:
+def _bare_calls(text: str, known: set[str]) -> list[ToolCall]:
+    """An answer that is one call as JSON, or a JSON list of them -> the calls; none unless
+    every one is a well-formed call of a known function."""
     try:
         written = json.loads(text)
     except (json.JSONDecodeError, RecursionError):
-        return None
-    return _call(written, known)
+        return []
+    calls = [_call(c, known) for c in (written if isinstance(written, list) else [written])]
+    return calls if calls and None not in calls else []
 
 
 def _call(written: Any, known: set[str]) -> ToolCall | None:
@@ -188,8 +187,8 @@ def finish_reason(reason: str | None, calls: list[ToolCall]) -> str | None:
 
 class HeldText:
     """Streaming under tool_choice "auto": passes text on until a call may begin, then holds
-    the rest for parse_calls at the end (an answer that opens with "{" may be a bare call: all
-    of it). Trailing whitespace waits for what follows it, so that the content streamed is
+    the rest for parse_calls at the end (an answer that opens with "{" or "[" may be bare
+    calls: all of it). Trailing whitespace waits for what follows it, so that the content streamed is
     the content parse_calls gives the whole answer."""
 
     def __init__(self):
@@ -200,7 +199,7 @@ class HeldText:
     def add(self, delta: str) -> str:
         """The next text -> the part that can go out as content now."""
         self.text += delta
-        if not self.sent and self.text.lstrip().startswith("{"):   # the whole answer may be a bare call
+        if not self.sent and self.text.lstrip()[:1] in ("{", "["):   # the whole answer may be bare calls
             self.holding = True
         if self.holding:
             return ""

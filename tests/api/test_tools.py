@@ -89,6 +89,8 @@ TEXTS = [
     'Hi <tool_call>{"name": "nope"}</tool_call> <tool_call>{"name": "get_time"}</tool_call> {"name": "get_time"}',
     '{"name": {"first": "Ann"}, "arguments": {}} <tool_call>{"name": ["get_time"]}</tool_call>',
     '<tool_call>' + '[' * 5000,
+    '[{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "Rome"}}]',
+    '[Rome](https://rome.example) is sunny.',
 ]
 
 
@@ -126,11 +128,14 @@ def test_a_string_argument_may_hold_the_closing_tag_and_a_bare_call_counts():
     assert content is None and [c.function.name for c in calls] == ["get_time", "get_weather"]
     content, calls = parse_calls(request(), TEXTS[5])
     assert content is None and json.loads(calls[0].function.arguments) == {"city": "Oslo"}
+    content, calls = parse_calls(request(), TEXTS[10])   # a list of bare calls (Mistral's, its tag decoded away)
+    assert content is None and [c.function.name for c in calls] == ["get_time", "get_weather"]
+    assert parse_calls(request(), TEXTS[11]) == (TEXTS[11], [])
 
 
 def test_text_between_calls_is_kept_a_line_apart_and_odd_json_is_content():
     assert parse_calls(request(), TEXTS[6])[0] == "First.\nThen.\nDone."
-    for text in TEXTS[8:]:   # a name that is no string, JSON nested past Python's recursion limit
+    for text in TEXTS[8:10]:   # a name that is no string, JSON nested past Python's recursion limit
         assert parse_calls(request(), text) == (text, [])
     deep = ChatCompletionRequest(tools=[WEATHER], messages=[{"role": "assistant", "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "[" * 5000}}]}])
